@@ -1,0 +1,130 @@
+"""Command line: ``popproxy run | check-config | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .config import Config, ConfigError, HostPort, ListenConfig, UpstreamConfig, load_config
+from .logs import configure_logging, log_observer
+from .server import Proxy, serve
+
+__all__ = ["main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="popproxy",
+        description="A POP3 proxy and mailbox-auditing middlebox.",
+        epilog="Send SIGTERM to drain (stop accepting, let sessions finish up to "
+        "limits.drain_timeout); SIGINT (Ctrl-C) stops at once.",
+    )
+    p.add_argument("--version", action="version", version=f"popproxy {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the proxy in the foreground",
+                         description="Run the proxy in the foreground with a TOML configuration.")
+    run.add_argument("-c", "--config", required=True, metavar="FILE",
+                     help="configuration file (TOML); see deploy/popproxy.example.toml")
+
+    check = sub.add_parser("check-config", help="validate a configuration file",
+                           description="Validate a configuration file; exit 1 if it is invalid.")
+    check.add_argument("file", metavar="FILE", help="configuration file (TOML)")
+
+    demo = sub.add_parser(
+        "demo", help="run the proxy in front of a built-in demo mailbox server",
+        description="Start a built-in POP3 demo server with sample mailboxes and the proxy "
+        "in front of it, and print how to try it. Ctrl-C stops both.",
+    )
+    demo.add_argument("--listen", default="127.0.0.1:1110", metavar="HOST:PORT",
+                      help="where the proxy listens (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            load_config(args.file)
+        except ConfigError as exc:
+            print(f"popproxy: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.file}: OK")
+        return 0
+    if args.command == "run":
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"popproxy: {exc}", file=sys.stderr)
+            return 2
+        configure_logging(config.log.level, config.log.format)
+        try:
+            trio.run(serve, Proxy(config, observers=[log_observer]))
+        except OSError as exc:
+            print(f"popproxy: cannot listen: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "demo":
+        from .config import parse_address
+
+        try:
+            listen = parse_address(args.listen, "--listen")
+        except ConfigError as exc:
+            print(f"popproxy: {exc}", file=sys.stderr)
+            return 2
+        configure_logging("info", "console")
+        try:
+            trio.run(_demo, listen)
+        except OSError as exc:
+            print(f"popproxy: cannot listen: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            pass
+        return 0
+    raise AssertionError(args.command)  # argparse rejects anything else
+
+
+async def _demo(listen: HostPort) -> None:
+    from .demo import DEMO_USERS, MailStore, serve_demo
+
+    async with trio.open_nursery() as nursery:
+        upstream = await nursery.start(serve_demo, MailStore.load_samples(), "127.0.0.1", 0)
+        port = upstream[0].socket.getsockname()[1]
+        config = Config(
+            listen=ListenConfig((listen,)),
+            upstream=UpstreamConfig(address=HostPort("127.0.0.1", port)),
+        )
+        proxy = Proxy(config, observers=[log_observer])
+
+        async def run_proxy(
+            task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            await serve(proxy, task_status=task_status)
+            # serve() returns on SIGINT/SIGTERM; the demo server stops with it.
+            nursery.cancel_scope.cancel()
+
+        listeners: list[trio.SocketListener] = await nursery.start(run_proxy)
+        real = listeners[0].socket.getsockname()
+        host, pport = real[0], real[1]
+        url_host = f"[{host}]" if ":" in host else host
+        user, password = next(iter(DEMO_USERS.items()))
+        users = ", ".join(f"{u}/{p}" for u, p in DEMO_USERS.items())
+        print(
+            f"""
+popproxy demo: the proxy listens on {url_host}:{pport}, in front of a demo
+mailbox server on 127.0.0.1:{port}.  Users (user/password): {users}
+
+Try it:
+  curl -s pop3://{user}:{password}@{url_host}:{pport}/          # list messages
+  curl -s pop3://{user}:{password}@{url_host}:{pport}/1         # retrieve message 1
+  python3 -c "import poplib; p = poplib.POP3('{host}', {pport}); p.user('{user}'); \\
+p.pass_('{password}'); print(p.stat()); print(b'\\\\n'.join(p.retr(1)[1]).decode()); p.quit()"
+
+Ctrl-C stops the demo.
+""",
+            flush=True,
+        )

@@ -1,0 +1,65 @@
+"""Typed protocol errors.
+
+Each error says whose fault it was (the client's or the upstream's) and
+carries the one-line reply the proxy should send to the client, so the relay
+never has to invent wording or guess at severity.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClientProtocolError",
+    "LineTooLong",
+    "MalformedLine",
+    "PipelineOverflow",
+    "ProtocolError",
+    "UpstreamProtocolError",
+]
+
+
+class ProtocolError(Exception):
+    """Base class: never raised directly.
+
+    ``reply`` is a complete ``-ERR ...\\r\\n`` line for the client, and
+    ``fatal`` says whether the connection must be closed after sending it.
+    Messages never contain credential material: they are built from the
+    limit that was crossed, never from the offending bytes.
+    """
+
+    reply: bytes = b"-ERR protocol error\r\n"
+    fatal: bool = True
+
+    def __init__(self, message: str, *, reply: bytes | None = None) -> None:
+        if type(self) in (ProtocolError, ClientProtocolError):
+            raise TypeError("instantiate a concrete subclass of ProtocolError")
+        super().__init__(message)
+        if reply is not None:
+            self.reply = reply
+
+
+class ClientProtocolError(ProtocolError):
+    """The client broke the protocol or a limit."""
+
+
+class LineTooLong(ClientProtocolError):
+    """A command (or SASL) line exceeded its configured limit."""
+
+    reply = b"-ERR line too long\r\n"
+
+
+class MalformedLine(ClientProtocolError):
+    """A line with NUL, a bare CR, or bytes that cannot be a command."""
+
+    reply = b"-ERR malformed command line\r\n"
+
+
+class PipelineOverflow(ClientProtocolError):
+    """Too many commands pipelined without reading the replies."""
+
+    reply = b"-ERR too many pipelined commands\r\n"
+
+
+class UpstreamProtocolError(ProtocolError):
+    """The upstream server sent something that is not POP3."""
+
+    reply = b"-ERR [SYS/TEMP] upstream server protocol error\r\n"

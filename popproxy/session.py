@@ -1,0 +1,656 @@
+"""The sans-IO proxy session: one client, one upstream, no I/O.
+
+``Session.receive_client(data, now)`` and ``Session.receive_upstream(data,
+now)`` take the bytes one side sent and return an ``Output``: what to write
+to each side, the events for observers, and whether to close.  The relay in
+``server.py`` does the I/O; everything protocol-shaped happens here.
+
+Pipelining (RFC 2449 §6.6).  Client lines are parsed into a queue of
+commands; commands are dispatched from the queue in order, each either
+forwarded upstream or answered locally (state checks, policy), and every one
+takes a slot in the ``_pending`` FIFO.  Upstream replies are matched to the
+oldest forwarded slot; a local reply leaves only when it reaches the head, so
+the client receives answers in the order it asked.  Commands that change how
+later lines must be read or judged are barriers: nothing after them is
+dispatched until their reply is complete (PASS, APOP, AUTH, QUIT, STLS), and
+nothing after AUTH or STLS is even parsed (what follows AUTH is SASL data;
+what follows STLS must be discarded, the STARTTLS-injection rule).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+from .events import (
+    AuthResult,
+    CommandSent,
+    Event,
+    Greeting,
+    MessageComplete,
+    MessageData,
+    ProtocolAnomaly,
+    Response,
+    State,
+    StateChanged,
+    Unsolicited,
+)
+from .policy import Deny, Facts, Policy, allow_all
+from .pop3 import (
+    BodyReader,
+    ClientProtocolError,
+    Command,
+    LineReader,
+    MalformedLine,
+    PipelineOverflow,
+    UpstreamProtocolError,
+    is_multiline,
+    parse_command,
+    parse_status,
+)
+
+__all__ = ["Output", "Session", "SessionLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-session protocol limits (see ``[limits]`` in the configuration)."""
+
+    command_line: int = 1024
+    sasl_line: int = 16384
+    # Commands parsed and not yet answered; one more is a PipelineOverflow.
+    max_pipeline: int = 4096
+    # Commands in flight upstream at once.  Small, so that the relay's writes
+    # upstream never fill the socket buffer while the upstream is itself
+    # blocked writing a large reply to us (the RFC 2449 §6.6 deadlock).
+    window: int = 128
+    window_octets: int = 16384
+    status_line: int = 8192
+    capa_octets: int = 65536
+    header_octets: int = 65536
+    # Malformed lines answered with -ERR before the session is closed.
+    max_bad_lines: int = 10
+
+
+@dataclass(slots=True)
+class Output:
+    """What the relay must do after feeding bytes to the session."""
+
+    to_client: bytes = b""
+    to_upstream: bytes = b""
+    events: list[Event] = field(default_factory=list)
+    close: str | None = None  # a reason, when both connections must close
+
+
+class _Out:
+    """Accumulates an ``Output`` without quadratic concatenation."""
+
+    __slots__ = ("client", "close", "events", "upstream")
+
+    def __init__(self) -> None:
+        self.client: list[bytes] = []
+        self.upstream: list[bytes] = []
+        self.events: list[Event] = []
+        self.close: str | None = None
+
+    def done(self) -> Output:
+        c = self.client
+        u = self.upstream
+        return Output(
+            c[0] if len(c) == 1 else b"".join(c),
+            u[0] if len(u) == 1 else b"".join(u),
+            self.events,
+            self.close,
+        )
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: Command
+    started: float
+    local_reply: bytes | None = None  # answered by the proxy, not upstream
+
+
+class _Message:
+    """Running facts of a RETR/TOP body: octets, SHA-256, Message-ID."""
+
+    __slots__ = ("command", "headers", "headers_done", "octets", "sha")
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
+        self.sha = hashlib.sha256()
+        self.octets = 0
+        self.headers = bytearray()
+        self.headers_done = False
+
+    def add(self, data: bytes, header_limit: int) -> None:
+        self.sha.update(data)
+        self.octets += len(data)
+        if not self.headers_done:
+            self.headers += data[: header_limit - len(self.headers)]
+            if b"\r\n\r\n" in self.headers or len(self.headers) >= header_limit:
+                self.headers_done = True
+
+    def message_id(self) -> str | None:
+        head = bytes(self.headers).split(b"\r\n\r\n", 1)[0]
+        m = _MESSAGE_ID.search(head)
+        if not m:
+            return None
+        value = re.sub(rb"\r\n[ \t]+", b" ", m.group(1)).strip()
+        return value.decode("utf-8", "replace") or None
+
+
+# Stands for a line that could not be parsed, in events and the FIFO.
+INVALID = Command("INVALID")
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
+_APOP_STAMP = re.compile(rb"<[^<>@\s]+@[^<>\s]+>")
+
+# Verbs a client may send before login (RFC 1939, 2449, 2595, 5034, 6856).
+_PRE_AUTH = frozenset({"USER", "PASS", "APOP", "AUTH", "CAPA", "QUIT", "STLS", "UTF8", "LANG"})
+# Standard verbs that only make sense before login.
+_AUTH_ONLY = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS", "UTF8"})
+# Only the proxy may tell the upstream who the client is (field notes 1.10).
+_NEVER_FORWARDED = frozenset({"XCLIENT", "XOIP", "PROXY"})
+# Dispatch barriers: the reply decides the state later commands run in.
+_BARRIERS = frozenset({"PASS", "APOP", "QUIT", "STLS"})
+_SASL_LINE = re.compile(rb"[A-Za-z0-9+/=]*|\*")
+
+
+def _decode(text: bytes) -> str:
+    return text.decode("utf-8", "replace")
+
+
+class Session:
+    """One proxied POP3 session, as a pure state machine.
+
+    ``policy`` is consulted for every command the core itself would forward.
+    Any exception other than ``ProtocolError`` subclasses escaping from this
+    class is a bug.
+    """
+
+    def __init__(
+        self,
+        limits: SessionLimits | None = None,
+        policy: Policy = allow_all,
+        *,
+        client: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        self.limits = limits or SessionLimits()
+        self.policy = policy
+        self.client = client
+        self.tls = tls
+        self.state = State.GREETING
+        self.user: str | None = None  # authenticated user, once known
+        self.apop_timestamp = False
+        self._asserted_user: str | None = None  # from USER, before PASS succeeds
+        self._lines = LineReader(
+            self.limits.command_line, long_prefix=b"AUTH ", long_limit=self.limits.sasl_line
+        )
+        self._queue: deque[Command | MalformedLine] = deque()
+        self._bad_lines = 0
+        self._pending: deque[_Pending] = deque()
+        self._inflight = 0
+        self._inflight_octets = 0
+        self._barrier: _Pending | None = None
+        self._parse_stopped = False  # an AUTH or STLS in the queue/pending
+        self._discard_client = False  # after STLS, until its reply is out
+        self._ubuf = b""
+        self._body: BodyReader | None = None
+        self._body_octets = 0
+        self._capa: bytearray | None = None
+        self._message: _Message | None = None
+        self._status_octets = 0
+        self._status_head: tuple[bool, str | None, bytes] = (True, None, b"")
+        self._sasl_expected = False
+        self._sasl_mech: str | None = None
+        self._sasl_user: str | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------
+    # Public API
+
+    def receive_client(self, data: bytes, now: float) -> Output:
+        """Feed bytes from the client. ``ClientProtocolError`` on bad input."""
+        out = _Out()
+        if self._closed:
+            return out.done()
+        if self._discard_client:
+            out.events.append(ProtocolAnomaly("client", "data-after-stls", f"{len(data)} octets"))
+            return out.done()
+        self._lines.feed(data)
+        try:
+            self._progress(out, now)
+            # All complete lines are parsed unless an AUTH exchange holds
+            # parsing back; then a client that keeps talking is stopped here.
+            if self._lines.buffered > self.limits.sasl_line + self.limits.command_line:
+                raise PipelineOverflow("client sent too much without waiting for a reply")
+        except ClientProtocolError as exc:
+            # Fatal: what was already produced still goes out, then the
+            # error line, then the connection closes.
+            out.events.append(ProtocolAnomaly("client", type(exc).__name__, str(exc)))
+            out.client.append(exc.reply)
+            self._end_with(out, "client protocol error", now)
+        return out.done()
+
+    def receive_upstream(self, data: bytes, now: float) -> Output:
+        """Feed bytes from upstream. ``UpstreamProtocolError`` on non-POP3."""
+        out = _Out()
+        if self._closed:
+            return out.done()
+        try:
+            self._receive_upstream(data, out, now)
+        except UpstreamProtocolError as exc:
+            out.events.append(ProtocolAnomaly("upstream", type(exc).__name__, str(exc)))
+            failed = self.fail("upstream protocol error", now)
+            out.client.append(failed.to_client)
+            out.events.extend(failed.events)
+            out.close = failed.close
+        return out.done()
+
+    def _receive_upstream(self, data: bytes, out: _Out, now: float) -> None:
+        buf = self._ubuf + data if self._ubuf else data
+        self._ubuf = b""
+        pos = 0
+        n = len(buf)
+        while pos < n and not self._closed:
+            if self._body is not None:
+                pos += self._feed_body(buf if pos == 0 else buf[pos:], out, now)
+                continue
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if n - pos > self.limits.status_line:
+                    raise UpstreamProtocolError("upstream status line too long")
+                self._ubuf = buf[pos:]
+                break
+            raw = buf[pos : nl + 1]
+            pos = nl + 1
+            if len(raw) > self.limits.status_line:
+                raise UpstreamProtocolError("upstream status line too long")
+            line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            self._on_status_line(line, raw, out, now)
+        self._progress(out, now)
+
+    def client_closed(self, now: float) -> Output:
+        """The client went away (EOF or error): abandon everything."""
+        return self._end("client closed", now)
+
+    def upstream_closed(self, now: float) -> Output:
+        """The upstream closed; owed replies become ``-ERR [SYS/TEMP]``."""
+        return self.fail("upstream closed the connection", now)
+
+    def fail(self, reason: str, now: float) -> Output:
+        """Give up on the upstream (closed, timed out, unreachable, broken).
+
+        Every reply still owed to the client becomes ``-ERR [SYS/TEMP]
+        <reason>``, except inside a multi-line body, where the only honest
+        thing left is to close.
+        """
+        out = _Out()
+        if not self._closed:
+            if self._body is None:
+                err = b"-ERR [SYS/TEMP] " + reason.encode() + b"\r\n"
+                if self.state is State.GREETING:
+                    out.client.append(err)
+                for p in self._pending:
+                    out.client.append(p.local_reply or err)
+                    if p.local_reply is None:
+                        self._emit_response(p, False, "SYS/TEMP", reason, len(err), True, out, now)
+                self._pending.clear()
+            end = self._end(reason, now)
+            out.events.extend(end.events)
+        out.close = reason
+        return out.done()
+
+    @property
+    def owes_upstream_reply(self) -> bool:
+        """A forwarded command (or the greeting) awaits the upstream."""
+        return self.state is State.GREETING or self._inflight > 0 or self._body is not None
+
+    # ------------------------------------------------------------------
+    # Client side
+
+    def _progress(self, out: _Out, now: float) -> None:
+        """Parse, dispatch and flush until nothing more can move."""
+        while not self._closed:
+            self._parse(out)
+            moved = self._dispatch(out, now)
+            moved |= self._flush(out, now)
+            if not moved:
+                return
+
+    def _parse(self, out: _Out) -> None:
+        if self._sasl_expected:
+            line = self._lines.next_line(self.limits.sasl_line)
+            if line is None:
+                return
+            self._sasl_expected = False
+            if not _SASL_LINE.fullmatch(line):
+                raise MalformedLine(
+                    "SASL response is not base64", reply=b"-ERR malformed SASL response\r\n"
+                )
+            if self._sasl_user is None and line != b"*":
+                self._sasl_user = _sasl_user(self._sasl_mech, line)
+            out.upstream.append(line + b"\r\n")
+            return
+        limit = self.limits.max_pipeline
+        while not self._parse_stopped:
+            try:
+                line = self._lines.next_line()
+                if line is None:
+                    return
+                item: Command | MalformedLine = parse_command(line)
+            except MalformedLine as exc:
+                # The line was consumed, so framing is intact: answer it with
+                # -ERR in its turn, and close only a client that keeps at it.
+                self._bad_lines += 1
+                if self._bad_lines > self.limits.max_bad_lines:
+                    raise MalformedLine(
+                        "too many malformed commands", reply=b"-ERR too many bad commands\r\n"
+                    ) from None
+                out.events.append(ProtocolAnomaly("client", "malformed-line", str(exc)))
+                item = exc
+            if len(self._queue) + len(self._pending) >= limit:
+                raise PipelineOverflow(f"more than {limit} commands pipelined")
+            self._queue.append(item)
+            if not isinstance(item, Command):
+                continue
+            cmd = item
+            if cmd.verb == "STLS" or (cmd.verb == "AUTH" and cmd.args):
+                self._parse_stopped = True
+                if cmd.verb == "STLS":
+                    # RFC 2595 §4 and the STARTTLS-injection class of bugs:
+                    # whatever was pipelined after STLS is never executed.
+                    dropped = self._lines.discard()
+                    self._discard_client = True
+                    if dropped:
+                        out.events.append(
+                            ProtocolAnomaly("client", "data-after-stls", f"{dropped} octets")
+                        )
+
+    def _dispatch(self, out: _Out, now: float) -> bool:
+        moved = False
+        lim = self.limits
+        while (
+            self._queue
+            and self._barrier is None
+            and self.state is not State.GREETING
+            and self._inflight < lim.window
+            and self._inflight_octets < lim.window_octets
+        ):
+            item = self._queue.popleft()
+            moved = True
+            if not isinstance(item, Command):
+                self._pending.append(_Pending(INVALID, now, item.reply))
+                continue
+            cmd = item
+            p = _Pending(cmd, now, self._local_reply(cmd, now))
+            self._pending.append(p)
+            if cmd.verb in _BARRIERS or (cmd.verb == "AUTH" and cmd.args):
+                self._barrier = p
+            if p.local_reply is not None:
+                continue
+            wire = bytes(cmd)
+            out.upstream.append(wire)
+            out.events.append(CommandSent(cmd, now))
+            self._inflight += 1
+            self._inflight_octets += len(wire)
+            if cmd.verb == "USER" and cmd.args:
+                self._asserted_user = cmd.args[0]
+            elif cmd.verb == "AUTH" and cmd.args:
+                self._sasl_mech = cmd.args[0].upper()
+                self._sasl_user = (
+                    _sasl_user(self._sasl_mech, cmd.args[1].encode("ascii", "replace"))
+                    if len(cmd.args) > 1
+                    else None
+                )
+        return moved
+
+    def _local_reply(self, cmd: Command, now: float) -> bytes | None:
+        """The core's own checks, then policy; None means forward."""
+        verb = cmd.verb
+        if verb == "STLS":
+            # Until TLS lands, the proxy cannot honour STLS; it never forwards
+            # it, since an end-to-end TLS tunnel would blind policy and audit.
+            return b"-ERR STLS is not available through this proxy\r\n"
+        if verb in _NEVER_FORWARDED:
+            return b"-ERR command not allowed\r\n"
+        if self.state is State.AUTHORIZATION:
+            if verb not in _PRE_AUTH:
+                return f"-ERR {verb} is not valid before login\r\n".encode()
+        elif self.state is State.TRANSACTION and verb in _AUTH_ONLY:
+            return f"-ERR {verb} is not valid after login\r\n".encode()
+        elif self.state is not State.TRANSACTION:
+            return b"-ERR session is ending\r\n"
+        decision = self.policy(Facts(self.state, self.user, self.client, self.tls), cmd, now)
+        if isinstance(decision, Deny):
+            return decision.reply
+        return None
+
+    def _flush(self, out: _Out, now: float) -> bool:
+        """Send local replies that have reached the head of the FIFO."""
+        moved = False
+        while self._pending and self._pending[0].local_reply is not None:
+            p = self._pending.popleft()
+            reply = p.local_reply or b""
+            out.client.append(reply)
+            status = parse_status(reply.rstrip(b"\r\n"))
+            self._emit_response(
+                p, False, status.code if status else None, _decode(reply[5:].rstrip()),
+                len(reply), True, out, now,
+            )
+            self._release(p)
+            moved = True
+        return moved
+
+    def _release(self, p: _Pending) -> None:
+        if self._barrier is p:
+            self._barrier = None
+            if p.command.verb in ("STLS", "AUTH"):
+                self._parse_stopped = False
+                self._discard_client = False
+
+    # ------------------------------------------------------------------
+    # Upstream side
+
+    def _on_status_line(self, line: bytes, raw: bytes, out: _Out, now: float) -> None:
+        status = parse_status(line)
+        if self.state is State.GREETING:
+            if status is None or status.continuation:
+                raise UpstreamProtocolError("upstream greeting is not POP3")
+            out.client.append(raw)  # verbatim, so APOP digests stay valid
+            self.apop_timestamp = bool(_APOP_STAMP.search(line))
+            out.events.append(Greeting(status.ok, _decode(status.text), self.apop_timestamp))
+            if status.ok:
+                self._set_state(State.AUTHORIZATION, out)
+            else:
+                self._end_with(out, "upstream refused the session", now)
+            return
+        head = self._head_forwarded()
+        if head is None:
+            if status is None:
+                raise UpstreamProtocolError("upstream sent a line nobody asked for")
+            out.events.append(Unsolicited(status.ok, status.code, _decode(status.text)))
+            return
+        if status is None:
+            raise UpstreamProtocolError("upstream reply is not +OK/-ERR")
+        cmd = head.command
+        if status.continuation:
+            if cmd.verb == "AUTH" and cmd.args:
+                out.client.append(raw)
+                self._sasl_expected = True
+                return
+            raise UpstreamProtocolError("SASL continuation outside an AUTH exchange")
+        if status.ok and is_multiline(cmd):
+            self._body = BodyReader()
+            self._body_octets = len(raw)
+            self._status_head = (status.ok, status.code, status.text)
+            if cmd.verb == "CAPA":
+                self._capa = bytearray(raw)
+            else:
+                out.client.append(raw)
+                if cmd.verb in ("RETR", "TOP"):
+                    self._message = _Message(cmd)
+            return
+        out.client.append(raw)
+        self._complete(head, status.ok, status.code, status.text, len(raw), out, now)
+
+    def _feed_body(self, data: bytes, out: _Out, now: float) -> int:
+        """Stream part of a multi-line body; return how much of ``data`` it took."""
+        assert self._body is not None
+        end, content = self._body.feed(data)
+        part = data if end < 0 else data[:end]
+        self._body_octets += len(part)
+        if self._capa is not None:
+            self._capa += part
+            if len(self._capa) > self.limits.capa_octets:
+                raise UpstreamProtocolError("CAPA reply too long")
+        else:
+            out.client.append(part)
+        msg = self._message
+        if msg is not None and content:
+            msg.add(content, self.limits.header_octets)
+            out.events.append(MessageData(msg.command, content, msg.octets))
+        if end < 0:
+            return len(data)
+        self._body = None
+        head = self._head_forwarded()
+        assert head is not None
+        if self._capa is not None:
+            capa = _rewrite_capa(bytes(self._capa))
+            self._capa = None
+            out.client.append(capa)
+            self._body_octets = len(capa)
+        if msg is not None:
+            self._message = None
+            out.events.append(
+                MessageComplete(
+                    msg.command, _msg_number(msg.command), msg.octets,
+                    msg.sha.hexdigest(), msg.message_id(), True,
+                )
+            )
+        ok, code, text = self._status_head
+        self._complete(head, ok, code, text, self._body_octets, out, now)
+        return end
+
+    def _head_forwarded(self) -> _Pending | None:
+        # Local replies never sit at the head while a reply is awaited: they
+        # are flushed as soon as they get there.  So the head is the one.
+        if self._pending and self._pending[0].local_reply is None:
+            return self._pending[0]
+        return None
+
+    def _complete(
+        self, p: _Pending, ok: bool, code: str | None, text: bytes, octets: int,
+        out: _Out, now: float,
+    ) -> None:
+        self._pending.popleft()
+        self._inflight -= 1
+        self._inflight_octets -= len(bytes(p.command))
+        self._emit_response(p, ok, code, _decode(text), octets, False, out, now)
+        verb = p.command.verb
+        if verb in ("PASS", "APOP") or (verb == "AUTH" and p.command.args):
+            self._auth_done(p.command, ok, code, out)
+        elif verb == "QUIT":
+            if ok and self.state is State.TRANSACTION:
+                self._set_state(State.UPDATE, out)
+            self._end_with(out, "quit", now)
+        self._release(p)
+        # Local replies queued behind this one go out now, before the next
+        # upstream line is matched to the FIFO head.
+        self._flush(out, now)
+
+    def _auth_done(self, cmd: Command, ok: bool, code: str | None, out: _Out) -> None:
+        if cmd.verb == "PASS":
+            mech, user = "USER", self._asserted_user
+        elif cmd.verb == "APOP":
+            mech, user = "APOP", cmd.args[0] if cmd.args else None
+        else:
+            mech, user = self._sasl_mech or "?", self._sasl_user
+            self._sasl_expected = False
+            self._sasl_mech = self._sasl_user = None
+        out.events.append(AuthResult(mech, user, ok, code))
+        if ok:
+            self.user = user
+            self._set_state(State.TRANSACTION, out)
+
+    # ------------------------------------------------------------------
+    # Endings and helpers
+
+    def _emit_response(
+        self, p: _Pending, ok: bool, code: str | None, text: str, octets: int,
+        local: bool, out: _Out, now: float,
+    ) -> None:
+        out.events.append(Response(p.command, ok, code, text, octets, local, p.started, now))
+
+    def _set_state(self, new: State, out: _Out) -> None:
+        if new is not self.state:
+            out.events.append(StateChanged(self.state, new))
+            self.state = new
+
+    def _end_with(self, out: _Out, reason: str, now: float) -> None:
+        end = self._end(reason, now)
+        out.events.extend(end.events)
+        out.close = reason
+
+    def _end(self, reason: str, now: float) -> Output:
+        out = _Out()
+        if self._closed:
+            return out.done()
+        msg = self._message
+        if msg is not None:
+            self._message = None
+            out.events.append(
+                MessageComplete(
+                    msg.command, _msg_number(msg.command), msg.octets,
+                    msg.sha.hexdigest(), msg.message_id(), False,
+                )
+            )
+        self._set_state(State.CLOSED, out)
+        self._closed = True
+        self._body = None
+        out.close = reason
+        return out.done()
+
+
+def _msg_number(cmd: Command) -> int | None:
+    if cmd.args and cmd.args[0].isdigit():
+        return int(cmd.args[0])
+    return None
+
+
+def _rewrite_capa(raw: bytes) -> bytes:
+    """Drop STLS from a CAPA reply: the proxy cannot honour it (yet)."""
+    status, _, body = raw.partition(b"\n")
+    lines = body.split(b"\r\n")
+    kept = [ln for ln in lines if ln.split(b" ", 1)[0].upper() != b"STLS"]
+    return status + b"\n" + b"\r\n".join(kept)
+
+
+def _sasl_user(mech: str | None, b64: bytes) -> str | None:
+    """The authentication identity in a PLAIN or LOGIN response, if any.
+
+    Only the user name is kept; the decoded bytes holding the password are
+    dropped at once.  A name with CR, LF or NUL is not a name (nginx's
+    credential-injection fix) and is not recorded.
+    """
+    if mech not in ("PLAIN", "LOGIN") or b64 in (b"=", b"*", b""):
+        return None
+    try:
+        decoded = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if mech == "PLAIN":
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return None
+        name = parts[1]
+    else:
+        name = decoded
+    if any(c in name for c in b"\r\n\0"):
+        return None
+    return name.decode("utf-8", "replace") or None
