@@ -1,0 +1,40 @@
+"""The built-in demo POP3 mailbox server and its sample mail.
+
+:mod:`popproxy.demo.mailbox` is the sans-IO part (messages, mailboxes and an
+RFC 1939 server session); :mod:`popproxy.demo.server` is the trio shell.
+Everything in ``__all__`` is the public API of this package.
+"""
+
+from __future__ import annotations
+
+from .mailbox import CAPABILITIES as CAPABILITIES
+from .mailbox import DEMO_USERS as DEMO_USERS
+from .mailbox import IMPLEMENTATION as IMPLEMENTATION
+from .mailbox import LINE_LIMIT as LINE_LIMIT
+from .mailbox import SASL_LINE_LIMIT as SASL_LINE_LIMIT
+from .mailbox import DemoSession as DemoSession
+from .mailbox import DemoState as DemoState
+from .mailbox import Mailbox as Mailbox
+from .mailbox import MailStore as MailStore
+from .mailbox import Message as Message
+from .mailbox import normalize_crlf as normalize_crlf
+from .mailbox import stuff as stuff
+from .server import IDLE_TIMEOUT as IDLE_TIMEOUT
+from .server import serve_demo as serve_demo
+
+__all__ = [
+    "CAPABILITIES",
+    "DEMO_USERS",
+    "IDLE_TIMEOUT",
+    "IMPLEMENTATION",
+    "LINE_LIMIT",
+    "SASL_LINE_LIMIT",
+    "DemoSession",
+    "DemoState",
+    "MailStore",
+    "Mailbox",
+    "Message",
+    "normalize_crlf",
+    "serve_demo",
+    "stuff",
+]

@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.dovecot_fixtures", "tests.proxy_fixtures"]

@@ -1,0 +1,64 @@
+"""Start a popproxy in the test's own trio run, on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import pytest
+import trio
+
+from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, UpstreamConfig
+from popproxy.events import Event
+from popproxy.server import Proxy, SessionInfo, serve
+
+
+@dataclass
+class RunningProxy:
+    host: str
+    port: int
+    proxy: Proxy
+    events: list[tuple[SessionInfo, Event]] = field(default_factory=list)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def of_type(self, kind: type[Event]) -> list[Event]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+
+async def start_proxy(
+    nursery: trio.Nursery,
+    upstream: HostPort,
+    limits: LimitsConfig | None = None,
+    **upstream_opts: float,
+) -> RunningProxy:
+    """Run ``serve`` in ``nursery``; returns once the proxy is listening."""
+    config = Config(
+        listen=ListenConfig((HostPort("127.0.0.1", 0),)),
+        upstream=replace(UpstreamConfig(address=upstream), **upstream_opts),
+        limits=limits or LimitsConfig(),
+    )
+    running = RunningProxy("127.0.0.1", 0, Proxy(config))
+    running.proxy.observers = [lambda info, event: running.events.append((info, event))]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    running.port = listeners[0].socket.getsockname()[1]
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with running.cancel_scope:
+            await serve(running.proxy, listeners, task_status=task_status)
+
+    await nursery.start(run)
+    return running
+
+
+@pytest.fixture
+async def demo_upstream(nursery: trio.Nursery) -> AsyncIterator[HostPort]:
+    """The built-in demo mailbox server, fresh sample mail for each test."""
+    from popproxy.demo import MailStore, serve_demo
+
+    listeners = await nursery.start(serve_demo, MailStore.load_samples(), "127.0.0.1", 0)
+    yield HostPort("127.0.0.1", listeners[0].socket.getsockname()[1])
+
+
+@pytest.fixture
+async def demo_proxy(nursery: trio.Nursery, demo_upstream: HostPort) -> RunningProxy:
+    return await start_proxy(nursery, demo_upstream)
