@@ -99,7 +99,7 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     out = session.fail("proxy shutting down", trio.current_time())
                     self._emit(info, out.events)
-                    await _send_quietly(client, out.to_client, stats, timeout=1.0)
+                    await _send_quietly(client, out.to_client, stats, seconds=1.0)
                 raise
             except Exception:
                 logger.exception("session.crashed")
@@ -202,11 +202,11 @@ class Proxy:
         return out
 
     async def _write(
-        self, client: Stream, upstream: Stream, out: Output, stats: _Stats, timeout: float
+        self, client: Stream, upstream: Stream, out: Output, stats: _Stats, seconds: float
     ) -> bool:
         """Write what the session produced; False if a peer is gone or stuck."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(seconds):
                 if out.to_upstream:
                     await upstream.send_all(out.to_upstream)
                 if out.to_client:
@@ -231,7 +231,7 @@ async def _read_into(
     async with channel:
         while True:
             try:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                data = bytes(await stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             try:
@@ -243,11 +243,11 @@ async def _read_into(
 
 
 async def _send_quietly(
-    stream: Stream, data: bytes, stats: _Stats, timeout: float = 5.0
+    stream: Stream, data: bytes, stats: _Stats, seconds: float = 5.0
 ) -> None:
     if not data:
         return
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(seconds):
         try:
             await stream.send_all(data)
             stats.tx += len(data)
@@ -295,24 +295,23 @@ async def serve(
         await proxy.handle(stream, _peer_name(stream))
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as sessions:
-            async with trio.open_nursery() as accepting:
-                await accepting.start(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions)
-                )
-                for lst in listeners:
-                    logger.info("listening", address=_sockname(lst))
-                task_status.started(listeners)
-                async for signum in signals:
-                    accepting.cancel_scope.cancel()  # closes the listeners
-                    if signum == signal.SIGTERM:
-                        drain = cfg.limits.drain_timeout
-                        logger.info("shutdown.drain", sessions=proxy.active, timeout=drain)
-                        sessions.cancel_scope.deadline = trio.current_time() + drain
-                    else:
-                        logger.info("shutdown.now", sessions=proxy.active)
-                        sessions.cancel_scope.cancel()
-                    break
+        async with trio.open_nursery() as sessions, trio.open_nursery() as accepting:
+            await accepting.start(
+                partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions)
+            )
+            for lst in listeners:
+                logger.info("listening", address=_sockname(lst))
+            task_status.started(listeners)
+            async for signum in signals:
+                accepting.cancel_scope.cancel()  # closes the listeners
+                if signum == signal.SIGTERM:
+                    drain = cfg.limits.drain_timeout
+                    logger.info("shutdown.drain", sessions=proxy.active, timeout=drain)
+                    sessions.cancel_scope.deadline = trio.current_time() + drain
+                else:
+                    logger.info("shutdown.now", sessions=proxy.active)
+                    sessions.cancel_scope.cancel()
+                break
     logger.info("shutdown.done")
 
 

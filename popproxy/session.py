@@ -146,7 +146,7 @@ class _Message:
 
 # Stands for a line that could not be parsed, in events and the FIFO.
 INVALID = Command("INVALID")
-_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 _APOP_STAMP = re.compile(rb"<[^<>@\s]+@[^<>\s]+>")
 
 # Verbs a client may send before login (RFC 1939, 2449, 2595, 5034, 6856).

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 import trio
@@ -11,6 +11,8 @@ import trio
 from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, UpstreamConfig
 from popproxy.events import Event
 from popproxy.server import Proxy, SessionInfo, serve
+
+E = TypeVar("E", bound=Event)
 
 
 @dataclass
@@ -21,7 +23,7 @@ class RunningProxy:
     events: list[tuple[SessionInfo, Event]] = field(default_factory=list)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
-    def of_type(self, kind: type[Event]) -> list[Event]:
+    def of_type(self, kind: type[E]) -> list[E]:
         return [e for _, e in self.events if isinstance(e, kind)]
 
 
@@ -29,12 +31,12 @@ async def start_proxy(
     nursery: trio.Nursery,
     upstream: HostPort,
     limits: LimitsConfig | None = None,
-    **upstream_opts: float,
+    upstream_config: UpstreamConfig | None = None,
 ) -> RunningProxy:
     """Run ``serve`` in ``nursery``; returns once the proxy is listening."""
     config = Config(
         listen=ListenConfig((HostPort("127.0.0.1", 0),)),
-        upstream=replace(UpstreamConfig(address=upstream), **upstream_opts),
+        upstream=upstream_config or UpstreamConfig(address=upstream),
         limits=limits or LimitsConfig(),
     )
     running = RunningProxy("127.0.0.1", 0, Proxy(config))
@@ -42,7 +44,9 @@ async def start_proxy(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     running.port = listeners[0].socket.getsockname()[1]
 
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with running.cancel_scope:
             await serve(running.proxy, listeners, task_status=task_status)
 
@@ -51,12 +55,12 @@ async def start_proxy(
 
 
 @pytest.fixture
-async def demo_upstream(nursery: trio.Nursery) -> AsyncIterator[HostPort]:
+async def demo_upstream(nursery: trio.Nursery) -> HostPort:
     """The built-in demo mailbox server, fresh sample mail for each test."""
     from popproxy.demo import MailStore, serve_demo
 
     listeners = await nursery.start(serve_demo, MailStore.load_samples(), "127.0.0.1", 0)
-    yield HostPort("127.0.0.1", listeners[0].socket.getsockname()[1])
+    return HostPort("127.0.0.1", listeners[0].socket.getsockname()[1])
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ class LineReader:
     The buffer never holds more than ``limit`` octets plus one read.
     """
 
-    __slots__ = ("_buf", "_start", "limit", "long_prefix", "long_limit")
+    __slots__ = ("_buf", "_start", "limit", "long_limit", "long_prefix")
 
     def __init__(self, limit: int, *, long_prefix: bytes = b"", long_limit: int = 0) -> None:
         self._buf = bytearray()

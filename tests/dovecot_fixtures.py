@@ -1,0 +1,128 @@
+"""pytest fixtures for the real Dovecot POP3 server (see tests/dovecot.py).
+
+Load it with ``pytest_plugins = ["tests.dovecot_fixtures"]`` in tests/conftest.py (a
+star import gets the fixtures but not the end-of-run banner hook).
+
+* ``dovecot_available`` (session, yields None): ensures Dovecot is installed
+  (apt-get as root if needed).  Without it the tests that use it are skipped
+  with a loud reason (and a banner at the end of the run), or fail when
+  ``CI=true`` (CI must not go green by skipping them).
+* ``dovecot`` (session): one running ``Dovecot`` for the whole session.
+* ``fresh_mailbox`` (function): a callable ``(user="alice", messages=SAMPLE_MESSAGES)
+  -> Mailbox`` that empties a user's Maildir and delivers ``messages``.
+* ``mailbox`` (function): ``fresh_mailbox()`` for alice with the sample messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, NoReturn
+
+import pytest
+
+from tests.dovecot import SAMPLE_MESSAGES, Dovecot, DovecotError, ensure_dovecot
+
+__all__ = [
+    "Mailbox",
+    "MailboxFactory",
+    "dovecot",
+    "dovecot_available",
+    "fresh_mailbox",
+    "mailbox",
+]
+
+
+class Mailbox(NamedTuple):
+    """A freshly filled mailbox.
+
+    ``messages[i]`` is what ``RETR i+1`` returns: CRLF line endings, already
+    dot-unstuffed, ending in CRLF (i.e. poplib's lines each + b"\\r\\n").
+    The password is ``dovecot.users[user]``.
+    """
+
+    user: str
+    messages: list[bytes]
+
+
+MailboxFactory = Callable[..., Mailbox]
+
+
+# Why Dovecot could not be had this session (for the end-of-run banner).
+_unavailable_reasons: list[str] = []
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if reason not in _unavailable_reasons:
+        _unavailable_reasons.append(reason)
+    message = f"REAL DOVECOT NOT AVAILABLE, interoperability test NOT run: {reason}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Repeat loudly, once, at the very end, that Dovecot tests did not run."""
+    if not _unavailable_reasons:
+        return
+    tr = terminalreporter
+    tr.section("DOVECOT TESTS DID NOT RUN", sep="!", red=True, bold=True)
+    tr.write_line(
+        "The tests against a real Dovecot POP3 server were "
+        + ("FAILED (CI=true)." if os.environ.get("CI") == "true" else "SKIPPED."),
+        red=True,
+        bold=True,
+    )
+    for reason in _unavailable_reasons:
+        tr.write_line(f"Reason: {reason}", red=True)
+    tr.write_line("Fix: apt-get install dovecot-core dovecot-pop3d (as root)", red=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_available() -> None:
+    """Skip (or, with CI=true, fail) unless Dovecot with POP3 is installed.
+
+    Installs it with apt-get first when missing and running as root.
+    """
+    reason = ensure_dovecot()
+    if reason is not None:
+        _unavailable(reason)
+
+
+@pytest.fixture(scope="session")
+def dovecot(dovecot_available: None) -> Iterator[Dovecot]:
+    """A running private Dovecot POP3 server, shared by the whole session."""
+    try:
+        server = Dovecot()
+    except (DovecotError, OSError) as exc:
+        _unavailable(f"Dovecot is installed but could not be set up: {exc}")
+    try:
+        server.start()
+    except (DovecotError, OSError) as exc:
+        server.stop()
+        _unavailable(f"Dovecot is installed but could not be started: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_mailbox(dovecot: Dovecot) -> MailboxFactory:
+    """Factory: ``fresh_mailbox(user="alice", messages=SAMPLE_MESSAGES) -> Mailbox``.
+
+    Recreates the user's Maildir (UIDs restart at 1) and delivers the messages
+    in order, so message number i+1 is ``messages[i]``.
+    """
+
+    def make(user: str = "alice", messages: Sequence[bytes] = SAMPLE_MESSAGES) -> Mailbox:
+        return Mailbox(user, dovecot.reset_mailbox(user, messages))
+
+    return make
+
+
+@pytest.fixture
+def mailbox(fresh_mailbox: MailboxFactory) -> Mailbox:
+    """alice's mailbox, emptied and filled with the sample messages (4 of them,
+    including body lines ".hidden line", "." and "..two dots")."""
+    return fresh_mailbox()
