@@ -109,9 +109,13 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(client)
                 now = trio.current_time()
+                # Whatever ended the session, the core reports what was cut
+                # short (a RETR in flight) before the session is closed.
+                end = session.close(reason, now)
                 self._emit(
                     info,
-                    [SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands)],
+                    [*end.events,
+                     SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands)],
                 )
 
     async def _serve_session(

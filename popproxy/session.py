@@ -209,6 +209,7 @@ class Session:
         self._sasl_expected = False
         self._sasl_mech: str | None = None
         self._sasl_user: str | None = None
+        self._sasl_responses = 0
         self._closed = False
 
     # ------------------------------------------------------------------
@@ -277,7 +278,14 @@ class Session:
 
     def client_closed(self, now: float) -> Output:
         """The client went away (EOF or error): abandon everything."""
-        return self._end("client closed", now)
+        return self.close("client closed", now)
+
+    def close(self, reason: str, now: float) -> Output:
+        """End the session without another word to either side.
+
+        Idempotent.  A RETR/TOP cut short is reported as incomplete.
+        """
+        return self._end(reason, now)
 
     def upstream_closed(self, now: float) -> Output:
         """The upstream closed; owed replies become ``-ERR [SYS/TEMP]``."""
@@ -333,8 +341,12 @@ class Session:
                 raise MalformedLine(
                     "SASL response is not base64", reply=b"-ERR malformed SASL response\r\n"
                 )
-            if self._sasl_user is None and line != b"*":
+            # Only the first client response can name the user (PLAIN without
+            # an initial response, LOGIN's user-name prompt); a later one may
+            # be the password itself.
+            if self._sasl_responses == 0 and self._sasl_user is None and line != b"*":
                 self._sasl_user = _sasl_user(self._sasl_mech, line)
+            self._sasl_responses += 1
             out.upstream.append(line + b"\r\n")
             return
         limit = self.limits.max_pipeline
@@ -403,6 +415,7 @@ class Session:
                 self._asserted_user = cmd.args[0]
             elif cmd.verb == "AUTH" and cmd.args:
                 self._sasl_mech = cmd.args[0].upper()
+                self._sasl_responses = 1 if len(cmd.args) > 1 else 0
                 self._sasl_user = (
                     _sasl_user(self._sasl_mech, cmd.args[1].encode("ascii", "replace"))
                     if len(cmd.args) > 1

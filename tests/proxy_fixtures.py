@@ -23,8 +23,20 @@ class RunningProxy:
     events: list[tuple[SessionInfo, Event]] = field(default_factory=list)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def observe(self, info: SessionInfo, event: Event) -> None:
+        self.events.append((info, event))
+        self._changed.set()
+
     def of_type(self, kind: type[E]) -> list[E]:
         return [e for _, e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, kind: type[Event], count: int = 1) -> None:
+        """Wait until ``count`` events of ``kind`` were observed."""
+        while len(self.of_type(kind)) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()
 
 
 async def start_proxy(
@@ -40,7 +52,7 @@ async def start_proxy(
         limits=limits or LimitsConfig(),
     )
     running = RunningProxy("127.0.0.1", 0, Proxy(config))
-    running.proxy.observers = [lambda info, event: running.events.append((info, event))]
+    running.proxy.observers = [running.observe]
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     running.port = listeners[0].socket.getsockname()[1]
 

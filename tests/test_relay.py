@@ -116,8 +116,7 @@ class TestWithDemoServer:
             while got.count(b"\r\n") < 10:  # greeting, USER, PASS, RETR and body lines
                 got += await s.receive_some(65536)
             await s.aclose()
-            while not demo_proxy.of_type(SessionClosed):
-                await trio.testing.wait_all_tasks_blocked()
+            await demo_proxy.wait_for(SessionClosed)
         (closed,) = demo_proxy.of_type(SessionClosed)
         assert closed.reason in ("client closed", "peer gone or too slow")
 

@@ -358,3 +358,17 @@ class TestAuth:
         assert "c4c9334b" not in repr(sent)
         out = s.receive_upstream(b"+OK mrose's maildrop has 2 messages\r\n", 0)
         assert AuthResult("APOP", "mrose", True, None) in out.events
+
+
+def test_auth_login_password_is_never_taken_for_the_user() -> None:
+    """An empty user-name response must not make the next line (the password) the user."""
+    s = Session()
+    s.receive_upstream(GREETING, 0)
+    s.receive_client(b"AUTH LOGIN\r\n", 0)
+    s.receive_upstream(b"+ VXNlcm5hbWU6\r\n", 0)
+    s.receive_client(b"\r\n", 0)
+    s.receive_upstream(b"+ UGFzc3dvcmQ6\r\n", 0)
+    s.receive_client(base64.b64encode(b"hunter2-Password") + b"\r\n", 0)
+    out = s.receive_upstream(b"-ERR [AUTH] Authentication failed.\r\n", 0)
+    assert AuthResult("LOGIN", None, False, "AUTH") in out.events
+    assert "hunter2" not in repr(out.events)
