@@ -135,6 +135,13 @@ class _Message:
             if b"\r\n\r\n" in self.headers or len(self.headers) >= header_limit:
                 self.headers_done = True
 
+    def complete(self, whole: bool) -> MessageComplete:
+        arg = self.command.args[0] if self.command.args else ""
+        number = int(arg) if arg.isdigit() else None
+        return MessageComplete(
+            self.command, number, self.octets, self.sha.hexdigest(), self.message_id(), whole
+        )
+
     def message_id(self) -> str | None:
         head = bytes(self.headers).split(b"\r\n\r\n", 1)[0]
         m = _MESSAGE_ID.search(head)
@@ -540,12 +547,7 @@ class Session:
             self._body_octets = len(capa)
         if msg is not None:
             self._message = None
-            out.events.append(
-                MessageComplete(
-                    msg.command, _msg_number(msg.command), msg.octets,
-                    msg.sha.hexdigest(), msg.message_id(), True,
-                )
-            )
+            out.events.append(msg.complete(True))
         ok, code, text = self._status_head
         self._complete(head, ok, code, text, self._body_octets, out, now)
         return end
@@ -617,23 +619,12 @@ class Session:
         msg = self._message
         if msg is not None:
             self._message = None
-            out.events.append(
-                MessageComplete(
-                    msg.command, _msg_number(msg.command), msg.octets,
-                    msg.sha.hexdigest(), msg.message_id(), False,
-                )
-            )
+            out.events.append(msg.complete(False))
         self._set_state(State.CLOSED, out)
         self._closed = True
         self._body = None
         out.close = reason
         return out.done()
-
-
-def _msg_number(cmd: Command) -> int | None:
-    if cmd.args and cmd.args[0].isdigit():
-        return int(cmd.args[0])
-    return None
 
 
 def _rewrite_capa(raw: bytes) -> bytes:

@@ -26,9 +26,9 @@ from popproxy.demo import (
     Message,
     normalize_crlf,
     serve_demo,
-    stuff,
 )
 from popproxy.demo.server import _LineBuffer
+from popproxy.pop3 import stuff
 
 TIMESTAMP = "<4242.7@popproxy-demo>"
 
@@ -134,9 +134,9 @@ class TestMessage:
 
 class TestStuff:
     def test_stuffs_only_line_starts(self) -> None:
-        """A '.' at a line start is doubled; a '.' elsewhere is not."""
+        """A '.' at a line start is doubled; a '.' elsewhere is not; then '.CRLF'."""
         assert stuff(b".\r\n..x\r\na.b\r\n...and then\r\n") == (
-            b"..\r\n...x\r\na.b\r\n....and then\r\n"
+            b"..\r\n...x\r\na.b\r\n....and then\r\n.\r\n"
         )
 
     @given(

@@ -18,7 +18,6 @@ from .mailbox import Mailbox as Mailbox
 from .mailbox import MailStore as MailStore
 from .mailbox import Message as Message
 from .mailbox import normalize_crlf as normalize_crlf
-from .mailbox import stuff as stuff
 from .server import IDLE_TIMEOUT as IDLE_TIMEOUT
 from .server import serve_demo as serve_demo
 
@@ -36,5 +35,4 @@ __all__ = [
     "Message",
     "normalize_crlf",
     "serve_demo",
-    "stuff",
 ]

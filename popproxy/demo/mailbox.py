@@ -26,6 +26,8 @@ from importlib.resources.abc import Traversable
 from types import MappingProxyType
 from typing import Final
 
+from ..pop3 import stuff
+
 __all__ = [
     "CAPABILITIES",
     "DEMO_USERS",
@@ -38,7 +40,6 @@ __all__ = [
     "Mailbox",
     "Message",
     "normalize_crlf",
-    "stuff",
 ]
 
 #: The demo users and their passwords (printed by ``popproxy demo``).
@@ -85,19 +86,6 @@ def normalize_crlf(data: bytes) -> bytes:
     if data and not data.endswith(_CRLF):
         data += _CRLF
     return data
-
-
-def stuff(body: bytes) -> bytes:
-    """Dot-stuff *body* for a multi-line reply (RFC 1939 section 3).
-
-    Every line that starts with ``.`` gets one more ``.`` in front. The
-    terminating ``.CRLF`` is not added. *body* is expected to use CRLF line
-    endings and to end with CRLF (or to be empty).
-    """
-    stuffed = body.replace(b"\n.", b"\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed
 
 
 def _is_crlf_text(data: bytes) -> bool:
@@ -288,7 +276,7 @@ def _err(text: str) -> bytes:
 
 def _multiline(text: str, body: bytes) -> bytes:
     """``+OK text``, the stuffed *body* (CRLF-terminated lines) and ``.CRLF``."""
-    return _ok(text) + stuff(body) + b"." + _CRLF
+    return _ok(text) + stuff(body)
 
 
 def _parse_number(arg: str) -> int | None:
