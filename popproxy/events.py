@@ -27,7 +27,10 @@ __all__ = [
     "SessionOpened",
     "State",
     "StateChanged",
+    "UidsLearned",
     "Unsolicited",
+    "UpstreamConnected",
+    "UpstreamFailed",
 ]
 
 
@@ -168,3 +171,30 @@ class SessionClosed(Event):
     bytes_in: int
     bytes_out: int
     commands: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnected(Event):
+    """Emitted by the relay: the TCP connection to upstream is up."""
+
+    address: str
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed(Event):
+    """Emitted by the relay when the upstream fails a session.
+
+    ``reason`` is one of: "connect" (refused/unreachable), "connect_timeout",
+    "response_timeout", "closed" (EOF while a reply was owed), "protocol"
+    (not POP3), "refused" (-ERR greeting).
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UidsLearned(Event):
+    """Message numbers and unique ids seen in UIDL replies the client asked for."""
+
+    uids: tuple[tuple[int, str], ...]

@@ -20,7 +20,14 @@ import structlog
 import trio
 
 from .config import Config, HostPort
-from .events import CommandSent, Event, SessionClosed, SessionOpened
+from .events import (
+    CommandSent,
+    Event,
+    SessionClosed,
+    SessionOpened,
+    UpstreamConnected,
+    UpstreamFailed,
+)
 from .session import Output, Session
 
 __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
@@ -123,15 +130,23 @@ class Proxy:
     ) -> str:
         cfg = self.config
         upstream: Stream | None = None
+        begun = trio.current_time()
         with trio.move_on_after(cfg.upstream.connect_timeout) as scope:
             try:
                 upstream = await self._connect()
             except OSError as exc:
                 logger.warning("upstream.connect_failed", error=str(exc))
-        if upstream is None:
-            why = "upstream connect timeout" if scope.cancelled_caught else "upstream unavailable"
+        if upstream is not None:
+            connected = UpstreamConnected(
+                str(cfg.upstream.address), trio.current_time() - begun
+            )
+            self._emit(info, [connected])
+        else:
+            timed_out = scope.cancelled_caught
+            why = "upstream connect timeout" if timed_out else "upstream unavailable"
             out = session.fail(why, trio.current_time())
-            self._emit(info, out.events)
+            failed = UpstreamFailed("connect_timeout" if timed_out else "connect")
+            self._emit(info, [failed, *out.events])
             await _send_quietly(client, out.to_client, stats)
             return why
         try:
@@ -187,6 +202,7 @@ class Proxy:
                     out.to_client = b"-ERR [SYS/TEMP] disconnected for inactivity\r\n"
                 else:
                     out = session.fail(timeout_reason, now)
+                    out.events.insert(0, UpstreamFailed("response_timeout"))
                 self._emit(info, out.events)
                 await _send_quietly(client, out.to_client, stats)
                 reason = timeout_reason

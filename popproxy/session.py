@@ -37,7 +37,9 @@ from .events import (
     Response,
     State,
     StateChanged,
+    UidsLearned,
     Unsolicited,
+    UpstreamFailed,
 )
 from .policy import Deny, Facts, Policy, allow_all
 from .pop3 import (
@@ -211,6 +213,7 @@ class Session:
         self._body_octets = 0
         self._capa: bytearray | None = None
         self._message: _Message | None = None
+        self._uidl: _UidlListing | None = None
         self._status_octets = 0
         self._status_head: tuple[bool, str | None, bytes] = (True, None, b"")
         self._sasl_expected = False
@@ -254,6 +257,7 @@ class Session:
             self._receive_upstream(data, out, now)
         except UpstreamProtocolError as exc:
             out.events.append(ProtocolAnomaly("upstream", type(exc).__name__, str(exc)))
+            out.events.append(UpstreamFailed("protocol"))
             failed = self.fail("upstream protocol error", now)
             out.client.append(failed.to_client)
             out.events.extend(failed.events)
@@ -296,7 +300,11 @@ class Session:
 
     def upstream_closed(self, now: float) -> Output:
         """The upstream closed; owed replies become ``-ERR [SYS/TEMP]``."""
-        return self.fail("upstream closed the connection", now)
+        owed = self.owes_upstream_reply and not self._closed
+        out = self.fail("upstream closed the connection", now)
+        if owed:
+            out.events.insert(0, UpstreamFailed("closed"))
+        return out
 
     def fail(self, reason: str, now: float) -> Output:
         """Give up on the upstream (closed, timed out, unreachable, broken).
@@ -488,6 +496,7 @@ class Session:
             if status.ok:
                 self._set_state(State.AUTHORIZATION, out)
             else:
+                out.events.append(UpstreamFailed("refused"))
                 self._end_with(out, "upstream refused the session", now)
             return
         head = self._head_forwarded()
@@ -515,8 +524,14 @@ class Session:
                 out.client.append(raw)
                 if cmd.verb in ("RETR", "TOP"):
                     self._message = _Message(cmd)
+                elif cmd.verb == "UIDL":
+                    self._uidl = _UidlListing()
             return
         out.client.append(raw)
+        if status.ok and cmd.verb == "UIDL" and cmd.args:
+            uid = _uidl_line(status.text)
+            if uid is not None:
+                out.events.append(UidsLearned((uid,)))
         self._complete(head, status.ok, status.code, status.text, len(raw), out, now)
 
     def _feed_body(self, data: bytes, out: _Out, now: float) -> int:
@@ -532,6 +547,8 @@ class Session:
         else:
             out.client.append(part)
         msg = self._message
+        if self._uidl is not None:
+            self._uidl.feed(content)
         if msg is not None and content:
             msg.add(content, self.limits.header_octets)
             out.events.append(MessageData(msg.command, content, msg.octets))
@@ -548,6 +565,10 @@ class Session:
         if msg is not None:
             self._message = None
             out.events.append(msg.complete(True))
+        if self._uidl is not None:
+            if self._uidl.uids:
+                out.events.append(UidsLearned(tuple(self._uidl.uids)))
+            self._uidl = None
         ok, code, text = self._status_head
         self._complete(head, ok, code, text, self._body_octets, out, now)
         return end
@@ -625,6 +646,40 @@ class Session:
         self._body = None
         out.close = reason
         return out.done()
+
+
+def _uidl_line(line: bytes) -> tuple[int, str] | None:
+    """``b"3 XYZ"`` -> (3, "XYZ"); None for anything else (RFC 1939 §7)."""
+    parts = line.split(b" ")
+    if len(parts) < 2 or not parts[0].isdigit() or not 0 < len(parts[1]) <= 70:
+        return None
+    uid = parts[1]
+    if any(c < 0x21 or c > 0x7E for c in uid):
+        return None
+    return int(parts[0]), uid.decode("ascii")
+
+
+class _UidlListing:
+    """Collects ``n uid`` lines of a UIDL listing as the body streams by."""
+
+    __slots__ = ("_partial", "uids")
+
+    # A mailbox with more messages than this is listed only in part.
+    MAX_ENTRIES = 1_000_000
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.uids: list[tuple[int, str]] = []
+
+    def feed(self, content: bytes) -> None:
+        if not content:
+            return
+        lines = (self._partial + content).split(b"\r\n")
+        self._partial = lines.pop()[:80]  # a uid line is short; cap the carry
+        for line in lines:
+            entry = _uidl_line(line)
+            if entry is not None and len(self.uids) < self.MAX_ENTRIES:
+                self.uids.append(entry)
 
 
 def _rewrite_capa(raw: bytes) -> bytes:

@@ -19,18 +19,18 @@ it is given (plus, for the install, the system's packages).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
-import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 import trio
+
+from tests.packages import apt_install, can_install
 
 __all__ = [
     "ClientRun",
@@ -46,8 +46,6 @@ __all__ = [
     "write_mpop_config",
 ]
 
-APT_INSTALL_TIMEOUT = 300.0
-APT_UPDATE_TIMEOUT = 180.0
 #: Default deadline for one client run.
 CLIENT_TIMEOUT = 30.0
 
@@ -62,47 +60,6 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=search)
 
 
-def _apt_get(args: Sequence[str], timeout: float) -> tuple[bool, str]:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", APT_LISTCHANGES_FRONTEND="none")
-    try:
-        proc = subprocess.run(
-            ["apt-get", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return False, f"'apt-get {' '.join(args)}' timed out after {timeout:.0f}s"
-    except OSError as exc:
-        return False, f"'apt-get {' '.join(args)}' could not run: {exc}"
-    tail = proc.stdout.decode(errors="replace").strip().splitlines()[-5:]
-    return proc.returncode == 0, "\n".join(tail)
-
-
-@contextlib.contextmanager
-def _no_service_start() -> Iterator[None]:
-    """Keep postinst scripts (fetchmail ships an init script) from starting
-    daemons: Debian's invoke-rc.d obeys /usr/sbin/policy-rc.d exiting 101."""
-    policy = Path("/usr/sbin/policy-rc.d")
-    if policy.exists() or not policy.parent.is_dir():
-        yield
-        return
-    try:
-        policy.write_text("#!/bin/sh\n# temporary, written by popproxy's tests\nexit 101\n")
-        policy.chmod(0o755)
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            policy.unlink()
-
-
 @functools.cache
 def ensure_program(name: str, package: str) -> str | None:
     """Make program ``name`` available; None when it is, else why it is not.
@@ -115,20 +72,12 @@ def ensure_program(name: str, package: str) -> str | None:
     if _which(name) is not None:
         return None
     missing = f"'{name}' is not installed (Debian package {package})"
-    if os.name != "posix" or os.geteuid() != 0:
-        return f"{missing}; not root, so not installing it (run: apt-get install {package})"
-    if _which("apt-get") is None:
-        return f"{missing}; no apt-get here to install it with"
-    install = ["install", "-y", "-q", "--no-install-recommends", package]
-    with _no_service_start():
-        ok, out = _apt_get(install, APT_INSTALL_TIMEOUT)
-        if not ok:
-            updated, out_update = _apt_get(["update", "-q"], APT_UPDATE_TIMEOUT)
-            if not updated:
-                return f"{missing}; 'apt-get update' failed:\n{out_update}\n(install said:\n{out})"
-            ok, out = _apt_get(install, APT_INSTALL_TIMEOUT)
-    if not ok:
-        return f"{missing}; 'apt-get install {package}' failed:\n{out}"
+    cannot = can_install([package])
+    if cannot is not None:
+        return f"{missing}; {cannot}"
+    failure = apt_install([package])
+    if failure is not None:
+        return f"{missing}; {failure}"
     if _which(name) is None:
         return f"installed {package}, but there is still no '{name}' on PATH"
     return None

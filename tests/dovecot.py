@@ -38,9 +38,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from tests.packages import apt_install, can_install
 
 __all__ = [
     "DEFAULT_USERS",
@@ -71,9 +73,6 @@ _LIBEXEC_DIRS: tuple[str, ...] = (
     "/usr/lib64/dovecot",
 )
 _SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-
-_APT_INSTALL_TIMEOUT = 300.0
-_APT_UPDATE_TIMEOUT = 180.0
 
 _BIND_FAILURE = re.compile(rb"bind\(.*\) failed|Address already in use", re.IGNORECASE)
 
@@ -114,66 +113,6 @@ def _dovecot_status() -> str | None:
     return _pop3_missing_reason(binary)
 
 
-def _run_apt(args: Sequence[str], timeout: float) -> tuple[bool, str]:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", APT_LISTCHANGES_FRONTEND="none")
-    try:
-        proc = subprocess.run(
-            ["apt-get", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return False, f"'apt-get {' '.join(args)}' timed out after {timeout:.0f}s"
-    except OSError as exc:
-        return False, f"'apt-get {' '.join(args)}' could not run: {exc}"
-    tail = proc.stdout.decode(errors="replace").strip().splitlines()[-5:]
-    return proc.returncode == 0, "\n".join(tail)
-
-
-@contextlib.contextmanager
-def _no_service_start() -> Iterator[None]:
-    """Keep package postinst scripts from starting a system Dovecot.
-
-    Debian's invoke-rc.d honours /usr/sbin/policy-rc.d (exit 101 = "don't").
-    Docker images usually have one already; otherwise a temporary one is put
-    in place and removed afterwards.
-    """
-    policy = Path("/usr/sbin/policy-rc.d")
-    if policy.exists() or not policy.parent.is_dir():
-        yield
-        return
-    try:
-        policy.write_text("#!/bin/sh\n# temporary, written by popproxy's tests\nexit 101\n")
-        policy.chmod(0o755)
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            policy.unlink()
-
-
-def _install_with_apt() -> str | None:
-    """Install Dovecot's Debian packages.  Returns None or a failure reason."""
-    install = ["install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES]
-    with _no_service_start():
-        ok, out = _run_apt(install, _APT_INSTALL_TIMEOUT)
-        if not ok:
-            ok_update, out_update = _run_apt(["update", "-q"], _APT_UPDATE_TIMEOUT)
-            if not ok_update:
-                return f"'apt-get update' failed:\n{out_update}\n(install said:\n{out})"
-            ok, out = _run_apt(install, _APT_INSTALL_TIMEOUT)
-    if not ok:
-        return f"'apt-get install {' '.join(DEBIAN_PACKAGES)}' failed:\n{out}"
-    return None
-
-
 @functools.cache
 def ensure_dovecot() -> str | None:
     """Make a Dovecot with POP3 available.
@@ -185,17 +124,15 @@ def ensure_dovecot() -> str | None:
     reason = _dovecot_status()
     if reason is None:
         return None
-    packages = " ".join(DEBIAN_PACKAGES)
-    if os.name != "posix" or os.geteuid() != 0:
-        return f"{reason}; not root, so not installing it (run: apt-get install {packages})"
-    if shutil.which("apt-get") is None:
-        return f"{reason}; no apt-get here to install {packages} with"
-    failure = _install_with_apt()
+    cannot = can_install(DEBIAN_PACKAGES)
+    if cannot is not None:
+        return f"{reason}; {cannot}"
+    failure = apt_install(DEBIAN_PACKAGES)
     if failure is not None:
         return f"{reason}; installing it failed: {failure}"
     after = _dovecot_status()
     if after is not None:
-        return f"installed {packages}, but still: {after}"
+        return f"installed {' '.join(DEBIAN_PACKAGES)}, but still: {after}"
     return None
 
 
