@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .audit.config import AuditConfig, parse_audit
 from .confparse import (
     ConfigError,
     HostPort,
@@ -25,6 +26,8 @@ from .confparse import (
     parse_int,
     parse_size,
 )
+from .metrics import MetricsConfig, parse_metrics
+from .policy.config import PolicyConfig, parse_policy
 from .session import SessionLimits
 
 __all__ = [
@@ -87,6 +90,9 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -162,17 +168,20 @@ def _log(raw: object) -> LogConfig:
     return cfg
 
 
-_SECTIONS = {"listen": _listen, "upstream": _upstream, "limits": _limits, "log": _log}
-# Documented sections that later releases fill in; naming them gives a
-# clearer error than "unknown section".
-_NOT_YET = ("audit", "metrics", "policy")
+_SECTIONS = {
+    "listen": _listen,
+    "upstream": _upstream,
+    "limits": _limits,
+    "log": _log,
+    "audit": parse_audit,
+    "metrics": parse_metrics,
+    "policy": parse_policy,
+}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate a decoded TOML document into a ``Config``."""
     for name in raw:
-        if name in _NOT_YET:
-            raise ConfigError(f"{name}: this section is not supported by this version yet")
         if name not in _SECTIONS:
             raise ConfigError(f"{name}: unknown section")
     if "upstream" not in raw:
@@ -182,6 +191,9 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         upstream=_upstream(raw["upstream"]),
         limits=_limits(raw.get("limits", {})),
         log=_log(raw.get("log", {})),
+        audit=parse_audit(raw["audit"]) if "audit" in raw else AuditConfig(),
+        metrics=parse_metrics(raw.get("metrics", {})),
+        policy=parse_policy(raw.get("policy", {})),
     )
 
 

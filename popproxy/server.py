@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import structlog
@@ -57,14 +57,25 @@ Observer = Callable[[SessionInfo, Event], None]
 ConnectUpstream = Callable[[], Awaitable[Stream]]
 
 
+Admission = Callable[[], "str | None"]
+
+
 @dataclass
 class Proxy:
-    """The running proxy: configuration, observers and live-session count."""
+    """The running proxy: configuration, observers and live-session count.
+
+    ``admission`` callables are asked before each new session; one that
+    returns a reason refuses the session with ``-ERR [SYS/TEMP] <reason>``
+    (the audit's ``fail_closed`` uses this).  ``listening`` is true while the
+    listeners accept (for readiness probes).
+    """
 
     config: Config
-    observers: Sequence[Observer] = ()
+    observers: list[Observer] = field(default_factory=list)
     connect_upstream: ConnectUpstream | None = None
+    admission: list[Admission] = field(default_factory=list)
     active: int = 0
+    listening: bool = False
 
     async def _connect(self) -> Stream:
         if self.connect_upstream is not None:
@@ -100,6 +111,13 @@ class Proxy:
                         client, b"-ERR [SYS/TEMP] too many sessions, try again later\r\n", stats
                     )
                     return
+                for admit in self.admission:
+                    refusal = admit()
+                    if refusal is not None:
+                        reason = refusal
+                        line = f"-ERR [SYS/TEMP] {refusal}\r\n".encode()
+                        await _send_quietly(client, line, stats)
+                        return
                 reason = await self._serve_session(client, session, info, stats)
             except trio.Cancelled:
                 reason = "shutdown"
@@ -321,8 +339,10 @@ async def serve(
             )
             for lst in listeners:
                 logger.info("listening", address=_sockname(lst))
+            proxy.listening = True
             task_status.started(listeners)
             async for signum in signals:
+                proxy.listening = False
                 accepting.cancel_scope.cancel()  # closes the listeners
                 if signum == signal.SIGTERM:
                     drain = cfg.limits.drain_timeout

@@ -56,7 +56,7 @@ class TestParse:
             ({"listen": {}}, r"upstream: required"),
             (minimal(log={"level": "loud"}), r"log\.level"),
             (minimal(bogus={}), r"bogus: unknown section"),
-            (minimal(audit={"sink": "stdout"}), r"audit: .*not supported"),
+            (minimal(metrics={"adress": "x:1"}), r"metrics\.adress: unknown key"),
         ],
     )
     def test_errors_name_the_key(self, raw: dict[str, Any], key: str) -> None:
