@@ -1,53 +1,111 @@
 """Assembles a running popproxy from a ``Config``.
 
-The proxy, its observers (logs, audit, metrics) and the metrics endpoint
-are put together here and nowhere else, so ``popproxy run``, ``popproxy
-demo`` and the tests run the same thing.
+The proxy, its observers (logs, audit, metrics), the policy engine, the
+metrics endpoint and configuration reload are put together here and nowhere
+else, so ``popproxy run``, ``popproxy demo`` and the tests run the same thing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
 from .audit import open_audit
-from .config import Config
+from .config import Config, ConfigError, load_config
+from .events import Event, SessionClosed
 from .logs import log_observer
 from .metrics import Metrics, serve_metrics
-from .server import Proxy, serve
+from .policy.engine import PolicyEngine, SwitchablePolicy
+from .server import Proxy, SessionInfo, serve
 
-__all__ = ["build_proxy", "run"]
+__all__ = ["App", "build", "reload", "run"]
+
+logger = structlog.get_logger("popproxy.app")
 
 
-def build_proxy(config: Config, registry: CollectorRegistry | None = None) -> tuple[Proxy, Metrics]:
-    """A proxy with the log, audit and metrics observers attached."""
-    proxy = Proxy(config, observers=[log_observer])
+@dataclass
+class App:
+    proxy: Proxy
+    metrics: Metrics
+    policy: SwitchablePolicy
+
+
+def build(config: Config, registry: CollectorRegistry | None = None) -> App:
+    """A proxy with policy and the log and metrics observers attached."""
+    policy = SwitchablePolicy(PolicyEngine(config.policy))
+    proxy = Proxy(config, observers=[log_observer], policy=policy)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     proxy.observers.append(metrics.observe)
-    return proxy, metrics
+    proxy.admission.append(lambda peer: policy.current.admit_client(peer))
+
+    def session_counts(info: SessionInfo, event: Event) -> None:
+        if isinstance(event, SessionClosed):
+            policy.current.session_ended(info.client, info.user)
+
+    proxy.observers.append(session_counts)
+    return App(proxy, metrics, policy)
+
+
+def reload(app: App, load: Callable[[], Config]) -> bool:
+    """Swap in a new configuration; on any error keep the old one.
+
+    Reloadable: policy (rules, mode, protections) and limits for new
+    sessions.  Rate-limit state survives for rules whose name did not
+    change.  Listen and upstream addresses need a restart.
+    """
+    old = app.proxy.config
+    try:
+        new = load()
+    except ConfigError as exc:
+        logger.error("config.reload_failed", error=str(exc))
+        app.metrics.config_reload(False)
+        return False
+    if new.listen != old.listen or new.upstream != old.upstream:
+        logger.warning("config.reload_partial",
+                       detail="listen and upstream changes take effect after a restart")
+        new = replace(new, listen=old.listen, upstream=old.upstream)
+    app.policy.current = app.policy.current.reloaded(new.policy)
+    app.proxy.config = new
+    logger.info("config.reloaded", rules=len(new.policy.rules), mode=new.policy.mode)
+    app.metrics.config_reload(True)
+    return True
 
 
 async def run(
     config: Config,
     listeners: Sequence[trio.SocketListener] | None = None,
     *,
+    config_path: str | Path | None = None,
     registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM (drain) or SIGINT; audit records are flushed at the end."""
-    proxy, metrics = build_proxy(config, registry)
-    trail = open_audit(config.audit, metrics)
+    """Run until SIGTERM (drain) or SIGINT; SIGHUP reloads ``config_path``."""
+    app = build(config, registry)
+    trail = open_audit(config.audit, app.metrics)
     if trail is not None:
-        proxy.observers.append(trail.observe)
-        proxy.admission.append(trail.refusal)
+        app.proxy.observers.append(trail.observe)
+        app.proxy.admission.append(lambda peer: trail.refusal())
     try:
         async with trio.open_nursery() as nursery:
             if config.metrics.address is not None:
-                await nursery.start(serve_metrics, config.metrics, metrics, proxy)
-            await serve(proxy, listeners, task_status=task_status)
+                await nursery.start(serve_metrics, config.metrics, app.metrics, app.proxy)
+            if config_path is not None:
+                path = config_path
+                nursery.start_soon(_reload_on_sighup, app, lambda: load_config(path))
+            await serve(app.proxy, listeners, task_status=task_status)
             nursery.cancel_scope.cancel()
     finally:
         if trail is not None:
             trail.close()
+
+
+async def _reload_on_sighup(app: App, load: Callable[[], Config]) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            reload(app, load)

@@ -21,6 +21,7 @@ __all__ = [
     "Greeting",
     "MessageComplete",
     "MessageData",
+    "PolicyDecision",
     "ProtocolAnomaly",
     "Response",
     "SessionClosed",
@@ -198,3 +199,17 @@ class UidsLearned(Event):
     """Message numbers and unique ids seen in UIDL replies the client asked for."""
 
     uids: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision(Event):
+    """A policy rule matched a command (``enforced`` is false in monitor mode).
+
+    ``action`` is "deny", "allow" or "rate_limit"; built-in protections have
+    rule names starting with "builtin:".
+    """
+
+    rule: str
+    action: str
+    command: Command
+    enforced: bool

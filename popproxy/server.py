@@ -10,6 +10,7 @@ gives backpressure: a slow client stops the upstream reader, not memory.
 
 from __future__ import annotations
 
+import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from .events import (
     UpstreamConnected,
     UpstreamFailed,
 )
+from .policy import Policy, allow_all
 from .session import Output, Session
 
 __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
@@ -57,7 +59,8 @@ Observer = Callable[[SessionInfo, Event], None]
 ConnectUpstream = Callable[[], Awaitable[Stream]]
 
 
-Admission = Callable[[], "str | None"]
+# Asked with the client's address before a session starts: a reason refuses it.
+Admission = Callable[[str], "str | None"]
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Proxy:
     observers: list[Observer] = field(default_factory=list)
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
+    policy: Policy = allow_all
     active: int = 0
     listening: bool = False
 
@@ -96,7 +100,7 @@ class Proxy:
     async def handle(self, client: Stream, peer: str) -> None:
         """Serve one client connection until it ends; never raises."""
         limits = self.config.limits
-        session = Session(limits.session_limits(), client=peer)
+        session = Session(limits.session_limits(), self.policy, client=peer)
         info = SessionInfo(secrets.token_hex(8), peer, session)
         started = trio.current_time()
         stats = _Stats()
@@ -112,7 +116,7 @@ class Proxy:
                     )
                     return
                 for admit in self.admission:
-                    refusal = admit()
+                    refusal = admit(peer)
                     if refusal is not None:
                         reason = refusal
                         line = f"-ERR [SYS/TEMP] {refusal}\r\n".encode()
@@ -179,54 +183,72 @@ class Proxy:
     async def _relay(
         self, client: Stream, upstream: Stream, session: Session, info: SessionInfo, stats: _Stats
     ) -> str:
-        limits = self.config.limits
-        response_timeout = self.config.upstream.response_timeout
         send, receive = trio.open_memory_channel[tuple[bool, bytes]](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_into, client, True, send.clone())
             nursery.start_soon(_read_into, upstream, False, send.clone())
             send.close()
-            last_client = last_upstream = trio.current_time()
-            reason = "closed"
-            while True:
-                if session.owes_upstream_reply:
-                    deadline = last_upstream + response_timeout
-                    timeout_reason = "upstream response timeout"
-                else:
-                    deadline = last_client + limits.idle_timeout
-                    timeout_reason = "idle timeout"
-                with trio.move_on_at(deadline):
-                    from_client, data = await receive.receive()
-                    now = trio.current_time()
-                    out = self._feed(session, from_client, data, now, stats)
-                    if from_client:
-                        last_client = now
-                    else:
-                        last_upstream = now
-                    written = await self._write(client, upstream, out, stats, limits.send_timeout)
-                    # Observers hear of bytes after they were written.
-                    self._emit(info, out.events)
-                    if not written:
-                        reason = "peer gone or too slow" if out.close is None else out.close
-                        break
-                    if out.close is not None:
-                        reason = out.close
-                        break
-                    continue
-                # The deadline passed: tell the client why, then close.
+            try:
+                return await self._relay_loop(client, upstream, session, info, stats, receive)
+            finally:
+                nursery.cancel_scope.cancel()  # the readers, blocked in receive
+
+    async def _relay_loop(
+        self, client: Stream, upstream: Stream, session: Session, info: SessionInfo,
+        stats: _Stats, receive: trio.MemoryReceiveChannel[tuple[bool, bytes]],
+    ) -> str:
+        limits = self.config.limits
+        response_timeout = self.config.upstream.response_timeout
+        max_duration = self.config.policy.protections.max_session_duration
+        last_client = last_upstream = started = trio.current_time()
+        ends = started + max_duration if max_duration is not None else math.inf
+        while True:
+            # The nearest of: a timeout, the session's age limit, or a
+            # policy timer (a delayed command or tarpitted refusal).
+            if session.owes_upstream_reply:
+                deadline, why = last_upstream + response_timeout, "upstream response timeout"
+            else:
+                deadline, why = last_client + limits.idle_timeout, "idle timeout"
+            if ends < deadline:
+                deadline, why = ends, "session time limit"
+            wake = session.wake_at
+            if wake is not None and wake < deadline:
+                deadline, why = wake, "tick"
+            with trio.move_on_at(deadline):
+                from_client, data = await receive.receive()
                 now = trio.current_time()
-                if timeout_reason == "idle timeout":
-                    out = session.client_closed(now)
-                    out.to_client = b"-ERR [SYS/TEMP] disconnected for inactivity\r\n"
+                out = self._feed(session, from_client, data, now, stats)
+                if from_client:
+                    last_client = now
                 else:
-                    out = session.fail(timeout_reason, now)
-                    out.events.insert(0, UpstreamFailed("response_timeout"))
+                    last_upstream = now
+                written = await self._write(client, upstream, out, stats, limits.send_timeout)
+                # Observers hear of bytes after they were written.
                 self._emit(info, out.events)
-                await _send_quietly(client, out.to_client, stats)
-                reason = timeout_reason
-                break
-            nursery.cancel_scope.cancel()
-        return reason
+                if not written:
+                    return "peer gone or too slow" if out.close is None else out.close
+                if out.close is not None:
+                    return out.close
+                continue
+            now = trio.current_time()
+            if why == "tick":
+                out = session.tick(now)
+                written = await self._write(client, upstream, out, stats, limits.send_timeout)
+                self._emit(info, out.events)
+                if not written or out.close is not None:
+                    return out.close or "peer gone or too slow"
+                continue
+            # A deadline passed: tell the client why, then close.
+            if why == "upstream response timeout":
+                out = session.fail(why, now)
+                out.events.insert(0, UpstreamFailed("response_timeout"))
+            else:
+                out = session.close(why, now)
+                text = "disconnected for inactivity" if why == "idle timeout" else why
+                out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
+            self._emit(info, out.events)
+            await _send_quietly(client, out.to_client, stats)
+            return why
 
     def _feed(
         self, session: Session, from_client: bool, data: bytes, now: float, stats: _Stats

@@ -33,6 +33,7 @@ from .events import (
     Greeting,
     MessageComplete,
     MessageData,
+    PolicyDecision,
     ProtocolAnomaly,
     Response,
     State,
@@ -41,7 +42,7 @@ from .events import (
     Unsolicited,
     UpstreamFailed,
 )
-from .policy import Deny, Facts, Policy, allow_all
+from .policy import ALLOW, Decision, Delay, Deny, Facts, Note, Policy, allow_all
 from .pop3 import (
     BodyReader,
     ClientProtocolError,
@@ -115,6 +116,7 @@ class _Pending:
     command: Command
     started: float
     local_reply: bytes | None = None  # answered by the proxy, not upstream
+    not_before: float | None = None  # a delayed local reply
 
 
 class _Message:
@@ -197,6 +199,10 @@ class Session:
         self.user: str | None = None  # authenticated user, once known
         self.apop_timestamp = False
         self._asserted_user: str | None = None  # from USER, before PASS succeeds
+        self._client_ip = client.rsplit(":", 1)[0].strip("[]") if client else None
+        self._sizes: dict[int, int] = {}  # message sizes from LIST replies
+        self._wake_at: float | None = None
+        self._swallow = False  # a refused RETR body is read and dropped
         self._lines = LineReader(
             self.limits.command_line, long_prefix=b"AUTH ", long_limit=self.limits.sasl_line
         )
@@ -213,7 +219,7 @@ class Session:
         self._body_octets = 0
         self._capa: bytearray | None = None
         self._message: _Message | None = None
-        self._uidl: _UidlListing | None = None
+        self._listing: _Listing | None = None
         self._status_octets = 0
         self._status_head: tuple[bool, str | None, bytes] = (True, None, b"")
         self._sasl_expected = False
@@ -415,7 +421,17 @@ class Session:
                 self._pending.append(_Pending(INVALID, now, item.reply))
                 continue
             cmd = item
-            p = _Pending(cmd, now, self._local_reply(cmd, now))
+            reply, decision = self._judge(cmd, now)
+            if isinstance(decision, Delay):
+                # Held back: it keeps its place at the head of the queue.
+                self._queue.appendleft(cmd)
+                self._wake_at = decision.until
+                self._note(decision.notes, cmd, out)
+                return moved
+            self._note(decision.notes, cmd, out)
+            p = _Pending(cmd, now, reply)
+            if isinstance(decision, Deny) and decision.delay > 0:
+                p.not_before = now + decision.delay
             self._pending.append(p)
             if cmd.verb in _BARRIERS or (cmd.verb == "AUTH" and cmd.args):
                 self._barrier = p
@@ -438,31 +454,60 @@ class Session:
                 )
         return moved
 
-    def _local_reply(self, cmd: Command, now: float) -> bytes | None:
-        """The core's own checks, then policy; None means forward."""
+    def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision]:
+        """The core's own checks, then policy; a None reply means forward."""
         verb = cmd.verb
         if verb == "STLS":
             # Until TLS lands, the proxy cannot honour STLS; it never forwards
             # it, since an end-to-end TLS tunnel would blind policy and audit.
-            return b"-ERR STLS is not available through this proxy\r\n"
+            return b"-ERR STLS is not available through this proxy\r\n", ALLOW
         if verb in _NEVER_FORWARDED:
-            return b"-ERR command not allowed\r\n"
+            return b"-ERR command not allowed\r\n", ALLOW
         if self.state is State.AUTHORIZATION:
             if verb not in _PRE_AUTH:
-                return f"-ERR {verb} is not valid before login\r\n".encode()
+                return f"-ERR {verb} is not valid before login\r\n".encode(), ALLOW
         elif self.state is State.TRANSACTION and verb in _AUTH_ONLY:
-            return f"-ERR {verb} is not valid after login\r\n".encode()
+            return f"-ERR {verb} is not valid after login\r\n".encode(), ALLOW
         elif self.state is not State.TRANSACTION:
-            return b"-ERR session is ending\r\n"
-        decision = self.policy(Facts(self.state, self.user, self.client, self.tls), cmd, now)
+            return b"-ERR session is ending\r\n", ALLOW
+        decision = self.policy.decide(self.facts(), cmd, now)
         if isinstance(decision, Deny):
-            return decision.reply
-        return None
+            return decision.reply, decision
+        return None, decision
+
+    def facts(self) -> Facts:
+        """What policy knows of this session now."""
+        return Facts(
+            self.state, self.user, self.client, self.tls,
+            client_ip=self._client_ip, login_user=self._asserted_user, sizes=self._sizes,
+        )
+
+    def _note(self, notes: tuple[Note, ...], cmd: Command, out: _Out) -> None:
+        for n in notes:
+            out.events.append(PolicyDecision(n.rule, n.action, cmd, n.enforced))
+
+    def tick(self, now: float) -> Output:
+        """Time passed: release delayed commands and replies that are due."""
+        out = _Out()
+        if not self._closed:
+            self._wake_at = None
+            self._progress(out, now)
+        return out.done()
+
+    @property
+    def wake_at(self) -> float | None:
+        """When ``tick`` must be called next, if something waits on the clock."""
+        return self._wake_at
 
     def _flush(self, out: _Out, now: float) -> bool:
         """Send local replies that have reached the head of the FIFO."""
         moved = False
         while self._pending and self._pending[0].local_reply is not None:
+            due = self._pending[0].not_before
+            if due is not None and due > now:
+                # A tarpit: the refusal goes out later, and nothing behind it.
+                self._wake_at = due if self._wake_at is None else min(self._wake_at, due)
+                break
             p = self._pending.popleft()
             reply = p.local_reply or b""
             out.client.append(reply)
@@ -518,6 +563,8 @@ class Session:
             self._body = BodyReader()
             self._body_octets = len(raw)
             self._status_head = (status.ok, status.code, status.text)
+            if cmd.verb == "RETR" and self._refuse_size(cmd, status.text, out, now):
+                return
             if cmd.verb == "CAPA":
                 self._capa = bytearray(raw)
             else:
@@ -525,14 +572,63 @@ class Session:
                 if cmd.verb in ("RETR", "TOP"):
                     self._message = _Message(cmd)
                 elif cmd.verb == "UIDL":
-                    self._uidl = _UidlListing()
+                    self._listing = _Listing()
+                elif cmd.verb == "LIST":
+                    self._listing = _Listing(self._sizes)
+            return
+        if status.ok and self._refuse_login(cmd, out, now):
             return
         out.client.append(raw)
-        if status.ok and cmd.verb == "UIDL" and cmd.args:
-            uid = _uidl_line(status.text)
-            if uid is not None:
-                out.events.append(UidsLearned((uid,)))
+        if status.ok and cmd.verb in ("UIDL", "LIST") and cmd.args:
+            entry = _listing_line(status.text)
+            if entry is not None and cmd.verb == "UIDL":
+                out.events.append(UidsLearned((entry,)))
+            elif entry is not None and entry[1].isdigit():
+                self._sizes[entry[0]] = int(entry[1])
         self._complete(head, status.ok, status.code, status.text, len(raw), out, now)
+
+    def _refuse_size(self, cmd: Command, text: bytes, out: _Out, now: float) -> bool:
+        """Refuse a RETR whose announced size policy forbids; swallow its body."""
+        first = text.split(b" ", 1)[0]
+        if not first.isdigit():
+            return False
+        refusal = self.policy.admit_size(self.facts(), cmd, int(first))
+        if refusal is None:
+            return False
+        self._swallow = True
+        out.client.append(refusal.reply)
+        self._note((Note(refusal.rule or "builtin", "deny", True),), cmd, out)
+        head = self._pending[0]
+        self._emit_response(head, False, None, _decode(refusal.reply[5:].rstrip()),
+                            len(refusal.reply), True, out, now)
+        return True
+
+    def _refuse_login(self, cmd: Command, out: _Out, now: float) -> bool:
+        """The upstream accepted a login that policy does not admit: refuse and close."""
+        if not (cmd.verb in ("PASS", "APOP") or (cmd.verb == "AUTH" and cmd.args)):
+            return False
+        user = self._login_user(cmd)
+        if user is None:
+            return False
+        refusal = self.policy.admit_login(self.facts(), user, now)
+        if refusal is None:
+            return False
+        out.client.append(refusal.reply)
+        self._note((Note(refusal.rule or "builtin", "deny", True),), cmd, out)
+        status = parse_status(refusal.reply.rstrip(b"\r\n"))
+        code = status.code if status else None
+        self._complete(self._pending[0], False, code, refusal.reply[5:].rstrip(),
+                       len(refusal.reply), out, now)
+        # The upstream session is logged in; leaving without QUIT changes nothing.
+        self._end_with(out, "policy refused the login", now)
+        return True
+
+    def _login_user(self, cmd: Command) -> str | None:
+        if cmd.verb == "PASS":
+            return self._asserted_user
+        if cmd.verb == "APOP":
+            return cmd.args[0] if cmd.args else None
+        return self._sasl_user
 
     def _feed_body(self, data: bytes, out: _Out, now: float) -> int:
         """Stream part of a multi-line body; return how much of ``data`` it took."""
@@ -544,11 +640,11 @@ class Session:
             self._capa += part
             if len(self._capa) > self.limits.capa_octets:
                 raise UpstreamProtocolError("CAPA reply too long")
-        else:
+        elif not self._swallow:
             out.client.append(part)
         msg = self._message
-        if self._uidl is not None:
-            self._uidl.feed(content)
+        if self._listing is not None:
+            self._listing.feed(content)
         if msg is not None and content:
             msg.add(content, self.limits.header_octets)
             out.events.append(MessageData(msg.command, content, msg.octets))
@@ -557,6 +653,14 @@ class Session:
         self._body = None
         head = self._head_forwarded()
         assert head is not None
+        if self._swallow:
+            # The refusal already went out in place of the status line.
+            self._swallow = False
+            self._pending.popleft()
+            self._inflight -= 1
+            self._inflight_octets -= len(bytes(head.command))
+            self._flush(out, now)
+            return end
         if self._capa is not None:
             capa = _rewrite_capa(bytes(self._capa))
             self._capa = None
@@ -565,10 +669,10 @@ class Session:
         if msg is not None:
             self._message = None
             out.events.append(msg.complete(True))
-        if self._uidl is not None:
-            if self._uidl.uids:
-                out.events.append(UidsLearned(tuple(self._uidl.uids)))
-            self._uidl = None
+        if self._listing is not None:
+            if self._listing.uids:
+                out.events.append(UidsLearned(tuple(self._listing.uids)))
+            self._listing = None
         ok, code, text = self._status_head
         self._complete(head, ok, code, text, self._body_octets, out, now)
         return end
@@ -590,7 +694,7 @@ class Session:
         self._emit_response(p, ok, code, _decode(text), octets, False, out, now)
         verb = p.command.verb
         if verb in ("PASS", "APOP") or (verb == "AUTH" and p.command.args):
-            self._auth_done(p.command, ok, code, out)
+            self._auth_done(p.command, ok, code, out, now)
         elif verb == "QUIT":
             if ok and self.state is State.TRANSACTION:
                 self._set_state(State.UPDATE, out)
@@ -600,16 +704,19 @@ class Session:
         # upstream line is matched to the FIFO head.
         self._flush(out, now)
 
-    def _auth_done(self, cmd: Command, ok: bool, code: str | None, out: _Out) -> None:
-        if cmd.verb == "PASS":
-            mech, user = "USER", self._asserted_user
-        elif cmd.verb == "APOP":
-            mech, user = "APOP", cmd.args[0] if cmd.args else None
+    def _auth_done(
+        self, cmd: Command, ok: bool, code: str | None, out: _Out, now: float
+    ) -> None:
+        user = self._login_user(cmd)
+        if cmd.verb in ("PASS", "APOP"):
+            mech = "USER" if cmd.verb == "PASS" else "APOP"
         else:
-            mech, user = self._sasl_mech or "?", self._sasl_user
+            mech = self._sasl_mech or "?"
             self._sasl_expected = False
             self._sasl_mech = self._sasl_user = None
-        out.events.append(AuthResult(mech, user, ok, code))
+        result = AuthResult(mech, user, ok, code)
+        out.events.append(result)
+        self.policy.observe(self.facts(), result, now)
         if ok:
             self.user = user
             self._set_state(State.TRANSACTION, out)
@@ -621,7 +728,10 @@ class Session:
         self, p: _Pending, ok: bool, code: str | None, text: str, octets: int,
         local: bool, out: _Out, now: float,
     ) -> None:
-        out.events.append(Response(p.command, ok, code, text, octets, local, p.started, now))
+        event = Response(p.command, ok, code, text, octets, local, p.started, now)
+        out.events.append(event)
+        if not local:
+            self.policy.observe(self.facts(), event, now)
 
     def _set_state(self, new: State, out: _Out) -> None:
         if new is not self.state:
@@ -648,37 +758,47 @@ class Session:
         return out.done()
 
 
-def _uidl_line(line: bytes) -> tuple[int, str] | None:
-    """``b"3 XYZ"`` -> (3, "XYZ"); None for anything else (RFC 1939 §7)."""
+def _listing_line(line: bytes) -> tuple[int, str] | None:
+    """``b"3 XYZ"`` -> (3, "XYZ") for UIDL and LIST lines; None otherwise."""
     parts = line.split(b" ")
     if len(parts) < 2 or not parts[0].isdigit() or not 0 < len(parts[1]) <= 70:
         return None
-    uid = parts[1]
-    if any(c < 0x21 or c > 0x7E for c in uid):
+    token = parts[1]
+    if any(c < 0x21 or c > 0x7E for c in token):
         return None
-    return int(parts[0]), uid.decode("ascii")
+    return int(parts[0]), token.decode("ascii")
 
 
-class _UidlListing:
-    """Collects ``n uid`` lines of a UIDL listing as the body streams by."""
+class _Listing:
+    """Collects ``n token`` lines of a UIDL or LIST listing as the body streams.
 
-    __slots__ = ("_partial", "uids")
+    For UIDL it keeps the unique ids; given ``sizes``, it records LIST sizes
+    there instead.
+    """
+
+    __slots__ = ("_partial", "sizes", "uids")
 
     # A mailbox with more messages than this is listed only in part.
     MAX_ENTRIES = 1_000_000
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: dict[int, int] | None = None) -> None:
         self._partial = b""
+        self.sizes = sizes
         self.uids: list[tuple[int, str]] = []
 
     def feed(self, content: bytes) -> None:
         if not content:
             return
         lines = (self._partial + content).split(b"\r\n")
-        self._partial = lines.pop()[:80]  # a uid line is short; cap the carry
+        self._partial = lines.pop()[:80]  # a listing line is short; cap the carry
         for line in lines:
-            entry = _uidl_line(line)
-            if entry is not None and len(self.uids) < self.MAX_ENTRIES:
+            entry = _listing_line(line)
+            if entry is None:
+                continue
+            if self.sizes is not None:
+                if entry[1].isdigit() and len(self.sizes) < self.MAX_ENTRIES:
+                    self.sizes[entry[0]] = int(entry[1])
+            elif len(self.uids) < self.MAX_ENTRIES:
                 self.uids.append(entry)
 
 

@@ -19,7 +19,7 @@ from popproxy.events import (
     State,
     Unsolicited,
 )
-from popproxy.policy import ALLOW, Decision, Deny, Facts
+from popproxy.policy import ALLOW, AllowAll, Decision, Deny, Facts
 from popproxy.pop3 import Command, stuff
 from popproxy.session import Session, SessionLimits
 
@@ -39,10 +39,14 @@ def logged_in(**kwargs: object) -> Session:
     return s
 
 
-def deny_dele(facts: Facts, cmd: Command, now: float) -> Decision:
-    if cmd.verb == "DELE":
-        return Deny(b"-ERR [SYS/PERM] DELE disabled by policy\r\n", rule="ro")
-    return ALLOW
+class DenyDele(AllowAll):
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+        if command.verb == "DELE":
+            return Deny(b"-ERR [SYS/PERM] DELE disabled by policy\r\n", rule="ro")
+        return ALLOW
+
+
+deny_dele = DenyDele()
 
 
 def kinds(events: list[Event], kind: type[Event]) -> list[Event]:

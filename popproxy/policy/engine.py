@@ -1,0 +1,350 @@
+"""The policy engine: configured rules plus built-in protections.
+
+Evaluation order for a command:
+1. the command allow-list (standard verbs plus ``extra_commands``);
+2. failed-login throttling (PASS, APOP, AUTH) per client IP and per user;
+3. the maximum message size, when an earlier LIST told the size;
+4. the rules, in order: the first matching ``allow`` or ``deny`` decides;
+   every matching ``rate_limit`` applies.
+In monitor mode everything is evaluated and recorded (``Note`` with
+``enforced=False``) and the command goes through.
+
+State (token buckets, failure history, session counts) lives in the engine
+and is handed to the next engine on reload: buckets of rules whose name did
+not change survive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..events import AuthResult, Event, Response
+from ..pop3 import Command
+from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
+from .config import STANDARD_VERBS, Match, PolicyConfig, Rule
+from .ratelimit import BucketTable
+
+__all__ = ["PolicyEngine", "PolicyState", "SwitchablePolicy"]
+
+_LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
+_RETRIEVE = frozenset({"RETR", "TOP"})
+# RFC 2449/3206 codes that say the credentials were not the problem.
+_NOT_CREDENTIAL_FAILURES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"})
+Wallclock = Callable[[], dt.datetime]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Failures:
+    """Recent failure times per key, bounded in keys and in entries per key."""
+
+    __slots__ = ("_by_key", "max_keys")
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._by_key: OrderedDict[str, deque[float]] = OrderedDict()
+        self.max_keys = max_keys
+
+    def add(self, key: str, now: float, keep: int) -> None:
+        times = self._by_key.get(key)
+        if times is None:
+            times = self._by_key[key] = deque(maxlen=keep)
+            if len(self._by_key) > self.max_keys:
+                self._by_key.popitem(last=False)
+        self._by_key.move_to_end(key)
+        times.append(now)
+
+    def count(self, key: str, now: float, window: float) -> int:
+        times = self._by_key.get(key)
+        if not times:
+            return 0
+        while times and times[0] <= now - window:
+            times.popleft()
+        return len(times)
+
+    def clear(self, key: str) -> None:
+        self._by_key.pop(key, None)
+
+
+@dataclass
+class PolicyState:
+    """Everything that must outlive a reload."""
+
+    buckets: dict[str, BucketTable] = field(default_factory=dict)  # by rule name
+    failures: _Failures = field(default_factory=_Failures)
+    sessions_per_ip: Counter[str] = field(default_factory=Counter)
+    sessions_per_user: Counter[str] = field(default_factory=Counter)
+
+
+def _ip(client: str | None) -> str | None:
+    if not client:
+        return None
+    host = client.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+class PolicyEngine:
+    """Implements the ``Policy`` protocol for a ``PolicyConfig``."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        *,
+        wallclock: Wallclock = _utcnow,
+        state: PolicyState | None = None,
+    ) -> None:
+        self.config = config
+        self.monitor = config.mode == "monitor"
+        self.wallclock = wallclock
+        self.state = state or PolicyState()
+        # Keep the buckets of rules that are still there; forget the rest.
+        names = {r.name for r in config.rules if r.action == "rate_limit"}
+        self.state.buckets = {
+            name: self.state.buckets.get(name) or BucketTable() for name in names
+        }
+        p = config.protections
+        self._allowed_verbs = STANDARD_VERBS | p.extra_commands
+
+    def reloaded(self, config: PolicyConfig) -> PolicyEngine:
+        """A new engine for ``config`` that keeps this one's state."""
+        return PolicyEngine(config, wallclock=self.wallclock, state=self.state)
+
+    # ------------------------------------------------------------------
+    # Decisions
+
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+        notes: list[Note] = []
+        p = self.config.protections
+        verb = command.verb
+
+        if verb not in self._allowed_verbs:
+            deny = Deny(b"-ERR unknown command\r\n", "builtin:command-allowlist")
+            result = self._enforce(deny, notes, "deny")
+            if result is not None:
+                return result
+
+        if verb in _LOGIN_VERBS and (verb != "AUTH" or command.args):
+            ip = facts.client_ip or _ip(facts.client)
+            user = facts.login_user if verb != "APOP" else (command.args or ("",))[0]
+            f = self.state.failures
+            w = p.login_failure_window
+            if (ip and f.count("ip:" + ip, now, w) >= p.login_failures_per_ip) or (
+                user and f.count("user:" + user, now, w) >= p.login_failures_per_user
+            ):
+                deny = Deny(
+                    b"-ERR [AUTH] too many failed logins, try again later\r\n",
+                    "builtin:login-throttle",
+                    delay=p.login_failure_delay,
+                )
+                result = self._enforce(deny, notes, "deny")
+                if result is not None:
+                    return result
+
+        if verb == "RETR" and p.max_message_size is not None and command.args:
+            arg = command.args[0]
+            size = facts.sizes.get(int(arg)) if arg.isdigit() else None
+            if size is not None and size > p.max_message_size:
+                result = self._enforce(self._too_large(), notes, "deny")
+                if result is not None:
+                    return result
+
+        when: dt.datetime | None = None
+        limited: list[tuple[Rule, str]] = []
+        for rule in self.config.rules:
+            if rule.match.time is not None and when is None:
+                when = self.wallclock()
+            if not self._matches(rule.match, facts, verb, when):
+                continue
+            if rule.action == "allow":
+                notes.append(Note(rule.name, "allow", not self.monitor))
+                if not self.monitor:
+                    break
+                continue
+            if rule.action == "deny":
+                message = (rule.message or "denied by policy").encode("utf-8", "replace")
+                deny = Deny(b"-ERR [SYS/PERM] " + message + b"\r\n", rule.name)
+                result = self._enforce(deny, notes, "deny")
+                if result is not None:
+                    return result
+                continue
+            key = self._bucket_key(rule, facts)
+            if key is None:
+                continue
+            assert rule.limit is not None
+            bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
+            cost = 0.0 if rule.limit.octets else 1.0
+            wait = bucket.wait_time(now, cost)
+            if wait > 0:
+                if rule.on_limit == "delay" and wait <= rule.max_delay:
+                    result = self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
+                else:
+                    seconds = max(1, round(wait))
+                    deny = Deny(
+                        f"-ERR [SYS/TEMP] rate limit exceeded, try again in {seconds}s\r\n"
+                        .encode(),
+                        rule.name,
+                    )
+                    result = self._enforce(deny, notes, "rate_limit")
+                if result is not None:
+                    return result
+            limited.append((rule, key))
+        for rule, key in limited:
+            assert rule.limit is not None
+            if not rule.limit.octets:
+                self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now).take(now)
+        return Allow(tuple(notes)) if notes else ALLOW
+
+    def _enforce(self, decision: Deny | Delay, notes: list[Note], action: str) -> Decision | None:
+        """The decision in enforce mode; in monitor mode, a note and go on."""
+        rule = decision.rule or "builtin"
+        if self.monitor:
+            notes.append(Note(rule, action, False))
+            return None
+        notes.append(Note(rule, action, True))
+        if isinstance(decision, Deny):
+            return Deny(decision.reply, decision.rule, decision.delay, tuple(notes))
+        return Delay(decision.until, decision.rule, tuple(notes))
+
+    @staticmethod
+    def _too_large() -> Deny:
+        return Deny(
+            b"-ERR [SYS/PERM] message exceeds the size this proxy allows\r\n",
+            "builtin:max-message-size",
+        )
+
+    def _matches(self, m: Match, facts: Facts, verb: str, when: dt.datetime | None) -> bool:
+        if m.commands is not None and verb not in m.commands:
+            return False
+        if m.authenticated is not None and m.authenticated != (facts.user is not None):
+            return False
+        if m.tls is not None and m.tls != facts.tls:
+            return False
+        if m.users is not None:
+            user = facts.user or facts.login_user
+            if user is None or not any(fnmatchcase(user, g) for g in m.users):
+                return False
+        if m.networks is not None:
+            ip = facts.client_ip or _ip(facts.client)
+            try:
+                addr = ipaddress.ip_address(ip or "")
+            except ValueError:
+                return False
+            if not any(addr in net for net in m.networks):
+                return False
+        return m.time is None or (when is not None and m.time.contains(when))
+
+    @staticmethod
+    def _bucket_key(rule: Rule, facts: Facts) -> str | None:
+        if rule.per == "global":
+            return "*"
+        if rule.per == "client_ip":
+            return facts.client_ip or _ip(facts.client)
+        return facts.user or facts.login_user
+
+    # ------------------------------------------------------------------
+    # Feedback from the session
+
+    def observe(self, facts: Facts, event: Event, now: float) -> None:
+        if isinstance(event, AuthResult):
+            ip = facts.client_ip or _ip(facts.client)
+            p = self.config.protections
+            if event.ok:
+                if event.user:
+                    self.state.failures.clear("user:" + event.user)
+                return
+            if event.code in _NOT_CREDENTIAL_FAILURES:
+                return  # right password, busy mailbox: not a guess to count
+            keep = max(p.login_failures_per_ip, p.login_failures_per_user)
+            if ip:
+                self.state.failures.add("ip:" + ip, now, keep)
+            if event.user:
+                self.state.failures.add("user:" + event.user, now, keep)
+        elif (
+            isinstance(event, Response) and event.ok and not event.local
+            and event.command.verb in _RETRIEVE
+        ):
+            self._charge_octets(facts, event.command.verb, event.octets, now)
+
+    def _charge_octets(self, facts: Facts, verb: str, octets: int, now: float) -> None:
+        when: dt.datetime | None = None
+        for rule in self.config.rules:
+            if rule.action != "rate_limit" or rule.limit is None or not rule.limit.octets:
+                continue
+            if rule.match.time is not None and when is None:
+                when = self.wallclock()
+            if not self._matches(rule.match, facts, verb, when):
+                continue
+            key = self._bucket_key(rule, facts)
+            if key is not None:
+                bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
+                bucket.take(now, octets)
+
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
+        limit = self.config.protections.max_sessions_per_user
+        if self.state.sessions_per_user[user] >= limit and not self.monitor:
+            return Deny(
+                b"-ERR [IN-USE] too many sessions for this user\r\n",
+                "builtin:max-sessions-per-user",
+            )
+        self.state.sessions_per_user[user] += 1
+        return None
+
+    def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:
+        limit = self.config.protections.max_message_size
+        if command.verb == "RETR" and limit is not None and octets > limit and not self.monitor:
+            return self._too_large()
+        return None
+
+    # ------------------------------------------------------------------
+    # Session lifecycle (from the relay)
+
+    def admit_client(self, client: str) -> str | None:
+        """Called for each new connection, before any upstream work.
+
+        Every call is matched by one ``session_ended``, admitted or not.
+        """
+        ip = _ip(client)
+        if ip is None:
+            return None
+        self.state.sessions_per_ip[ip] += 1
+        over = self.state.sessions_per_ip[ip] > self.config.protections.max_sessions_per_ip
+        if over and not self.monitor:
+            return "too many sessions from your address"
+        return None
+
+    def session_ended(self, client: str, user: str | None) -> None:
+        for counter, key in ((self.state.sessions_per_ip, _ip(client)),
+                             (self.state.sessions_per_user, user)):
+            if key is not None and key in counter:
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
+
+
+class SwitchablePolicy:
+    """The policy every session consults; ``current`` is swapped on reload.
+
+    Live sessions hold this object, so new rules apply to their next
+    command without touching them.
+    """
+
+    def __init__(self, current: PolicyEngine) -> None:
+        self.current = current
+
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+        return self.current.decide(facts, command, now)
+
+    def observe(self, facts: Facts, event: Event, now: float) -> None:
+        self.current.observe(facts, event, now)
+
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
+        return self.current.admit_login(facts, user, now)
+
+    def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:
+        return self.current.admit_size(facts, command, octets)

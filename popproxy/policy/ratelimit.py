@@ -1,0 +1,85 @@
+"""Token buckets on an injected clock (``now`` in seconds, monotonic)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = ["Bucket", "BucketTable", "Rate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``amount`` units (commands or octets) per ``period`` seconds."""
+
+    amount: float
+    period: float
+    octets: bool = False  # counts octets retrieved rather than commands
+
+    @property
+    def per_second(self) -> float:
+        return self.amount / self.period
+
+
+class Bucket:
+    """A token bucket holding at most ``capacity`` tokens.
+
+    Commands take one token before they run.  Octet budgets are charged
+    after the reply, by its real size, so a bucket may go negative; while it
+    is negative nothing more is allowed.
+    """
+
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_time(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are available (0: available now)."""
+        self._refill(now)
+        need = min(cost, self.capacity) if cost > 0 else 0.0
+        if self.tokens >= need and self.tokens > 0:
+            return 0.0
+        return (need - self.tokens) / self.rate if self.rate > 0 else float("inf")
+
+    def take(self, now: float, cost: float = 1.0) -> None:
+        self._refill(now)
+        self.tokens -= cost
+
+
+class BucketTable:
+    """Buckets by key, bounded: the least recently used are forgotten first.
+
+    Forgetting a bucket only ever gives a client a fresh, full bucket, so
+    the bound protects memory without ever denying wrongly.
+    """
+
+    __slots__ = ("_buckets", "max_keys")
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+        self.max_keys = max_keys
+
+    def get(self, key: str, rate: Rate, capacity: float, now: float) -> Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = Bucket(rate.per_second, capacity, now)
+            self._buckets[key] = bucket
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.rate = rate.per_second
+            bucket.capacity = capacity
+        return bucket
+
+    def __len__(self) -> int:
+        return len(self._buckets)
