@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -34,6 +34,18 @@ class App:
     proxy: Proxy
     metrics: Metrics
     policy: SwitchablePolicy
+    reloads: int = 0  # attempts, successful or not
+    _reloaded: trio.Event = field(default_factory=trio.Event)
+
+    def _count_reload(self) -> None:
+        self.reloads += 1
+        self._reloaded.set()
+        self._reloaded = trio.Event()
+
+    async def wait_for_reloads(self, count: int) -> None:
+        """Wait until ``count`` reloads were attempted (for tests and tools)."""
+        while self.reloads < count:
+            await self._reloaded.wait()
 
 
 def build(config: Config, registry: CollectorRegistry | None = None) -> App:
@@ -65,6 +77,7 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
     except ConfigError as exc:
         logger.error("config.reload_failed", error=str(exc))
         app.metrics.config_reload(False)
+        app._count_reload()
         return False
     if new.listen != old.listen or new.upstream != old.upstream:
         logger.warning("config.reload_partial",
@@ -74,6 +87,7 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
     app.proxy.config = new
     logger.info("config.reloaded", rules=len(new.policy.rules), mode=new.policy.mode)
     app.metrics.config_reload(True)
+    app._count_reload()
     return True
 
 
@@ -83,10 +97,14 @@ async def run(
     *,
     config_path: str | Path | None = None,
     registry: CollectorRegistry | None = None,
+    app: App | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM (drain) or SIGINT; SIGHUP reloads ``config_path``."""
-    app = build(config, registry)
+    """Run until SIGTERM (drain) or SIGINT; SIGHUP reloads ``config_path``.
+
+    Pass ``app`` (from ``build``) to keep a handle on the running parts.
+    """
+    app = app or build(config, registry)
     trail = open_audit(config.audit, app.metrics)
     if trail is not None:
         app.proxy.observers.append(trail.observe)

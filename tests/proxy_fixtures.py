@@ -8,8 +8,10 @@ from typing import TypeVar
 import pytest
 import trio
 
+from popproxy.app import App, build
 from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, UpstreamConfig
 from popproxy.events import Event
+from popproxy.policy.config import PolicyConfig
 from popproxy.server import Proxy, SessionInfo, serve
 
 E = TypeVar("E", bound=Event)
@@ -20,6 +22,7 @@ class RunningProxy:
     host: str
     port: int
     proxy: Proxy
+    app: App
     events: list[tuple[SessionInfo, Event]] = field(default_factory=list)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -44,15 +47,19 @@ async def start_proxy(
     upstream: HostPort,
     limits: LimitsConfig | None = None,
     upstream_config: UpstreamConfig | None = None,
+    policy: PolicyConfig | None = None,
 ) -> RunningProxy:
-    """Run ``serve`` in ``nursery``; returns once the proxy is listening."""
+    """Run the proxy as ``popproxy run`` assembles it (``app.build``), with
+    an extra observer that records every event; returns once it listens."""
     config = Config(
         listen=ListenConfig((HostPort("127.0.0.1", 0),)),
         upstream=upstream_config or UpstreamConfig(address=upstream),
         limits=limits or LimitsConfig(),
+        policy=policy or PolicyConfig(),
     )
-    running = RunningProxy("127.0.0.1", 0, Proxy(config))
-    running.proxy.observers = [running.observe]
+    app = build(config)
+    running = RunningProxy("127.0.0.1", 0, app.proxy, app=app)
+    running.proxy.observers.append(running.observe)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     running.port = listeners[0].socket.getsockname()[1]
 
