@@ -102,8 +102,10 @@ class TestRules:
 
 
 class TestRateLimits:
-    RULE: ClassVar[dict[str, Any]] = {"name": "retr-10", "match": {"commands": ["RETR"]}, "action": "rate_limit",
-            "limit": "10/minute", "per": "user"}
+    RULE: ClassVar[dict[str, Any]] = {
+        "name": "retr-10", "match": {"commands": ["RETR"]}, "action": "rate_limit",
+        "limit": "10/minute", "per": "user",
+    }
 
     def test_eleventh_within_a_minute_is_refused_per_user(self) -> None:
         e = engine([self.RULE])
