@@ -220,7 +220,9 @@ class Proxy:
                 out = self._feed(session, from_client, data, now, stats)
                 if from_client:
                     last_client = now
-                else:
+                # Upstream silence is measured from its last octet or from
+                # the moment we last asked it something, whichever is later.
+                if not from_client or out.to_upstream:
                     last_upstream = now
                 written = await self._write(client, upstream, out, stats, limits.send_timeout)
                 # Observers hear of bytes after they were written.
@@ -233,6 +235,8 @@ class Proxy:
             now = trio.current_time()
             if why == "tick":
                 out = session.tick(now)
+                if out.to_upstream:
+                    last_upstream = now
                 written = await self._write(client, upstream, out, stats, limits.send_timeout)
                 self._emit(info, out.events)
                 if not written or out.close is not None:

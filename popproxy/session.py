@@ -202,6 +202,7 @@ class Session:
         self._client_ip = client.rsplit(":", 1)[0].strip("[]") if client else None
         self._sizes: dict[int, int] = {}  # message sizes from LIST replies
         self._wake_at: float | None = None
+        self._held_until: float | None = None  # a delayed command waits
         self._swallow = False  # a refused RETR body is read and dropped
         self._lines = LineReader(
             self.limits.command_line, long_prefix=b"AUTH ", long_limit=self.limits.sasl_line
@@ -414,20 +415,26 @@ class Session:
             and self.state is not State.GREETING
             and self._inflight < lim.window
             and self._inflight_octets < lim.window_octets
+            and (self._held_until is None or now >= self._held_until)
         ):
             item = self._queue.popleft()
-            moved = True
             if not isinstance(item, Command):
                 self._pending.append(_Pending(INVALID, now, item.reply))
+                moved = True
                 continue
             cmd = item
             reply, decision = self._judge(cmd, now)
             if isinstance(decision, Delay):
-                # Held back: it keeps its place at the head of the queue.
+                # Held back: it keeps its place at the head of the queue, and
+                # is judged again when the time comes.
                 self._queue.appendleft(cmd)
-                self._wake_at = decision.until
+                self._held_until = decision.until
+                self._wake_at = (decision.until if self._wake_at is None
+                                 else min(self._wake_at, decision.until))
                 self._note(decision.notes, cmd, out)
                 return moved
+            self._held_until = None
+            moved = True
             self._note(decision.notes, cmd, out)
             p = _Pending(cmd, now, reply)
             if isinstance(decision, Deny) and decision.delay > 0:

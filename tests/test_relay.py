@@ -287,3 +287,47 @@ class TestDrain:
             await client.send_all(b"QUIT\r\n")
             assert (await read_all(client)).startswith(b"+OK")
             await stopped.wait()
+
+
+class TestPolicyTimersInRelay:
+    async def test_delayed_command_is_sent_when_due(
+        self, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        from popproxy.policy.config import parse_policy
+        from popproxy.policy.engine import PolicyEngine
+
+        sent_at: list[float] = []
+
+        async def script(s: trio.abc.Stream) -> None:
+            await s.send_all(b"+OK scripted\r\n")
+            got = b""
+            while not got.endswith(b"PASS p\r\n"):
+                got += await s.receive_some(1024)
+            await s.send_all(b"+OK\r\n+OK in\r\n")
+            for _ in range(2):
+                assert await s.receive_some(1024) == b"NOOP\r\n"
+                sent_at.append(trio.current_time())
+                await s.send_all(b"+OK\r\n")
+            await trio.sleep_forever()
+
+        engine = PolicyEngine(parse_policy({"rules": [{
+            "name": "slow-noop", "match": {"commands": ["NOOP"]}, "action": "rate_limit",
+            "limit": "1/minute", "on_limit": "delay", "max_delay": "2m"}]}))
+        events: list[object] = []
+
+        async def connect_upstream() -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(script, theirs)
+            return ours
+
+        proxy = Proxy(Config(upstream=UpstreamConfig(HostPort("u", 110))),
+                      observers=[lambda info, e: events.append(e)],
+                      connect_upstream=connect_upstream, policy=engine)
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(proxy.handle, server_side, "127.0.0.1:1")
+        with trio.fail_after(300):
+            await client.send_all(LOGIN)
+            await receive_until(client, b"+OK in\r\n")
+            await client.send_all(b"NOOP\r\nNOOP\r\n")
+            assert await receive_until(client, b"+OK\r\n+OK\r\n") == b"+OK\r\n+OK\r\n"
+        assert sent_at[1] - sent_at[0] == pytest.approx(60.0, abs=0.1)

@@ -376,3 +376,51 @@ def test_auth_login_password_is_never_taken_for_the_user() -> None:
     out = s.receive_upstream(b"-ERR [AUTH] Authentication failed.\r\n", 0)
     assert AuthResult("LOGIN", None, False, "AUTH") in out.events
     assert "hunter2" not in repr(out.events)
+
+
+class TestPolicyTimers:
+    def test_delayed_command_waits_for_tick_and_keeps_order(self) -> None:
+        from popproxy.policy import Delay
+
+        class DelayFirstRetr(AllowAll):
+            delayed = False
+
+            def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+                if command.verb == "RETR" and not self.delayed:
+                    self.delayed = True
+                    return Delay(now + 2.0, "slow")
+                return ALLOW
+
+        s = logged_in(policy=DelayFirstRetr())
+        out = s.receive_client(b"RETR 1\r\nNOOP\r\n", 10.0)
+        assert out.to_upstream == b""  # NOOP waits behind the held RETR
+        assert s.wake_at == 12.0
+        out = s.tick(12.0)
+        assert out.to_upstream == b"RETR 1\r\nNOOP\r\n"
+        assert s.wake_at is None
+
+    def test_tarpitted_refusal_goes_out_when_due(self) -> None:
+        class Tarpit(AllowAll):
+            def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+                return Deny(b"-ERR [AUTH] slow down\r\n", "throttle", delay=2.0)
+
+        s = Session(policy=Tarpit())
+        s.receive_upstream(GREETING, 0)
+        s.state = State.TRANSACTION  # judge a command in a policy-governed state
+        out = s.receive_client(b"STAT\r\n", 5.0)
+        assert out.to_client == b""
+        assert s.wake_at == 7.0
+        assert s.tick(6.0).to_client == b""
+        assert s.tick(7.0).to_client == b"-ERR [AUTH] slow down\r\n"
+
+    def test_retr_over_the_size_limit_is_refused_and_swallowed(self) -> None:
+        class Small(AllowAll):
+            def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:
+                return Deny(b"-ERR [SYS/PERM] too big\r\n", "size") if octets > 10 else None
+
+        s = logged_in(policy=Small())
+        s.receive_client(b"RETR 1\r\nNOOP\r\n", 0)
+        out = s.receive_upstream(b"+OK 500 octets\r\n" + stuff(b"x" * 500) + b"+OK\r\n", 1)
+        assert out.to_client == b"-ERR [SYS/PERM] too big\r\n+OK\r\n"
+        assert [type(e).__name__ for e in out.events if isinstance(e, (Response,))] == [
+            "Response", "Response"]

@@ -46,7 +46,9 @@ class Bucket:
         """Seconds until ``cost`` tokens are available (0: available now)."""
         self._refill(now)
         need = min(cost, self.capacity) if cost > 0 else 0.0
-        if self.tokens >= need and self.tokens > 0:
+        # The epsilon absorbs float error: a refill computed to land exactly
+        # on a token must not come out a hair short.
+        if self.tokens + 1e-9 >= need and self.tokens > -1e-9:
             return 0.0
         return (need - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
