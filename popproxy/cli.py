@@ -20,8 +20,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="popproxy",
         description="A POP3 proxy and mailbox-auditing middlebox.",
-        epilog="Send SIGTERM to drain (stop accepting, let sessions finish up to "
-        "limits.drain_timeout); SIGINT (Ctrl-C) stops at once.",
+        epilog="Signals: SIGTERM drains (stop accepting, let sessions finish up to "
+        "limits.drain_timeout); SIGINT (Ctrl-C) stops at once; SIGHUP reloads the "
+        "configuration file (an invalid file is rejected and the old one kept).",
     )
     p.add_argument("--version", action="version", version=f"popproxy {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
