@@ -23,6 +23,7 @@ from .logs import log_observer
 from .metrics import Metrics, serve_metrics
 from .policy.engine import PolicyEngine, SwitchablePolicy
 from .server import Proxy, SessionInfo, serve
+from .tls import TLSContexts
 
 __all__ = ["App", "build", "reload", "run"]
 
@@ -79,12 +80,16 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
         app.metrics.config_reload(False)
         app._count_reload()
         return False
-    if new.listen != old.listen or new.upstream != old.upstream:
+    if [lc.addresses for lc in new.listeners] != [lc.addresses for lc in old.listeners] or (
+        new.upstream.address != old.upstream.address
+    ):
         logger.warning("config.reload_partial",
-                       detail="listen and upstream changes take effect after a restart")
-        new = replace(new, listen=old.listen, upstream=old.upstream)
+                       detail="listen and upstream addresses change after a restart")
+        new = replace(new, upstream=replace(new.upstream, address=old.upstream.address))
     app.policy.current = app.policy.current.reloaded(new.policy)
     app.proxy.config = new
+    # Certificates are read again for the next handshake.
+    app.proxy.tls = TLSContexts()
     logger.info("config.reloaded", rules=len(new.policy.rules), mode=new.policy.mode)
     app.metrics.config_reload(True)
     app._count_reload()

@@ -96,7 +96,7 @@ async def _demo(listen: HostPort) -> None:
         upstream = await nursery.start(serve_demo, MailStore.load_samples(), "127.0.0.1", 0)
         port = upstream[0].socket.getsockname()[1]
         config = Config(
-            listen=ListenConfig((listen,)),
+            listeners=(ListenConfig((listen,)),),
             upstream=UpstreamConfig(address=HostPort("127.0.0.1", port)),
         )
         proxy = Proxy(config, observers=[log_observer])

@@ -9,6 +9,7 @@ configuration dicts.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .confparse import (
     HostPort,
     Section,
     parse_address,
+    parse_bool,
     parse_choice,
     parse_duration,
     parse_int,
@@ -29,6 +31,9 @@ from .confparse import (
 from .metrics import MetricsConfig, parse_metrics
 from .policy.config import PolicyConfig, parse_policy
 from .session import SessionLimits
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_TLS_MODES = ("none", "implicit", "starttls")
 
 __all__ = [
     "Config",
@@ -48,7 +53,20 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
+    """One listener: addresses, TLS mode and the PROXY protocol."""
+
     addresses: tuple[HostPort, ...] = (HostPort("127.0.0.1", 1110),)
+    tls: str = "none"  # "none" | "implicit" (POP3S, RFC 8314) | "starttls" (STLS, RFC 2595)
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: str = "1.2"
+    client_ca: Path | None = None  # verify client certificates against this CA
+    require_client_cert: bool = False
+    # Refuse USER/PASS/APOP/AUTH before TLS (RFC 2595 §2.1); on by default
+    # whenever the listener offers TLS.
+    require_tls_for_auth: bool = False
+    proxy_protocol: bool = False  # expect a PROXY v1/v2 header first
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,13 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     # How long a command may wait for the upstream's next octet.
     response_timeout: float = 60.0
+    tls: str = "none"  # "none" | "implicit" | "starttls"
+    verify: bool = True
+    ca_file: Path | None = None  # None: the system's trust store
+    server_name: str | None = None  # for SNI and verification; default: the host
+    # Tell the upstream who the client is: Dovecot's XCLIENT (when its
+    # greeting says [XCLIENT]) or a PROXY protocol header.
+    forward_client: str = "none"  # "none" | "xclient" | "proxy-v1" | "proxy-v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +94,7 @@ class LimitsConfig:
     max_pipeline: int = 4096
     send_timeout: float = 60.0
     drain_timeout: float = 30.0
+    handshake_timeout: float = 15.0  # TLS handshakes, both sides
 
     def session_limits(self) -> SessionLimits:
         return SessionLimits(
@@ -86,7 +112,7 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    listen: ListenConfig = field(default_factory=ListenConfig)
+    listeners: tuple[ListenConfig, ...] = (ListenConfig(),)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -99,18 +125,81 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
 
 
-def _listen(raw: object) -> ListenConfig:
-    s = Section(raw, "listen")
+def _path(value: object, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a file path, got {value!r}")
+    return Path(value)
+
+
+def _listen(raw: object, name: str = "listen") -> ListenConfig:
+    s = Section(raw, name)
     value = s.get("address", "127.0.0.1:1110")
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise ConfigError("listen.address: give at least one address")
+        raise ConfigError(f"{name}.address: give at least one address")
     addresses = tuple(
         parse_address(v, s.key("address") + (f"[{i}]" if isinstance(value, list) else ""))
         for i, v in enumerate(items)
     )
+    tls = parse_choice(s.get("tls", "none"), s.key("tls"), _TLS_MODES)
+    cert = _path(s.get("cert"), s.key("cert")) if s.has("cert") else None
+    key = _path(s.get("key"), s.key("key")) if s.has("key") else None
+    if tls != "none" and cert is None:
+        raise ConfigError(f"{name}.cert: required with tls = {tls!r}")
+    trusted = s.get("trusted_proxies", [])
+    if not isinstance(trusted, list):
+        raise ConfigError(f"{s.key('trusted_proxies')}: expected a list of CIDR networks")
+    networks = []
+    for i, net in enumerate(trusted):
+        try:
+            networks.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{s.key('trusted_proxies')}[{i}]: not a network in CIDR form: {net!r}"
+            ) from None
+    proxy_protocol = parse_bool(s.get("proxy_protocol", False), s.key("proxy_protocol"))
+    if proxy_protocol and not networks:
+        raise ConfigError(
+            f"{name}.trusted_proxies: required with proxy_protocol = true "
+            "(only trusted load balancers may tell us the client address)"
+        )
+    cfg = ListenConfig(
+        addresses=addresses,
+        tls=tls,
+        cert=cert,
+        key=key,
+        min_version=parse_choice(s.get("min_version", "1.2"), s.key("min_version"),
+                                 ("1.2", "1.3")),
+        client_ca=_path(s.get("client_ca"), s.key("client_ca")) if s.has("client_ca") else None,
+        require_client_cert=parse_bool(
+            s.get("require_client_cert", False), s.key("require_client_cert")),
+        require_tls_for_auth=parse_bool(
+            s.get("require_tls_for_auth", tls != "none"), s.key("require_tls_for_auth")),
+        proxy_protocol=proxy_protocol,
+        trusted_proxies=tuple(networks),
+    )
     s.finish()
-    return ListenConfig(addresses)
+    if cfg.require_client_cert and cfg.client_ca is None:
+        raise ConfigError(f"{name}.client_ca: required with require_client_cert = true")
+    if cfg.require_tls_for_auth and cfg.tls == "none":
+        raise ConfigError(f"{name}.require_tls_for_auth: this listener offers no TLS")
+    if cfg.tls != "none":
+        from .tls import TLSSetupError, server_context
+
+        try:
+            server_context(cfg)
+        except TLSSetupError as exc:
+            raise ConfigError(f"{name}.{exc.key}: {exc}") from None
+    return cfg
+
+
+def _listeners(raw: object) -> tuple[ListenConfig, ...]:
+    """``[listen]`` (one listener) or ``[[listen]]`` (several)."""
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError("listen: give at least one listener")
+        return tuple(_listen(item, f"listen[{i}]") for i, item in enumerate(raw))
+    return (_listen(raw),)
 
 
 def _upstream(raw: object) -> UpstreamConfig:
@@ -126,8 +215,23 @@ def _upstream(raw: object) -> UpstreamConfig:
         response_timeout=parse_duration(
             s.get("response_timeout", d.response_timeout), s.key("response_timeout")
         ),
+        tls=parse_choice(s.get("tls", "none"), s.key("tls"), _TLS_MODES),
+        verify=parse_bool(s.get("verify", True), s.key("verify")),
+        ca_file=_path(s.get("ca_file"), s.key("ca_file")) if s.has("ca_file") else None,
+        server_name=str(s.get("server_name")) if s.has("server_name") else None,
+        forward_client=parse_choice(
+            s.get("forward_client", "none"), s.key("forward_client"),
+            ("none", "xclient", "proxy-v1", "proxy-v2"),
+        ),
     )
     s.finish()
+    if cfg.tls != "none":
+        from .tls import TLSSetupError, client_context
+
+        try:
+            client_context(cfg)
+        except TLSSetupError as exc:
+            raise ConfigError(f"upstream.{exc.key}: {exc}") from None
     return cfg
 
 
@@ -147,6 +251,9 @@ def _limits(raw: object) -> LimitsConfig:
         send_timeout=parse_duration(s.get("send_timeout", d.send_timeout), s.key("send_timeout")),
         drain_timeout=parse_duration(
             s.get("drain_timeout", d.drain_timeout), s.key("drain_timeout")
+        ),
+        handshake_timeout=parse_duration(
+            s.get("handshake_timeout", d.handshake_timeout), s.key("handshake_timeout")
         ),
     )
     s.finish()
@@ -169,7 +276,7 @@ def _log(raw: object) -> LogConfig:
 
 
 _SECTIONS = {
-    "listen": _listen,
+    "listen": _listeners,
     "upstream": _upstream,
     "limits": _limits,
     "log": _log,
@@ -187,7 +294,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     if "upstream" not in raw:
         raise ConfigError("upstream: required section (where is the POP3 server?)")
     return Config(
-        listen=_listen(raw.get("listen", {})),
+        listeners=_listeners(raw.get("listen", {})),
         upstream=_upstream(raw["upstream"]),
         limits=_limits(raw.get("limits", {})),
         log=_log(raw.get("log", {})),

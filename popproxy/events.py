@@ -28,6 +28,8 @@ __all__ = [
     "SessionOpened",
     "State",
     "StateChanged",
+    "TlsEstablished",
+    "TlsFailed",
     "UidsLearned",
     "Unsolicited",
     "UpstreamConnected",
@@ -154,10 +156,15 @@ class ProtocolAnomaly(Event):
 
 @dataclass(frozen=True, slots=True)
 class SessionOpened(Event):
-    """Emitted by the relay when a client connection is accepted."""
+    """Emitted by the relay when a client connection is accepted.
+
+    ``client`` is the real client: with the PROXY protocol, the address the
+    trusted load balancer reported, and ``via`` the load balancer's own.
+    """
 
     client: str
     at: float
+    via: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,3 +220,25 @@ class PolicyDecision(Event):
     action: str
     command: Command
     enforced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished(Event):
+    """A TLS handshake completed; ``side`` is "client" or "upstream".
+
+    ``sni`` is the name the client asked for (client side) or the name we
+    verified the upstream against (upstream side).
+    """
+
+    side: str
+    version: str | None
+    cipher: str | None
+    sni: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFailed(Event):
+    """A TLS handshake failed; ``error`` is safe to log (no secrets)."""
+
+    side: str
+    error: str

@@ -10,6 +10,7 @@ gives backpressure: a slow client stops the upstream reader, not memory.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import secrets
 import signal
@@ -20,23 +21,30 @@ from functools import partial
 import structlog
 import trio
 
-from .config import Config, HostPort
+from . import proxyproto
+from .config import Config, HostPort, ListenConfig
 from .events import (
     CommandSent,
     Event,
     SessionClosed,
     SessionOpened,
+    TlsEstablished,
+    TlsFailed,
     UpstreamConnected,
     UpstreamFailed,
 )
 from .policy import Policy, allow_all
 from .session import Output, Session
+from .tls import TLSContexts, TLSHandshakeError, handshake
+from .upstream import UpstreamError, UpstreamLink, open_upstream
 
 __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
 
 logger = structlog.get_logger("popproxy.server")
 
 RECEIVE_SIZE = 65536
+# The PROXY protocol spec asks receivers to wait at least 3 s for the header.
+PROXY_HEADER_TIMEOUT = 5.0
 Stream = trio.abc.Stream
 
 
@@ -78,6 +86,7 @@ class Proxy:
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
     policy: Policy = allow_all
+    tls: TLSContexts = field(default_factory=lambda: TLSContexts())
     active: int = 0
     listening: bool = False
 
@@ -97,18 +106,41 @@ class Proxy:
                     # break the data path of this or any other session.
                     logger.exception("observer.failed", observer=repr(observe))
 
-    async def handle(self, client: Stream, peer: str) -> None:
+    async def handle(
+        self, client: Stream, peer: str, listener: ListenConfig | None = None,
+        local: str = "unknown",
+    ) -> None:
         """Serve one client connection until it ends; never raises."""
+        listener = listener or self.config.listeners[0]
         limits = self.config.limits
-        session = Session(limits.session_limits(), self.policy, client=peer)
+        via: str | None = None
+        if listener.proxy_protocol:
+            header = await self._read_proxy_header(client, peer, listener)
+            if header is None:
+                await trio.aclose_forcefully(client)
+                return
+            client, real = header
+            if real is not None:
+                via, peer = peer, real
+        session = Session(
+            limits.session_limits(), self.policy, client=peer,
+            tls=listener.tls == "implicit", starttls=listener.tls == "starttls",
+            require_tls_for_auth=listener.require_tls_for_auth,
+        )
         info = SessionInfo(secrets.token_hex(8), peer, session)
         started = trio.current_time()
         stats = _Stats()
         reason = "internal error"
         with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
             self.active += 1
-            self._emit(info, [SessionOpened(peer, started)])
+            self._emit(info, [SessionOpened(peer, started, via)])
             try:
+                if listener.tls == "implicit":
+                    tls_client = await self._accept_tls(client, listener, info)
+                    if tls_client is None:
+                        reason = "client TLS handshake failed"
+                        return
+                    client = tls_client
                 if self.active > limits.max_sessions:
                     reason = "session limit reached"
                     await _send_quietly(
@@ -122,7 +154,9 @@ class Proxy:
                         line = f"-ERR [SYS/TEMP] {refusal}\r\n".encode()
                         await _send_quietly(client, line, stats)
                         return
-                reason = await self._serve_session(client, session, info, stats)
+                conn = _Connection(client, listener, local)
+                reason = await self._serve_session(conn, session, info, stats)
+                client = conn.client
             except trio.Cancelled:
                 reason = "shutdown"
                 with trio.CancelScope(shield=True):
@@ -147,54 +181,121 @@ class Proxy:
                      SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands)],
                 )
 
+    async def _read_proxy_header(
+        self, stream: Stream, peer: str, listener: ListenConfig
+    ) -> tuple[Stream, str | None] | None:
+        """Read a PROXY v1/v2 header from a trusted load balancer.
+
+        Returns the stream (with any bytes after the header put back) and the
+        real client, or None when the connection must be dropped: a source not
+        in ``trusted_proxies``, or a missing, malformed or slow header.
+        """
+        host = peer.rsplit(":", 1)[0].strip("[]")
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if addr is None or not any(addr in net for net in listener.trusted_proxies):
+            logger.warning("proxy_protocol.untrusted", peer=peer)
+            return None
+        buf = b""
+        try:
+            with trio.fail_after(PROXY_HEADER_TIMEOUT):
+                while True:
+                    parsed = proxyproto.parse_header(buf)
+                    if parsed is not None:
+                        break
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        logger.warning("proxy_protocol.eof", peer=peer)
+                        return None
+                    buf += data
+        except (proxyproto.ProxyProtocolError, trio.TooSlowError,
+                trio.BrokenResourceError) as exc:
+            logger.warning("proxy_protocol.bad_header", peer=peer, error=str(exc))
+            return None
+        header, used = parsed
+        rest = buf[used:]
+        return (_Prefixed(stream, rest) if rest else stream), header.client
+
+    async def _accept_tls(
+        self, client: Stream, listener: ListenConfig, info: SessionInfo
+    ) -> trio.SSLStream[Stream] | None:
+        ssl_stream = trio.SSLStream(client, self.tls.server(listener), server_side=True)
+        try:
+            version, cipher, sni = await handshake(
+                ssl_stream, self.config.limits.handshake_timeout)
+        except TLSHandshakeError as exc:
+            self._emit(info, [TlsFailed("client", str(exc))])
+            logger.info("client.tls_failed", error=str(exc))
+            return None
+        self._emit(info, [TlsEstablished("client", version, cipher, sni)])
+        return ssl_stream
+
     async def _serve_session(
-        self, client: Stream, session: Session, info: SessionInfo, stats: _Stats
+        self, conn: _Connection, session: Session, info: SessionInfo, stats: _Stats
     ) -> str:
         cfg = self.config
-        upstream: Stream | None = None
         begun = trio.current_time()
-        with trio.move_on_after(cfg.upstream.connect_timeout) as scope:
+        link: UpstreamLink | None = None
+        error: UpstreamError | None = None
+        with trio.move_on_after(cfg.upstream.connect_timeout):
             try:
-                upstream = await self._connect()
-            except OSError as exc:
-                logger.warning("upstream.connect_failed", error=str(exc))
-        if upstream is not None:
-            connected = UpstreamConnected(
-                str(cfg.upstream.address), trio.current_time() - begun
-            )
-            self._emit(info, [connected])
-        else:
-            timed_out = scope.cancelled_caught
-            why = "upstream connect timeout" if timed_out else "upstream unavailable"
+                ctx = self.tls.upstream(cfg.upstream) if cfg.upstream.tls != "none" else None
+                link = await open_upstream(
+                    cfg.upstream, self._connect,
+                    tls_context=ctx,
+                    client=info.client, local=conn.local, session_id=info.id,
+                    handshake_timeout=cfg.limits.handshake_timeout,
+                )
+            except UpstreamError as exc:
+                error = exc
+        if link is None:
+            if error is None:
+                why, kind = "upstream connect timeout", "connect_timeout"
+            else:
+                logger.warning("upstream.failed", reason=error.reason, error=str(error))
+                kind = error.reason
+                why = "upstream TLS failure" if kind == "tls" else "upstream unavailable"
             out = session.fail(why, trio.current_time())
-            failed = UpstreamFailed("connect_timeout" if timed_out else "connect")
-            self._emit(info, [failed, *out.events])
-            await _send_quietly(client, out.to_client, stats)
+            self._emit(info, [UpstreamFailed(kind), *out.events])
+            await _send_quietly(conn.client, out.to_client, stats)
             return why
+        connected = UpstreamConnected(str(cfg.upstream.address), trio.current_time() - begun)
+        self._emit(info, [connected, *link.events])
         try:
-            return await self._relay(client, upstream, session, info, stats)
+            return await self._relay(conn, link, session, info, stats)
         finally:
             with trio.CancelScope(shield=True):
                 # Closing without QUIT: the upstream discards marked
                 # deletions (RFC 1939 §6), exactly what the client asked for
                 # by not saying QUIT.
-                await trio.aclose_forcefully(upstream)
+                await trio.aclose_forcefully(link.stream)
 
     async def _relay(
-        self, client: Stream, upstream: Stream, session: Session, info: SessionInfo, stats: _Stats
+        self, conn: _Connection, link: UpstreamLink, session: Session, info: SessionInfo,
+        stats: _Stats,
     ) -> str:
         send, receive = trio.open_memory_channel[tuple[bool, bytes]](0)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_into, client, True, send.clone())
-            nursery.start_soon(_read_into, upstream, False, send.clone())
+            conn.nursery = nursery
+            conn.spare = send.clone()  # for the reader after a STLS upgrade
+            conn.reader = _Reader(conn.client, True, send.clone())
+            nursery.start_soon(conn.reader.run)
+            nursery.start_soon(_Reader(link.stream, False, send.clone()).run)
             send.close()
             try:
-                return await self._relay_loop(client, upstream, session, info, stats, receive)
+                if link.greeting:
+                    # Read while opening the link (STLS or XCLIENT needed it).
+                    out = self._feed(session, False, link.greeting, trio.current_time(), stats)
+                    if not await self._deliver(conn, link.stream, session, info, out, stats):
+                        return out.close or "peer gone or too slow"
+                return await self._relay_loop(conn, link.stream, session, info, stats, receive)
             finally:
                 nursery.cancel_scope.cancel()  # the readers, blocked in receive
 
     async def _relay_loop(
-        self, client: Stream, upstream: Stream, session: Session, info: SessionInfo,
+        self, conn: _Connection, upstream: Stream, session: Session, info: SessionInfo,
         stats: _Stats, receive: trio.MemoryReceiveChannel[tuple[bool, bytes]],
     ) -> str:
         limits = self.config.limits
@@ -224,22 +325,15 @@ class Proxy:
                 # the moment we last asked it something, whichever is later.
                 if not from_client or out.to_upstream:
                     last_upstream = now
-                written = await self._write(client, upstream, out, stats, limits.send_timeout)
-                # Observers hear of bytes after they were written.
-                self._emit(info, out.events)
-                if not written:
-                    return "peer gone or too slow" if out.close is None else out.close
-                if out.close is not None:
-                    return out.close
+                if not await self._deliver(conn, upstream, session, info, out, stats):
+                    return out.close or "peer gone or too slow"
                 continue
             now = trio.current_time()
             if why == "tick":
                 out = session.tick(now)
                 if out.to_upstream:
                     last_upstream = now
-                written = await self._write(client, upstream, out, stats, limits.send_timeout)
-                self._emit(info, out.events)
-                if not written or out.close is not None:
+                if not await self._deliver(conn, upstream, session, info, out, stats):
                     return out.close or "peer gone or too slow"
                 continue
             # A deadline passed: tell the client why, then close.
@@ -251,8 +345,55 @@ class Proxy:
                 text = "disconnected for inactivity" if why == "idle timeout" else why
                 out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
             self._emit(info, out.events)
-            await _send_quietly(client, out.to_client, stats)
+            await _send_quietly(conn.client, out.to_client, stats)
             return why
+
+    async def _deliver(
+        self, conn: _Connection, upstream: Stream, session: Session, info: SessionInfo,
+        out: Output, stats: _Stats,
+    ) -> bool:
+        """Write an output, tell observers, upgrade to TLS if asked.
+
+        False when the session is over (closed, or a peer gone or stuck).
+        """
+        limits = self.config.limits
+        while True:
+            written = await self._write(conn.client, upstream, out, stats, limits.send_timeout)
+            # Observers hear of bytes after they were written.
+            self._emit(info, out.events)
+            if not written or out.close is not None:
+                return False
+            if not out.start_tls:
+                return True
+            upgraded = await self._start_client_tls(conn, info)
+            if not upgraded:
+                return False
+            out = session.tls_started(trio.current_time())
+
+    async def _start_client_tls(self, conn: _Connection, info: SessionInfo) -> bool:
+        """STLS (RFC 2595): stop reading plaintext, handshake, read TLS.
+
+        Whatever the old reader had read past the STLS line is dropped with
+        it: pipelined plaintext after STLS is never executed.
+        """
+        assert conn.reader is not None
+        assert conn.nursery is not None
+        assert conn.spare is not None
+        await conn.reader.stop()
+        ssl_stream = trio.SSLStream(conn.client, self.tls.server(conn.listener),
+                                    server_side=True)
+        conn.client = ssl_stream
+        try:
+            version, cipher, sni = await handshake(
+                ssl_stream, self.config.limits.handshake_timeout)
+        except TLSHandshakeError as exc:
+            self._emit(info, [TlsFailed("client", str(exc))])
+            logger.info("client.tls_failed", error=str(exc))
+            return False
+        self._emit(info, [TlsEstablished("client", version, cipher, sni)])
+        conn.reader = _Reader(ssl_stream, True, conn.spare.clone())
+        conn.nursery.start_soon(conn.reader.run)
+        return True
 
     def _feed(
         self, session: Session, from_client: bool, data: bytes, now: float, stats: _Stats
@@ -288,22 +429,85 @@ class _Stats:
     commands: int = 0
 
 
-async def _read_into(
-    stream: Stream, from_client: bool, channel: trio.MemorySendChannel[tuple[bool, bytes]]
-) -> None:
-    """Move bytes from ``stream`` to the relay; b"" marks the end."""
-    async with channel:
-        while True:
-            try:
-                data = bytes(await stream.receive_some(RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            try:
-                await channel.send((from_client, data))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
+class _Reader:
+    """Moves bytes from a stream to the relay; b"" marks the end.
+
+    ``stop`` ends it and waits until it no longer touches the stream (the
+    STLS upgrade needs the raw stream to itself).
+    """
+
+    def __init__(
+        self, stream: Stream, from_client: bool,
+        channel: trio.MemorySendChannel[tuple[bool, bytes]],
+    ) -> None:
+        self.stream = stream
+        self.from_client = from_client
+        self.channel = channel
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                async with self.channel:
+                    while True:
+                        try:
+                            data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = b""
+                        try:
+                            await self.channel.send((self.from_client, data))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return
+                        if not data:
+                            return
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+
+class _Connection:
+    """The client side of one session: its stream may be upgraded to TLS."""
+
+    def __init__(self, client: Stream, listener: ListenConfig, local: str) -> None:
+        self.client = client
+        self.listener = listener
+        self.local = local
+        self.reader: _Reader | None = None
+        self.spare: trio.MemorySendChannel[tuple[bool, bytes]] | None = None
+        self.nursery: trio.Nursery | None = None
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream that first returns bytes already read (after a PROXY header)."""
+
+    def __init__(self, stream: Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            n = len(self.prefix) if max_bytes is None else max_bytes
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 async def _send_quietly(
@@ -331,6 +535,18 @@ def _peer_name(stream: Stream) -> str:
     return "unknown"
 
 
+def _local_name(stream: Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        addr = sock.getsockname() if sock is not None else None
+    except OSError:
+        addr = None
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unknown"
+
+
 async def open_listeners(addresses: Sequence[HostPort]) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for addr in addresses:
@@ -338,35 +554,61 @@ async def open_listeners(addresses: Sequence[HostPort]) -> list[trio.SocketListe
     return listeners
 
 
+ListenerGroup = tuple[ListenConfig, Sequence[trio.SocketListener]]
+
+
 async def serve(
     proxy: Proxy,
-    listeners: Sequence[trio.SocketListener] | None = None,
+    listeners: Sequence[trio.SocketListener] | Sequence[ListenerGroup] | None = None,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept clients until SIGTERM (drain) or SIGINT (stop now).
 
+    ``listeners`` are opened from the configuration when not given; plain
+    socket listeners (tests) serve with the first listener's settings.
     On SIGTERM the listeners close at once; live sessions get up to
     ``limits.drain_timeout`` to finish, then are told ``-ERR [SYS/TEMP]``
     and closed.
     """
     cfg = proxy.config
+    groups: list[ListenerGroup] = []
     if listeners is None:
-        listeners = await open_listeners(cfg.listen.addresses)
-    listeners = list(listeners)
+        for lc in cfg.listeners:
+            groups.append((lc, await open_listeners(lc.addresses)))
+    elif listeners and isinstance(listeners[0], tuple):
+        groups = [g for g in listeners if isinstance(g, tuple)]
+    else:
+        groups = [(cfg.listeners[0],
+                   [x for x in listeners if isinstance(x, trio.SocketListener)])]
+    for lc, _ in groups:
+        if lc.tls != "none":
+            proxy.tls.server(lc)  # fail now, not at the first client
+    if cfg.upstream.tls != "none" and not cfg.upstream.verify:
+        logger.warning("upstream.tls_unverified",
+                       detail="upstream.verify = false: the upstream's certificate is not checked")
 
-    async def handler(stream: Stream) -> None:
-        await proxy.handle(stream, _peer_name(stream))
+    def handler_for(index: int, lc: ListenConfig) -> Callable[[Stream], Awaitable[None]]:
+        async def handler(stream: Stream) -> None:
+            # After a reload, the listener's settings (certificates, TLS
+            # for auth, trusted proxies) come from the new configuration.
+            current = proxy.config.listeners
+            settings = current[index] if index < len(current) else lc
+            await proxy.handle(stream, _peer_name(stream), settings, _local_name(stream))
+        return handler
 
+    all_listeners = [x for _, group in groups for x in group]
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as sessions, trio.open_nursery() as accepting:
-            await accepting.start(
-                partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions)
-            )
-            for lst in listeners:
-                logger.info("listening", address=_sockname(lst))
+            for index, (lc, group) in enumerate(groups):
+                await accepting.start(partial(
+                    trio.serve_listeners, handler_for(index, lc), list(group),
+                    handler_nursery=sessions))
+                for lst in group:
+                    logger.info("listening", address=_sockname(lst), tls=lc.tls,
+                                proxy_protocol=lc.proxy_protocol)
             proxy.listening = True
-            task_status.started(listeners)
+            task_status.started(all_listeners)
             async for signum in signals:
                 proxy.listening = False
                 accepting.cancel_scope.cancel()  # closes the listeners

@@ -87,18 +87,22 @@ class Output:
     to_upstream: bytes = b""
     events: list[Event] = field(default_factory=list)
     close: str | None = None  # a reason, when both connections must close
+    # After writing ``to_client``: start TLS on the client connection, then
+    # call ``Session.tls_started``.  Nothing the client sent after STLS is kept.
+    start_tls: bool = False
 
 
 class _Out:
     """Accumulates an ``Output`` without quadratic concatenation."""
 
-    __slots__ = ("client", "close", "events", "upstream")
+    __slots__ = ("client", "close", "events", "start_tls", "upstream")
 
     def __init__(self) -> None:
         self.client: list[bytes] = []
         self.upstream: list[bytes] = []
         self.events: list[Event] = []
         self.close: str | None = None
+        self.start_tls = False
 
     def done(self) -> Output:
         c = self.client
@@ -108,6 +112,7 @@ class _Out:
             u[0] if len(u) == 1 else b"".join(u),
             self.events,
             self.close,
+            self.start_tls,
         )
 
 
@@ -155,6 +160,7 @@ class _Message:
         return value.decode("utf-8", "replace") or None
 
 
+_STLS_OK = b"+OK Begin TLS negotiation\r\n"
 # Stands for a line that could not be parsed, in events and the FIFO.
 INVALID = Command("INVALID")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
@@ -190,11 +196,16 @@ class Session:
         *,
         client: str | None = None,
         tls: bool = False,
+        starttls: bool = False,
+        require_tls_for_auth: bool = False,
     ) -> None:
         self.limits = limits or SessionLimits()
         self.policy = policy
         self.client = client
         self.tls = tls
+        # The listener can upgrade this connection with STLS (RFC 2595).
+        self.starttls = starttls
+        self.require_tls_for_auth = require_tls_for_auth
         self.state = State.GREETING
         self.user: str | None = None  # authenticated user, once known
         self.apop_timestamp = False
@@ -465,9 +476,22 @@ class Session:
         """The core's own checks, then policy; a None reply means forward."""
         verb = cmd.verb
         if verb == "STLS":
-            # Until TLS lands, the proxy cannot honour STLS; it never forwards
-            # it, since an end-to-end TLS tunnel would blind policy and audit.
-            return b"-ERR STLS is not available through this proxy\r\n", ALLOW
+            # The proxy answers STLS itself and never forwards it: an
+            # end-to-end TLS tunnel would blind policy and audit.
+            if self.tls:
+                return b"-ERR already using TLS\r\n", ALLOW
+            if self.state is not State.AUTHORIZATION:
+                return b"-ERR STLS is only valid before login\r\n", ALLOW
+            if not self.starttls:
+                return b"-ERR STLS is not available on this port\r\n", ALLOW
+            return _STLS_OK, ALLOW
+        if (
+            self.require_tls_for_auth
+            and not self.tls
+            and (verb in ("USER", "PASS", "APOP") or (verb == "AUTH" and cmd.args))
+        ):
+            # RFC 2595 §2.1: no credentials in cleartext; they never go upstream.
+            return b"-ERR [AUTH] TLS is required to log in: use STLS\r\n", ALLOW
         if verb in _NEVER_FORWARDED:
             return b"-ERR command not allowed\r\n", ALLOW
         if self.state is State.AUTHORIZATION:
@@ -523,16 +547,30 @@ class Session:
                 p, False, status.code if status else None, _decode(reply[5:].rstrip()),
                 len(reply), True, out, now,
             )
-            self._release(p)
+            self._release(p, out)
             moved = True
         return moved
 
-    def _release(self, p: _Pending) -> None:
+    def _release(self, p: _Pending, out: _Out) -> None:
         if self._barrier is p:
             self._barrier = None
+            if p.local_reply is _STLS_OK:
+                # Parsing resumes only after the handshake (``tls_started``);
+                # until then every client octet is discarded.
+                out.start_tls = True
+                return
             if p.command.verb in ("STLS", "AUTH"):
                 self._parse_stopped = False
                 self._discard_client = False
+
+    def tls_started(self, now: float) -> Output:
+        """The relay finished the TLS handshake after STLS."""
+        self.tls = True
+        self._parse_stopped = False
+        self._discard_client = False
+        out = _Out()
+        self._progress(out, now)
+        return out.done()
 
     # ------------------------------------------------------------------
     # Upstream side
@@ -669,7 +707,11 @@ class Session:
             self._flush(out, now)
             return end
         if self._capa is not None:
-            capa = _rewrite_capa(bytes(self._capa))
+            capa = _rewrite_capa(
+                bytes(self._capa),
+                offer_stls=self.starttls and not self.tls,
+                hide_user=self.require_tls_for_auth and not self.tls,
+            )
             self._capa = None
             out.client.append(capa)
             self._body_octets = len(capa)
@@ -706,7 +748,7 @@ class Session:
             if ok and self.state is State.TRANSACTION:
                 self._set_state(State.UPDATE, out)
             self._end_with(out, "quit", now)
-        self._release(p)
+        self._release(p, out)
         # Local replies queued behind this one go out now, before the next
         # upstream line is matched to the FIFO head.
         self._flush(out, now)
@@ -809,12 +851,21 @@ class _Listing:
                 self.uids.append(entry)
 
 
-def _rewrite_capa(raw: bytes) -> bytes:
-    """Drop STLS from a CAPA reply: the proxy cannot honour it (yet)."""
+def _rewrite_capa(raw: bytes, *, offer_stls: bool, hide_user: bool) -> bytes:
+    """Make a CAPA reply tell the truth about what works through the proxy.
+
+    STLS is the proxy's to offer, not the upstream's: it is removed, then
+    added when this listener can upgrade the connection.  USER is hidden
+    while cleartext logins are refused (as Dovecot does).  Everything else
+    (PIPELINING, UIDL, TOP, RESP-CODES, SASL, ...) passes as advertised.
+    """
     status, _, body = raw.partition(b"\n")
-    lines = body.split(b"\r\n")
-    kept = [ln for ln in lines if ln.split(b" ", 1)[0].upper() != b"STLS"]
-    return status + b"\n" + b"\r\n".join(kept)
+    lines = body.split(b"\r\n")  # the last two are "." and ""
+    drop = {b"STLS", b"USER"} if hide_user else {b"STLS"}
+    kept = [ln for ln in lines[:-2] if ln.split(b" ", 1)[0].upper() not in drop]
+    if offer_stls:
+        kept.append(b"STLS")
+    return status + b"\n" + b"".join(ln + b"\r\n" for ln in kept) + b".\r\n"
 
 
 def _sasl_user(mech: str | None, b64: bytes) -> str | None:

@@ -48,11 +48,12 @@ async def start_proxy(
     limits: LimitsConfig | None = None,
     upstream_config: UpstreamConfig | None = None,
     policy: PolicyConfig | None = None,
+    listener: ListenConfig | None = None,
 ) -> RunningProxy:
     """Run the proxy as ``popproxy run`` assembles it (``app.build``), with
     an extra observer that records every event; returns once it listens."""
     config = Config(
-        listen=ListenConfig((HostPort("127.0.0.1", 0),)),
+        listeners=(listener or ListenConfig((HostPort("127.0.0.1", 0),)),),
         upstream=upstream_config or UpstreamConfig(address=upstream),
         limits=limits or LimitsConfig(),
         policy=policy or PolicyConfig(),

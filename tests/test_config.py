@@ -31,7 +31,7 @@ def minimal(**sections: Any) -> dict[str, Any]:
 class TestParse:
     def test_minimal_config_has_documented_defaults(self) -> None:
         cfg = parse_config(minimal())
-        assert cfg.listen.addresses == (HostPort("127.0.0.1", 1110),)
+        assert cfg.listeners[0].addresses == (HostPort("127.0.0.1", 1110),)
         assert cfg.limits.idle_timeout == 600
         assert cfg.limits.command_line == 1024
         assert cfg.limits.sasl_line == 16384
@@ -39,7 +39,7 @@ class TestParse:
     def test_example_config_is_valid(self) -> None:
         cfg = load_config(EXAMPLE)
         assert isinstance(cfg, Config)
-        assert HostPort("::1", 1110) in cfg.listen.addresses
+        assert HostPort("::1", 1110) in cfg.listeners[0].addresses
 
     @pytest.mark.parametrize(
         ("raw", "key"),
@@ -78,8 +78,8 @@ class TestParse:
 
     def test_ipv6_listen_address(self) -> None:
         cfg = parse_config(minimal(listen={"address": "[::1]:1995"}))
-        assert cfg.listen.addresses == (HostPort("::1", 1995),)
-        assert str(cfg.listen.addresses[0]) == "[::1]:1995"
+        assert cfg.listeners[0].addresses == (HostPort("::1", 1995),)
+        assert str(cfg.listeners[0].addresses[0]) == "[::1]:1995"
 
 
 class TestCli:

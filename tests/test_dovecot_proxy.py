@@ -297,7 +297,7 @@ async def test_bytes_pipelined_after_stls_are_never_executed(
         await s.receive_some(4096)
         await s.send_all(b"STLS\r\n" + injected)
         reply = await s.receive_some(4096)
-        assert reply == b"-ERR STLS is not available through this proxy\r\n"
+        assert reply == b"-ERR STLS is not available on this port\r\n"
         # The session goes on in plaintext, without the injected commands.
         await s.send_all(b"CAPA\r\n")
         assert (await s.receive_some(4096)).startswith(b"+OK")

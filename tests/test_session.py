@@ -275,7 +275,7 @@ class TestStls:
         s.receive_upstream(GREETING, 0)
         out = s.receive_client(b"STLS\r\nUSER evil\r\nPASS x\r\n", 0)
         assert out.to_upstream == b""
-        assert out.to_client == b"-ERR STLS is not available through this proxy\r\n"
+        assert out.to_client == b"-ERR STLS is not available on this port\r\n"
         assert kinds(out.events, ProtocolAnomaly)
         # Afterwards the client may go on in plaintext.
         assert s.receive_client(b"CAPA\r\n", 0).to_upstream == b"CAPA\r\n"
@@ -287,7 +287,7 @@ class TestStls:
         s.receive_client(b"STLS\r\n", 0)
         assert s.receive_client(b"DELE 1\r\n", 0).to_upstream == b""
         out = s.receive_upstream(b"+OK\r\n", 1)
-        assert out.to_client == b"+OK\r\n-ERR STLS is not available through this proxy\r\n"
+        assert out.to_client == b"+OK\r\n-ERR STLS is not available on this port\r\n"
         assert out.to_upstream == b""
 
     def test_capa_hides_stls(self) -> None:
