@@ -131,6 +131,7 @@ class Proxy:
         started = trio.current_time()
         stats = _Stats()
         reason = "internal error"
+        conn: _Connection | None = None
         with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
             self.active += 1
             self._emit(info, [SessionOpened(peer, started, via)])
@@ -156,21 +157,22 @@ class Proxy:
                         return
                 conn = _Connection(client, listener, local)
                 reason = await self._serve_session(conn, session, info, stats)
-                client = conn.client
-            except trio.Cancelled:
+            except BaseException as exc:
+                if not _is_cancellation(exc):
+                    logger.exception("session.crashed")
+                    raise
+                # Shutdown (drain deadline, SIGINT): say so where a reply is owed.
                 reason = "shutdown"
                 with trio.CancelScope(shield=True):
                     out = session.fail("proxy shutting down", trio.current_time())
                     self._emit(info, out.events)
-                    await _send_quietly(client, out.to_client, stats, seconds=1.0)
-                raise
-            except Exception:
-                logger.exception("session.crashed")
+                    await _send_quietly(conn.client if conn else client, out.to_client, stats,
+                                        seconds=1.0)
                 raise
             finally:
                 self.active -= 1
                 with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(client)
+                    await trio.aclose_forcefully(conn.client if conn else client)
                 now = trio.current_time()
                 # Whatever ended the session, the core reports what was cut
                 # short (a RETR in flight) before the session is closed.
@@ -358,6 +360,13 @@ class Proxy:
         """
         limits = self.config.limits
         while True:
+            if out.start_tls:
+                # Stop reading plaintext *before* the +OK goes out: whatever
+                # the client sends after it is the TLS handshake, and no
+                # reader may take it.  What the reader had read until now
+                # (pipelined after STLS) is dropped with it, never executed.
+                assert conn.reader is not None
+                await conn.reader.stop()
             written = await self._write(conn.client, upstream, out, stats, limits.send_timeout)
             # Observers hear of bytes after they were written.
             self._emit(info, out.events)
@@ -371,15 +380,9 @@ class Proxy:
             out = session.tls_started(trio.current_time())
 
     async def _start_client_tls(self, conn: _Connection, info: SessionInfo) -> bool:
-        """STLS (RFC 2595): stop reading plaintext, handshake, read TLS.
-
-        Whatever the old reader had read past the STLS line is dropped with
-        it: pipelined plaintext after STLS is never executed.
-        """
-        assert conn.reader is not None
+        """STLS (RFC 2595): handshake on the raw stream, then read TLS."""
         assert conn.nursery is not None
         assert conn.spare is not None
-        await conn.reader.stop()
         ssl_stream = trio.SSLStream(conn.client, self.tls.server(conn.listener),
                                     server_side=True)
         conn.client = ssl_stream
@@ -427,6 +430,13 @@ class _Stats:
     rx: int = 0
     tx: int = 0
     commands: int = 0
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """trio.Cancelled, alone or in a group of nothing but cancellations."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 class _Reader:

@@ -544,8 +544,8 @@ class Session:
             out.client.append(reply)
             status = parse_status(reply.rstrip(b"\r\n"))
             self._emit_response(
-                p, False, status.code if status else None, _decode(reply[5:].rstrip()),
-                len(reply), True, out, now,
+                p, status is not None and status.ok, status.code if status else None,
+                _decode(status.text if status else reply.rstrip()), len(reply), True, out, now,
             )
             self._release(p, out)
             moved = True

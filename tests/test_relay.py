@@ -331,3 +331,41 @@ class TestPolicyTimersInRelay:
             await client.send_all(b"NOOP\r\nNOOP\r\n")
             assert await receive_until(client, b"+OK\r\n+OK\r\n") == b"+OK\r\n+OK\r\n"
         assert sent_at[1] - sent_at[0] == pytest.approx(60.0, abs=0.1)
+
+
+async def test_shutdown_answers_owed_replies(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """When the drain deadline cancels a session, an owed reply becomes -ERR [SYS/TEMP]."""
+
+    async def script(s: trio.abc.Stream) -> None:
+        await greet_then(s, None, close=False)
+
+    events: list[object] = []
+
+    async def connect_upstream() -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(script, theirs)
+        return ours
+
+    proxy = Proxy(Config(upstream=UpstreamConfig(HostPort("u", 110))),
+                  observers=[lambda info, e: events.append(e)],
+                  connect_upstream=connect_upstream)
+    client, server_side = trio.testing.memory_stream_pair()
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await proxy.handle(server_side, "127.0.0.1:1")
+
+    nursery.start_soon(run)
+    with trio.fail_after(10):
+        await client.send_all(LOGIN)
+        await receive_until(client, b"+OK in\r\n")
+        await client.send_all(b"STAT\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        assert await read_all(client) == b"-ERR [SYS/TEMP] proxy shutting down\r\n"
+    await trio.testing.wait_all_tasks_blocked()
+    (closed,) = [e for e in events if isinstance(e, SessionClosed)]
+    assert closed.reason == "shutdown"
