@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.dovecot_fixtures", "tests.proxy_fixtures"]
+pytest_plugins = ["tests.dovecot_fixtures", "tests.proxy_fixtures", "tests.tls_fixtures"]

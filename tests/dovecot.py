@@ -21,6 +21,13 @@ root: best effort, everything runs as the current user.
 
 ``ensure_dovecot()`` finds the binary and, as root on a Debian-like system,
 installs ``dovecot-core dovecot-pop3d`` with apt-get when it is missing.
+
+TLS: with ``ssl_cert``/``ssl_key`` Dovecot offers STLS on ``port`` and also
+listens for implicit TLS (pop3s) on ``tls_port``; ``ssl_required`` makes it
+refuse logins on ``port`` before STLS (from addresses it does not consider
+secured, see the class docstring).  ``trusted_networks`` sets
+``login_trusted_networks``: clients from there get ``[XCLIENT]`` in the
+greeting and may send ``XCLIENT ADDR=... PORT=...`` before logging in.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl as _ssl
 import subprocess
 import tempfile
 import time
@@ -271,7 +279,20 @@ class Dovecot:
 
     users: name -> plaintext password (default ``DEFAULT_USERS``); names in
         lower case (Dovecot lower-cases login names).
-    ssl: ``ssl = yes``; then also pass ``ssl_cert``/``ssl_key`` in extra_config.
+    ssl: ``ssl = yes``; then also pass ``ssl_cert``/``ssl_key`` (below, or as
+        settings in extra_config).
+    ssl_cert, ssl_key: PEM files (certificate chain, private key).  Given,
+        they switch ``ssl`` on and open a second, implicit-TLS listener
+        (pop3s) on ``tls_port``; ``port`` stays plaintext and offers STLS.
+    ssl_required: ``ssl = required``: no login on ``port`` before STLS.
+        Dovecot exempts "secured" clients, i.e. those from
+        ``trusted_networks`` and those whose address equals the server's
+        (127.0.0.1 to 127.0.0.1): use another loopback ``host`` such as
+        127.0.0.2 (Linux then connects from 127.0.0.1) to see it refuse.
+    verify_ca: CA file the readiness probe checks ``tls_port``'s certificate
+        (and host name) against; default: the handshake is not verified.
+    trusted_networks: ``login_trusted_networks`` (e.g. "127.0.0.0/8 ::1"):
+        such clients may send XCLIENT (their greeting says "[XCLIENT]").
     auth_mechanisms: SASL mechanisms; with "apop" the greeting has a timestamp.
     auth_failure_delay: seconds before a failed login is answered (Dovecot's
         default is 2; 0 here, which Dovecot rounds up to its 0.5 s timer).
@@ -280,8 +301,9 @@ class Dovecot:
     max_userip_connections: mail_max_userip_connections (Dovecot: 10).
     extra_config: appended verbatim to dovecot.conf.
 
-    After ``start()``: ``port``, ``greeting`` (the full greeting line without
-    CRLF, from the readiness probe), ``startup_seconds``.
+    After ``start()``: ``port``, ``tls_port`` (0 without ``ssl_cert``),
+    ``greeting`` (the full greeting line without CRLF, from the readiness
+    probe on ``port``), ``startup_seconds``.
     """
 
     host: str
@@ -297,6 +319,11 @@ class Dovecot:
         *,
         host: str = "127.0.0.1",
         ssl: bool = False,
+        ssl_cert: str | os.PathLike[str] | None = None,
+        ssl_key: str | os.PathLike[str] | None = None,
+        ssl_required: bool = False,
+        verify_ca: str | os.PathLike[str] | None = None,
+        trusted_networks: str = "",
         auth_mechanisms: str = "plain login apop",
         auth_failure_delay: int = 0,
         auth_penalty: bool = False,
@@ -307,11 +334,22 @@ class Dovecot:
     ) -> None:
         self.host = host
         self.port = 0
+        #: implicit-TLS (pop3s) port after start(); 0 when there is none.
+        self.tls_port = 0
         self.users = dict(DEFAULT_USERS if users is None else users)
         for name, password in self.users.items():
             if not name or any(c in name + password for c in ":\n\r"):
                 raise ValueError(f"unusable user/password for passwd-file: {name!r}")
-        self.ssl = ssl
+        if (ssl_cert is None) != (ssl_key is None):
+            raise ValueError("pass both ssl_cert and ssl_key, or neither")
+        self.ssl_cert = None if ssl_cert is None else Path(ssl_cert).resolve()
+        self.ssl_key = None if ssl_key is None else Path(ssl_key).resolve()
+        self.ssl = ssl or ssl_required or self.ssl_cert is not None
+        self.ssl_required = ssl_required
+        self.verify_ca = None if verify_ca is None else Path(verify_ca).resolve()
+        if any(c in trusted_networks for c in "\n\r{}#"):
+            raise ValueError(f"unusable trusted_networks: {trusted_networks!r}")
+        self.trusted_networks = trusted_networks
         self.auth_mechanisms = auth_mechanisms
         self.auth_failure_delay = auth_failure_delay
         self.auth_penalty = auth_penalty
@@ -381,8 +419,17 @@ class Dovecot:
         # Read by the auth process, which runs as the internal user.
         self.passwd_path.chmod(0o644)
 
+    def _ssl_text(self) -> str:
+        mode = "required" if self.ssl_required else "yes" if self.ssl else "no"
+        lines = [f"ssl = {mode}"]
+        if self.ssl_cert is not None and self.ssl_key is not None:
+            lines += [f"ssl_cert = <{self.ssl_cert}", f"ssl_key = <{self.ssl_key}"]
+        if self.trusted_networks:
+            lines.append(f"login_trusted_networks = {self.trusted_networks}")
+        return "\n".join(lines)
+
     def config_text(self) -> str:
-        """The dovecot.conf for the current ``port``."""
+        """The dovecot.conf for the current ``port`` (and ``tls_port``)."""
         if self.is_root:
             # Dovecot refuses mail access as uid 0: run mail processes as
             # ``mail`` (the uid/gid also come from the passwd-file).
@@ -400,6 +447,10 @@ class Dovecot:
             # logins (successful ones too) wait 2, 4, 8, 15 s: anvil's auth
             # penalty.  Without its socket, auth runs with the penalty off.
             anvil_extra += "  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n"
+        if self.tls_port:
+            pop3s = f"    address = {self.host}\n    port = {self.tls_port}\n    ssl = yes\n"
+        else:
+            pop3s = "    port = 0\n"
         return f"""\
 # Throwaway config written by tests/dovecot.py
 base_dir = {self.root / "run"}
@@ -410,7 +461,7 @@ info_log_path = {self.log_path}
 debug_log_path = {self.log_path}
 protocols = pop3
 listen = {self.host}
-ssl = {"yes" if self.ssl else "no"}
+{self._ssl_text()}
 disable_plaintext_auth = no
 # APOP needs the "apop" mechanism here *and* plaintext passwords in the
 # passdb; pop3-login then puts the <timestamp> into its greeting.
@@ -443,8 +494,7 @@ service pop3-login {{
     port = {self.port}
   }}
   inet_listener pop3s {{
-    port = 0
-  }}
+{pop3s}  }}
 }}
 service anvil {{
 {anvil_extra}}}
@@ -479,6 +529,10 @@ service auth {{
         last_error = ""
         for _ in range(attempts):
             self.port = _free_port(self.host)
+            if self.ssl_cert is not None:
+                self.tls_port = _free_port(self.host)
+                while self.tls_port == self.port:
+                    self.tls_port = _free_port(self.host)
             self.conf_path.write_text(self.config_text())
             self.conf_path.chmod(0o644)
             outcome = self._start_once()
@@ -505,8 +559,19 @@ service auth {{
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout
-        greeting = b""
+        greeting = tls_greeting = b""
         want_apop = "apop" in self.auth_mechanisms.lower().split()
+        tls_context = self._probe_context() if self.tls_port else None
+
+        def usable(line: bytes) -> bool:
+            # The nonce proves it is our Dovecot answering, not a squatter on
+            # the port; the <timestamp> comes once auth is up (APOP).
+            return (
+                line.startswith(b"+OK")
+                and self.greeting_text.encode() in line
+                and (not want_apop or b"<" in line)
+            )
+
         while time.monotonic() < deadline:
             exited = self.proc.poll() is not None
             new_stderr = self.stderr_path.read_bytes()[err_offset:]
@@ -515,24 +580,47 @@ service auth {{
             if exited:
                 return False, self._diagnostics(f"dovecot exited with {self.proc.returncode}")
             greeting = self._try_greeting()
-            # The nonce proves it is our Dovecot answering, not a squatter on
-            # the port; the <timestamp> comes once auth is up (APOP).
-            if (
-                greeting.startswith(b"+OK")
-                and self.greeting_text.encode() in greeting
-                and (not want_apop or b"<" in greeting)
-            ):
+            if usable(greeting) and tls_context is not None:
+                try:
+                    tls_greeting = self._try_greeting(self.tls_port, tls_context)
+                except _ssl.SSLCertVerificationError as exc:
+                    return False, self._diagnostics(
+                        f"port {self.tls_port}: certificate not accepted ({exc}); "
+                        f"verify_ca={self.verify_ca}"
+                    )
+            if usable(greeting) and (tls_context is None or usable(tls_greeting)):
                 self.greeting = greeting
                 return None
             time.sleep(0.01)
         bind_failed = bool(_BIND_FAILURE.search(self.stderr_path.read_bytes()[err_offset:]))
+        last = f"last: {greeting!r}" + (f", over TLS: {tls_greeting!r}" if tls_context else "")
         return bind_failed, self._diagnostics(
-            f"no usable greeting within {self.start_timeout}s (last: {greeting!r})"
+            f"no usable greeting within {self.start_timeout}s ({last})"
         )
 
-    def _try_greeting(self) -> bytes:
+    def _probe_context(self) -> _ssl.SSLContext:
+        """TLS client context of the readiness probe on ``tls_port``."""
+        if self.verify_ca is not None:
+            return _ssl.create_default_context(cafile=str(self.verify_ca))
+        context = _ssl.SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = _ssl.CERT_NONE
+        return context
+
+    def _try_greeting(self, port: int | None = None, tls: _ssl.SSLContext | None = None) -> bytes:
+        """The greeting line on ``port`` (default: ``self.port``), b"" if none.
+
+        With ``tls``, after an implicit-TLS handshake (host name ``host``);
+        a certificate that ``tls`` does not accept raises
+        ``ssl.SSLCertVerificationError``.
+        """
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.25) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(
+                    socket.create_connection((self.host, port or self.port), timeout=0.25)
+                )
+                if tls is not None:
+                    s = stack.enter_context(tls.wrap_socket(s, server_hostname=self.host))
                 data = b""
                 while not data.endswith(b"\n"):
                     chunk = s.recv(512)
@@ -544,6 +632,8 @@ service auth {{
                         s.sendall(b"QUIT\r\n")
                         s.recv(512)
                 return data.strip()
+        except _ssl.SSLCertVerificationError:
+            raise
         except OSError:
             return b""
 

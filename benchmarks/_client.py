@@ -1,0 +1,188 @@
+"""Minimal POP3 clients for the load generator: blocking sockets and trio.
+
+These read raw bytes and find line ends and the ``CRLF.CRLF`` terminator
+themselves; poplib's line-by-line reading would measure poplib, not the
+servers.  Every read has a timeout, so no loop here can hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import trio
+
+__all__ = ["TERM", "AsyncConn", "Conn", "ProtocolFailure"]
+
+TERM = b"\r\n.\r\n"
+_RECV = 1 << 16
+
+
+class ProtocolFailure(RuntimeError):
+    """The server answered something other than what the benchmark expects."""
+
+
+class Conn:
+    """A blocking POP3 connection with its own read buffer."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = bytearray()
+
+    # -------------------------------------------------------------- reading
+
+    def _fill(self) -> None:
+        data = self.sock.recv(_RECV)
+        if not data:
+            raise ProtocolFailure("connection closed by the server")
+        self.buf += data
+
+    def line(self) -> bytes:
+        """One reply line, CRLF included."""
+        start = 0
+        while True:
+            i = self.buf.find(b"\r\n", start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 2])
+                del self.buf[: i + 2]
+                return out
+            start = max(0, len(self.buf) - 1)
+            self._fill()
+
+    def ok_line(self) -> bytes:
+        reply = self.line()
+        if not reply.startswith(b"+OK"):
+            raise ProtocolFailure(f"expected +OK, got {reply[:200]!r}")
+        return reply
+
+    def multiline(self) -> bytes:
+        """A ``+OK`` status line and its body, terminator included."""
+        start = 0
+        while True:
+            # The status line's CRLF starts the terminator of an empty body.
+            i = self.buf.find(TERM, start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 5])
+                del self.buf[: i + 5]
+                if not out.startswith(b"+OK"):
+                    raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
+                return out
+            if self.buf[:1] == b"-" and b"\r\n" in self.buf:
+                raise ProtocolFailure(f"expected +OK, got {self.line()[:200]!r}")
+            start = max(0, len(self.buf) - 4)
+            self._fill()
+
+    # ------------------------------------------------------------- commands
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.ok_line()
+
+    def cmd_multi(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.multiline()
+
+    def login(self, user: str, password: str) -> None:
+        self.ok_line()  # greeting
+        self.cmd(f"USER {user}")
+        self.cmd(f"PASS {password}")
+
+    def retr_raw(self, number: int, scratch: bytearray) -> tuple[int, float]:
+        """RETR ``number`` reading into ``scratch``: (octets received, seconds).
+
+        The reply is over when the stream received so far ends with
+        ``CRLF.CRLF`` (byte-stuffing guarantees it cannot occur earlier and
+        the server sends nothing after it unasked).
+        """
+        if self.buf:
+            raise ProtocolFailure("unread data before RETR")
+        view = memoryview(scratch)
+        tail = b""
+        total = 0
+        first = b""
+        t0 = time.perf_counter()
+        self.sock.sendall(b"RETR %d\r\n" % number)
+        while True:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                raise ProtocolFailure("connection closed during RETR")
+            if not first:
+                first = bytes(view[: min(n, 4)])
+                if not first.startswith(b"+OK"):
+                    raise ProtocolFailure(f"RETR failed: {bytes(view[:min(n, 200)])!r}")
+            total += n
+            end = (tail + bytes(view[max(0, n - 5) : n]))[-5:]
+            if end == TERM:
+                return total, time.perf_counter() - t0
+            tail = end[-4:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class AsyncConn:
+    """The same for trio: one stream, one buffer."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> AsyncConn:
+        return cls(await trio.open_tcp_stream(host, port))
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(_RECV)
+        if not data:
+            raise ProtocolFailure("connection closed by the server")
+        self.buf += data
+
+    async def ok_line(self) -> bytes:
+        start = 0
+        while True:
+            i = self.buf.find(b"\r\n", start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 2])
+                del self.buf[: i + 2]
+                if not out.startswith(b"+OK"):
+                    raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
+                return out
+            start = max(0, len(self.buf) - 1)
+            await self._fill()
+
+    async def multiline(self) -> bytes:
+        start = 0
+        while True:
+            i = self.buf.find(TERM, start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 5])
+                del self.buf[: i + 5]
+                if not out.startswith(b"+OK"):
+                    raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
+                return out
+            if self.buf[:1] == b"-" and b"\r\n" in self.buf:
+                raise ProtocolFailure(f"expected +OK, got {bytes(self.buf[:200])!r}")
+            start = max(0, len(self.buf) - 4)
+            await self._fill()
+
+    async def cmd(self, text: str) -> bytes:
+        await self.stream.send_all(text.encode() + b"\r\n")
+        return await self.ok_line()
+
+    async def cmd_multi(self, text: str) -> bytes:
+        await self.stream.send_all(text.encode() + b"\r\n")
+        return await self.multiline()
+
+    async def login(self, user: str, password: str) -> None:
+        await self.ok_line()
+        await self.cmd(f"USER {user}")
+        await self.cmd(f"PASS {password}")
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)

@@ -1,0 +1,311 @@
+"""The processes under test: a private Dovecot and the proxy as a child process.
+
+The proxy runs as a separate process (``python -m popproxy run -c FILE``) so
+that its RSS can be read from ``/proc/<pid>/status`` and it does not share
+the load generator's interpreter.  Both children are started in their own
+session (process group), so a Ctrl-C in the terminal reaches only the
+benchmark, whose ``finally`` blocks stop them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "REPO_ROOT",
+    "CpuMeter",
+    "ProxyProcess",
+    "RssSampler",
+    "dovecot_extra_config",
+    "free_port",
+    "proc_cpu_seconds",
+    "proc_status_kib",
+    "raise_fd_limit",
+    "reset_peak_rss",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards ``want``; return the new soft limit.
+
+    Children (Dovecot, the proxy) inherit it.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return soft
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def dovecot_extra_config(processes: int, *, performance: bool = True) -> str:
+    """Dovecot settings for ``processes`` simultaneous logged-in sessions.
+
+    Dovecot's defaults allow 100 processes per service (1024 for ``pop3``)
+    and 1000 clients per process; one POP3 session is one ``pop3`` process.
+
+    ``performance``: Dovecot's documented "high-performance" login mode
+    (``pop3-login`` processes serve many connections, ``service_count = 0``)
+    and reused ``pop3`` processes.  Otherwise Dovecot's stock
+    "high-security" mode forks and execs a login process and a mail process
+    for every connection, which on a small machine makes Dovecot's own
+    process churn (not the proxy) the limit of the session rate.
+    """
+    text = (
+        f"default_process_limit = {processes}\n"
+        f"default_client_limit = {processes * 5}\n"
+        "service pop3 {\n"
+        f"  process_limit = {processes}\n"
+    )
+    if performance:
+        text += (
+            "  service_count = 100\n"
+            "  process_min_avail = 4\n"
+            "}\n"
+            "service pop3-login {\n"
+            "  service_count = 0\n"
+            "  process_min_avail = 2\n"
+            "}\n"
+            # Every pop3 and pop3-login process may hold an auth connection.
+            "service auth {\n"
+            f"  client_limit = {processes * 3}\n"
+        )
+    return text + "}\n"
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (VmRSS, VmHWM, ...), in KiB."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(field.encode() + b":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` so far, at clock-tick resolution."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # "pid (comm) state ppid ..."; utime and stime are fields 14 and 15.
+    fields = data[data.rfind(b")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+class CpuMeter:
+    """Adds up a process's CPU time and the wall time of measured blocks."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.user = 0.0
+        self.system = 0.0
+        self.wall = 0.0
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        (u0, s0), w0 = proc_cpu_seconds(self.pid), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - w0
+            with contextlib.suppress(OSError):
+                u1, s1 = proc_cpu_seconds(self.pid)
+                self.user += u1 - u0
+                self.system += s1 - s0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (peak RSS) of ``pid`` (Linux ``clear_refs`` 5); False if not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """Samples a process's VmRSS every ``interval`` seconds in a thread.
+
+    Context manager; ``peak_kib`` and ``samples`` afterwards.  Bounded: stops
+    after ``max_seconds`` even if never exited.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.002, max_seconds: float = 300.0) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.max_seconds = max_seconds
+        self.peak_kib = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                rss = proc_status_kib(self.pid)
+            except (OSError, KeyError):
+                return
+            self.peak_kib = max(self.peak_kib, rss)
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+class ProxyProcess:
+    """``python -m popproxy run -c FILE`` in front of ``upstream_port``."""
+
+    def __init__(
+        self,
+        upstream_port: int,
+        workdir: Path,
+        *,
+        max_sessions: int = 1000,
+        log_level: str = "warning",
+        python: str = sys.executable,
+        start_timeout: float = 15.0,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.upstream_port = upstream_port
+        self.workdir = workdir
+        self.max_sessions = max_sessions
+        self.log_level = log_level
+        self.python = python
+        self.start_timeout = start_timeout
+        self.config_path = workdir / "popproxy.toml"
+        self.log_path = workdir / "popproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("proxy not started")
+        return self.proc.pid
+
+    def config_text(self) -> str:
+        return (
+            "[listen]\n"
+            f'address = "{self.host}:{self.port}"\n'
+            "[upstream]\n"
+            f'address = "127.0.0.1:{self.upstream_port}"\n'
+            "[limits]\n"
+            f"max_sessions = {self.max_sessions}\n"
+            "[log]\n"
+            f'level = "{self.log_level}"\n'
+            'format = "json"\n'
+        )
+
+    def start(self, attempts: int = 3) -> None:
+        last = ""
+        for _ in range(attempts):
+            self.port = free_port(self.host)
+            self.config_path.write_text(self.config_text())
+            env = dict(os.environ)
+            path = env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [self.python, "-m", "popproxy", "run", "-c", str(self.config_path)],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            last = self._wait_ready()
+            if not last:
+                return
+            self.stop()
+        raise RuntimeError(f"the proxy did not start: {last}\n{self.log_tail()}")
+
+    def _wait_ready(self) -> str:
+        """'' once a session through the proxy gets Dovecot's greeting, else why not."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        why = "timeout"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode}"
+            try:
+                with socket.create_connection((self.host, self.port), timeout=2.0) as s:
+                    data = s.recv(512)
+                    if data.startswith(b"+OK"):
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                        return ""
+                    why = f"greeting {data[:100]!r}"
+            except OSError as exc:
+                why = str(exc)
+            time.sleep(0.05)
+        return why
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"the proxy process is gone (exit {code})\n{self.log_tail()}")
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_lines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGINT (the proxy stops at once), then SIGKILL if it lingers."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5.0)
+        self.proc = None

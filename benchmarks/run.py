@@ -1,0 +1,974 @@
+"""Load generator: popproxy in front of a real Dovecot, against Dovecot direct.
+
+Run from the repository root::
+
+    python -m benchmarks.run            # the full run (about a minute)
+    python -m benchmarks.run --quick    # a smoke run: fewer rounds, smaller sizes
+    python -m benchmarks.run --json results.json
+    python -m benchmarks.run --only noop,pipeline --profile /tmp/prof   # py-spy
+
+It starts one private Dovecot (``tests/dovecot.py``) on a free loopback
+port, delivers the test messages, starts the proxy as a separate process
+(``python -m popproxy run -c FILE``) in front of it, and measures each
+scenario DIRECT (client -> Dovecot) and through the PROXY, interleaved
+(direct, proxy, direct, proxy, ...) so that machine noise hits both alike:
+
+1. RETR throughput of a 20 MiB and a 100 MiB message, and the proxy's RSS
+   while it streams the 100 MiB one (sampled every 2 ms, and the kernel's
+   peak-RSS mark reset before the transfer).
+2. NOOP round trip p50/p99 on one logged-in session.
+3. One client doing full sessions back to back (greeting, USER, PASS, STAT,
+   UIDL, RETR 1, QUIT): latency per session and per step, and the steps
+   slower than 35 ms (the Nagle / delayed-ACK trap costs 40 ms).
+4. Full sessions per second with 50 concurrent clients (one user each).
+5. 1,000 pipelined LIST n / UIDL n commands in one write.
+6. Proxy RSS per idle logged-in session at 1,000 open sessions (on a fresh
+   proxy process, so that memory freed by earlier scenarios is not reused).
+
+Besides the table of figures and bars it prints the per-step latencies of
+scenario 3 and the proxy process's CPU time while it was being measured
+(user + system, and per MB / NOOP / session), which tells whether a figure
+is bound by the proxy's CPU.
+
+Dovecot runs in its documented high-performance mode (login processes
+serve many connections, mail processes are reused); with
+``--dovecot-default-processes`` it forks a login and a mail process per
+connection as it does out of the box, which on a small machine makes
+Dovecot's process churn, not the proxy, the limit of the session rate.
+
+Every loop is bounded in count and in time; everything is on 127.0.0.1 with
+ports picked by binding port 0; Dovecot and the proxy are stopped on exit,
+Ctrl-C, SIGTERM and errors.  MB/s means 10^6 octets per second of the raw
+reply.  ``python -m benchmarks.floor`` measures what a minimal relay costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import trio
+
+from benchmarks._client import AsyncConn, Conn, ProtocolFailure
+from benchmarks._procs import (
+    CpuMeter,
+    ProxyProcess,
+    RssSampler,
+    dovecot_extra_config,
+    proc_status_kib,
+    raise_fd_limit,
+    reset_peak_rss,
+)
+from benchmarks._profile import record, summarize
+from tests.dovecot import SAMPLE_MESSAGES, Dovecot, dovecot_binary, ensure_dovecot
+
+MIB = 1 << 20
+SLOW_STEP = 0.035  # seconds; a 40 ms delayed-ACK stall is above it
+SESSION_STEPS = ("greeting", "USER", "PASS", "STAT", "UIDL", "RETR 1", "QUIT")
+ClientErrors = (OSError, ProtocolFailure, trio.BrokenResourceError, trio.TooSlowError)
+
+
+# --------------------------------------------------------------------------
+# Settings, targets, results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes_mib: tuple[int, ...] = (20, 100)
+    retr_rounds: int = 5
+    noop_total: int = 20_000
+    noop_block: int = 1_000
+    seq_sessions: int = 300
+    seq_block: int = 25
+    seq_seconds: float = 60.0  # per target
+    conc_clients: int = 50
+    conc_seconds: float = 5.0
+    conc_rounds: int = 3
+    pipeline_cmds: int = 1_000
+    pipeline_rounds: int = 7
+    pipeline_messages: int = 20
+    idle_sessions: int = 1_000
+    idle_concurrency: int = 25
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            sizes_mib=(2, 10), retr_rounds=2, noop_total=2_000, noop_block=500,
+            seq_sessions=30, seq_block=10, seq_seconds=15.0, conc_clients=50,
+            conc_seconds=1.5, conc_rounds=1, pipeline_cmds=1_000, pipeline_rounds=2,
+            idle_sessions=100,
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "direct" | "proxy"
+    host: str
+    port: int
+
+
+@dataclass
+class Row:
+    figure: str
+    direct: str
+    proxy: str
+    compare: str
+    bar: str
+    ok: bool | None  # None: no bar (informational)
+
+    @property
+    def verdict(self) -> str:
+        return "—" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Env:
+    settings: Settings
+    dovecot: Dovecot
+    proxy: ProxyProcess
+    workdir: Path
+    users: dict[str, str]
+    conc_users: list[str]
+    results: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cpu: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def direct(self) -> Target:
+        return Target("direct", self.dovecot.host, self.dovecot.port)
+
+    @property
+    def through_proxy(self) -> Target:
+        return Target("proxy", self.proxy.host, self.proxy.port)
+
+    @property
+    def targets(self) -> tuple[Target, Target]:
+        return (self.direct, self.through_proxy)
+
+    def cpu_meter(self) -> CpuMeter:
+        return CpuMeter(self.proxy.pid)
+
+    def record_cpu(self, scenario: str, meter: CpuMeter, units: float, unit: str,
+                   scale: float, per: str) -> None:
+        """Proxy CPU while the proxy was measured: busy share and CPU per unit."""
+        self.cpu[scenario] = {
+            "wall_s": meter.wall, "cpu_s": meter.cpu, "user_s": meter.user,
+            "system_s": meter.system,
+            "busy": meter.cpu / meter.wall if meter.wall else math.nan,
+            "units": units, "unit": unit,
+            "per_unit": meter.cpu / units * scale if units else math.nan, "per": per,
+        }
+
+
+def measuring(meter: CpuMeter, t: Target) -> contextlib.AbstractContextManager[None]:
+    return meter.measure() if t.name == "proxy" else contextlib.nullcontext()
+
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+# --------------------------------------------------------------------------
+# Test data
+# --------------------------------------------------------------------------
+
+
+def make_message(size: int, tag: str) -> bytes:
+    """A text message of about ``size`` octets (LF form), lines of ~80 octets.
+
+    Every 64th line starts with a dot, so the byte-stuffing paths run too.
+    """
+    header = (
+        "From: Bench <bench@example.org>\n"
+        "To: Alice <alice@example.org>\n"
+        f"Subject: benchmark message {tag}\n"
+        "Date: Mon, 04 Nov 2024 09:15:00 +0000\n"
+        f"Message-ID: <{tag}@bench.example.org>\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=us-ascii\n"
+        "\n"
+    ).encode()
+    lines = [
+        (b"." if i % 64 == 0 else b"")
+        + b"%06d lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do %03d\n"
+        % (i, (i * 7919) % 1000)
+        for i in range(4096)
+    ]
+    block = b"".join(lines)
+    want = max(0, size - len(header))
+    body = (block * (want // len(block) + 1))[:want]
+    body = body[: body.rfind(b"\n") + 1]
+    return header + body
+
+
+# --------------------------------------------------------------------------
+# Scenario 1: RETR throughput and RSS while streaming
+# --------------------------------------------------------------------------
+
+
+def _retr_session(
+    env: Env, t: Target, number: int, scratch: bytearray, sample_rss: bool
+) -> tuple[float, int, dict[str, int]]:
+    """One session that RETRs ``number``: (MB/s, octets, rss facts)."""
+    conn = Conn(t.host, t.port, timeout=60.0)
+    rss: dict[str, int] = {}
+    try:
+        conn.login("big", env.users["big"])
+        if sample_rss:
+            pid = env.proxy.pid
+            rss["before_kib"] = proc_status_kib(pid)
+            hwm_reset = reset_peak_rss(pid)
+            with RssSampler(pid) as sampler:
+                octets, seconds = conn.retr_raw(number, scratch)
+            rss["sampled_peak_kib"] = sampler.peak_kib
+            rss["samples"] = sampler.samples
+            peak = sampler.peak_kib
+            if hwm_reset:
+                rss["hwm_kib"] = proc_status_kib(pid, "VmHWM")
+                peak = max(peak, rss["hwm_kib"])
+            rss["peak_kib"] = peak
+            rss["growth_kib"] = peak - rss["before_kib"]
+        else:
+            octets, seconds = conn.retr_raw(number, scratch)
+        conn.cmd("QUIT")
+    finally:
+        conn.close()
+    return octets / seconds / 1e6, octets, rss
+
+
+def bench_throughput(env: Env) -> None:
+    s = env.settings
+    scratch = bytearray(1 << 20)
+    for number, size_mib in enumerate(s.sizes_mib, start=1):
+        largest = size_mib == max(s.sizes_mib)
+        for t in env.targets:  # warm-up: Dovecot's size scan, page cache
+            _retr_session(env, t, number, scratch, False)
+        speeds: dict[str, list[float]] = {"direct": [], "proxy": []}
+        rss_rounds: list[dict[str, int]] = []
+        octets = 0
+        meter = env.cpu_meter()
+        for r in range(s.retr_rounds):
+            for t in env.targets:
+                sample = t.name == "proxy"
+                with measuring(meter, t):
+                    mbps, octets, rss = _retr_session(env, t, number, scratch, sample)
+                if octets < size_mib * MIB:
+                    raise ProtocolFailure(f"RETR {number} gave only {octets} octets")
+                speeds[t.name].append(mbps)
+                if rss:
+                    rss_rounds.append(rss)
+                log(f"RETR {size_mib} MiB round {r + 1}/{s.retr_rounds} {t.name}: "
+                    f"{mbps:,.0f} MB/s" + (f", RSS +{rss['growth_kib']} KiB" if rss else ""))
+        env.record_cpu(f"RETR {size_mib} MiB", meter, octets * s.retr_rounds / 1e6, "MB",
+                       1000.0, "ms per MB")
+        d, p = median(speeds["direct"]), median(speeds["proxy"])
+        env.results[f"retr_{size_mib}mib"] = {
+            "octets": octets, "mbps": speeds, "median_direct": d, "median_proxy": p,
+            "ratio": p / d, "proxy_rss": rss_rounds,
+        }
+        env.rows.append(Row(
+            f"RETR {size_mib} MiB throughput (MB/s)", fmt(d, 0), fmt(p, 0),
+            f"{p / d:.2f}x", "≥ 0.70x", p / d >= 0.7,
+        ))
+        if largest and rss_rounds:
+            worst = max(rss_rounds, key=lambda x: x["growth_kib"])
+            growth_mib = worst["growth_kib"] / 1024
+            env.rows.append(Row(
+                f"Proxy RSS streaming {size_mib} MiB (MiB, worst of {len(rss_rounds)})",
+                "—",
+                f"{worst['before_kib'] / 1024:.1f} → peak {worst['peak_kib'] / 1024:.1f}",
+                f"+{growth_mib:.1f} MiB", "≤ +10 MiB", growth_mib <= 10.0,
+            ))
+
+
+# --------------------------------------------------------------------------
+# Scenario 2: NOOP round trips
+# --------------------------------------------------------------------------
+
+
+def bench_noop(env: Env) -> None:
+    s = env.settings
+    conns = {
+        t.name: Conn(t.host, t.port, timeout=30.0) for t in env.targets
+    }
+    lat: dict[str, list[float]] = {"direct": [], "proxy": []}
+    try:
+        for i, conn in enumerate(conns.values()):
+            user = env.conc_users[i]
+            conn.login(user, env.users[user])
+            for _ in range(200):  # warm-up
+                conn.cmd("NOOP")
+        deadline = time.monotonic() + 120.0
+        blocks = max(1, s.noop_total // s.noop_block)
+        meter = env.cpu_meter()
+        for _ in range(blocks):
+            for t in env.targets:
+                conn = conns[t.name]
+                out = lat[t.name]
+                sock = conn.sock
+                clock = time.perf_counter_ns
+                with measuring(meter, t):
+                    for _ in range(s.noop_block):
+                        t0 = clock()
+                        sock.sendall(b"NOOP\r\n")
+                        conn.ok_line()
+                        out.append((clock() - t0) / 1000.0)
+            if time.monotonic() > deadline:
+                env.notes.append("NOOP: stopped early at the time bound")
+                break
+        for conn in conns.values():
+            conn.cmd("QUIT")
+    finally:
+        for conn in conns.values():
+            conn.close()
+    env.record_cpu("NOOP", meter, len(lat["proxy"]), "NOOP", 1e6, "µs per NOOP")
+    summary: dict[str, Any] = {"count": {k: len(v) for k, v in lat.items()}}
+    for name, values in lat.items():
+        summary[name] = {
+            "p50_us": percentile(values, 50), "p99_us": percentile(values, 99),
+            "mean_us": statistics.fmean(values), "max_us": max(values),
+        }
+    env.results["noop"] = summary
+    d50, p50 = summary["direct"]["p50_us"], summary["proxy"]["p50_us"]
+    d99, p99 = summary["direct"]["p99_us"], summary["proxy"]["p99_us"]
+    log(f"NOOP p50 direct {d50:.1f} µs, proxy {p50:.1f} µs; p99 {d99:.1f} / {p99:.1f} µs")
+    n = summary["count"]["proxy"]
+    env.rows.append(Row(
+        f"NOOP round trip p50 (µs, {n:,} each)", fmt(d50), fmt(p50),
+        f"+{p50 - d50:.1f} µs", "≤ +100 µs", p50 - d50 <= 100.0,
+    ))
+    env.rows.append(Row(
+        "NOOP round trip p99 (µs)", fmt(d99), fmt(p99), f"+{p99 - d99:.1f} µs", "—", None,
+    ))
+
+
+# --------------------------------------------------------------------------
+# Scenario 3: one client, full sessions back to back
+# --------------------------------------------------------------------------
+
+
+def _full_session(t: Target, user: str, password: str) -> list[float]:
+    """Durations (s) of SESSION_STEPS; the greeting includes the TCP connect."""
+    clock = time.perf_counter
+    steps: list[float] = []
+    t0 = clock()
+    conn = Conn(t.host, t.port, timeout=30.0)
+    try:
+        conn.ok_line()
+        t1 = clock()
+        steps.append(t1 - t0)
+        for text, multi in (
+            (f"USER {user}", False), (f"PASS {password}", False), ("STAT", False),
+            ("UIDL", True), ("RETR 1", True), ("QUIT", False),
+        ):
+            if multi:
+                conn.cmd_multi(text)
+            else:
+                conn.cmd(text)
+            t2 = clock()
+            steps.append(t2 - t1)
+            t1 = t2
+    finally:
+        conn.close()
+    return steps
+
+
+def bench_sequential(env: Env) -> None:
+    s = env.settings
+    user = "seq"
+    per: dict[str, list[list[float]]] = {"direct": [], "proxy": []}
+    spent = {"direct": 0.0, "proxy": 0.0}
+    for t in env.targets:  # warm-up
+        _full_session(t, user, env.users[user])
+    meter = env.cpu_meter()
+    while any(len(v) < s.seq_sessions for v in per.values()):
+        progressed = False
+        for t in env.targets:
+            if len(per[t.name]) >= s.seq_sessions or spent[t.name] > s.seq_seconds:
+                continue
+            t0 = time.monotonic()
+            with measuring(meter, t):
+                for _ in range(min(s.seq_block, s.seq_sessions - len(per[t.name]))):
+                    per[t.name].append(_full_session(t, user, env.users[user]))
+            spent[t.name] += time.monotonic() - t0
+            progressed = True
+        if not progressed:
+            env.notes.append("sequential sessions: stopped early at the time bound")
+            break
+    env.record_cpu("sequential sessions", meter, len(per["proxy"]), "session", 1000.0,
+                   "ms per session")
+    summary: dict[str, Any] = {}
+    for name, sessions in per.items():
+        totals = [sum(x) * 1000 for x in sessions]
+        steps_all = [v for x in sessions for v in x]
+        slow = [
+            (i, SESSION_STEPS[j], round(v * 1000, 2))
+            for i, x in enumerate(sessions) for j, v in enumerate(x) if v > SLOW_STEP
+        ]
+        summary[name] = {
+            "sessions": len(sessions),
+            "session_p50_ms": percentile(totals, 50),
+            "session_p99_ms": percentile(totals, 99),
+            "steps": {
+                step: {
+                    "p50_ms": percentile([x[j] * 1000 for x in sessions], 50),
+                    "p99_ms": percentile([x[j] * 1000 for x in sessions], 99),
+                    "max_ms": max(x[j] * 1000 for x in sessions),
+                }
+                for j, step in enumerate(SESSION_STEPS)
+            },
+            "slow_steps": len(slow),
+            "steps_total": len(steps_all),
+            "slow_share": len(slow) / len(steps_all),
+            "slow_examples": slow[:20],
+        }
+    env.results["sequential"] = summary
+    d, p = summary["direct"], summary["proxy"]
+    log(f"sessions p50 direct {d['session_p50_ms']:.2f} ms, proxy {p['session_p50_ms']:.2f} ms;"
+        f" slow steps {d['slow_steps']} / {p['slow_steps']}")
+    env.rows.append(Row(
+        f"Sequential session p50 / p99 (ms, {p['sessions']} each)",
+        f"{d['session_p50_ms']:.2f} / {d['session_p99_ms']:.2f}",
+        f"{p['session_p50_ms']:.2f} / {p['session_p99_ms']:.2f}",
+        f"+{p['session_p50_ms'] - d['session_p50_ms']:.2f} / "
+        f"+{p['session_p99_ms'] - d['session_p99_ms']:.2f} ms",
+        "—", None,
+    ))
+    env.rows.append(Row(
+        "Steps slower than 35 ms (count, share)",
+        f"{d['slow_steps']} / {d['steps_total']} ({d['slow_share']:.2%})",
+        f"{p['slow_steps']} / {p['steps_total']} ({p['slow_share']:.2%})",
+        f"{p['slow_steps'] - d['slow_steps']:+d}", "proxy = 0", p["slow_steps"] == 0,
+    ))
+
+
+# --------------------------------------------------------------------------
+# Scenario 4: session rate with concurrent clients
+# --------------------------------------------------------------------------
+
+
+async def _concurrent_round(
+    t: Target, users: Sequence[tuple[str, str]], seconds: float
+) -> tuple[int, list[str]]:
+    """Sessions completed within ``seconds`` by len(users) clients; errors."""
+    deadline = trio.current_time() + seconds
+    done = 0
+    errors: list[str] = []
+
+    async def client(user: str, password: str) -> None:
+        nonlocal done
+        while trio.current_time() < deadline:
+            try:
+                with trio.fail_after(15.0):
+                    conn = await AsyncConn.open(t.host, t.port)
+                    try:
+                        await conn.login(user, password)
+                        await conn.cmd("STAT")
+                        await conn.cmd_multi("UIDL")
+                        await conn.cmd_multi("RETR 1")
+                        await conn.cmd("QUIT")
+                    finally:
+                        await conn.aclose()
+            except ClientErrors as exc:
+                if len(errors) < 1000:
+                    errors.append(f"{user}: {exc!r}")
+                await trio.sleep(0.01)
+                continue
+            if trio.current_time() <= deadline:
+                done += 1
+
+    with trio.move_on_after(seconds + 30.0):
+        async with trio.open_nursery() as nursery:
+            for user, password in users:
+                nursery.start_soon(client, user, password)
+    return done, errors
+
+
+def bench_concurrent(env: Env) -> None:
+    s = env.settings
+    users = [(u, env.users[u]) for u in env.conc_users[: s.conc_clients]]
+    rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+    errors: dict[str, list[str]] = {"direct": [], "proxy": []}
+    for t in env.targets:  # warm-up
+        trio.run(_concurrent_round, t, users, min(1.0, s.conc_seconds))
+    meter = env.cpu_meter()
+    sessions = 0
+    # The load generator shares the machine: its own CPU per session.
+    client_cpu = {"direct": 0.0, "proxy": 0.0}
+    client_sessions = {"direct": 0, "proxy": 0}
+    for r in range(s.conc_rounds):
+        for t in env.targets:
+            c0 = time.process_time()
+            with measuring(meter, t):
+                done, errs = trio.run(_concurrent_round, t, users, s.conc_seconds)
+            client_cpu[t.name] += time.process_time() - c0
+            client_sessions[t.name] += done
+            if t.name == "proxy":
+                sessions += done
+            rates[t.name].append(done / s.conc_seconds)
+            errors[t.name] += errs
+            extra = f", {len(errs)} errors" if errs else ""
+            log(f"{len(users)} clients round {r + 1}/{s.conc_rounds} {t.name}: "
+                f"{done / s.conc_seconds:,.0f} sessions/s{extra}")
+            env.proxy.check_alive()
+    env.record_cpu("concurrent sessions", meter, sessions, "session", 1000.0, "ms per session")
+    d, p = median(rates["direct"]), median(rates["proxy"])
+    env.results["concurrent"] = {
+        "clients": len(users), "seconds": s.conc_seconds, "rates": rates,
+        "median_direct": d, "median_proxy": p, "ratio": p / d,
+        "errors": {k: len(v) for k, v in errors.items()},
+        "client_cpu_ms_per_session": {
+            k: client_cpu[k] / client_sessions[k] * 1000 if client_sessions[k] else math.nan
+            for k in client_cpu
+        },
+        "error_examples": {k: v[:10] for k, v in errors.items()},
+    }
+    n_err = sum(len(v) for v in errors.values())
+    env.rows.append(Row(
+        f"Sessions/s, {len(users)} concurrent clients" + (f" ({n_err} errors)" if n_err else ""),
+        fmt(d, 0), fmt(p, 0), f"{p / d:.2f}x", "≥ 0.60x", p / d >= 0.6 and not errors["proxy"],
+    ))
+
+
+# --------------------------------------------------------------------------
+# Scenario 5: pipelined commands
+# --------------------------------------------------------------------------
+
+
+def _pipeline_once(env: Env, t: Target, batch: bytes, count: int) -> float:
+    conn = Conn(t.host, t.port, timeout=30.0)
+    try:
+        conn.login("pipe", env.users["pipe"])
+        sock = conn.sock
+        received = bytearray()
+        lines = 0
+        t0 = time.perf_counter()
+        sock.sendall(batch)
+        while lines < count:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ProtocolFailure("closed during the pipeline")
+            received += chunk
+            lines += chunk.count(b"\n")
+        elapsed = time.perf_counter() - t0
+        replies = bytes(received).split(b"\r\n")[:-1]
+        bad = [x for x in replies if not x.startswith(b"+OK")]
+        if len(replies) != count or bad:
+            raise ProtocolFailure(f"pipeline: {len(replies)} replies, bad: {bad[:3]!r}")
+        conn.cmd("QUIT")
+    finally:
+        conn.close()
+    return elapsed
+
+
+def bench_pipeline(env: Env) -> None:
+    s = env.settings
+    n = s.pipeline_messages
+    batch = b"".join(
+        (b"LIST %d\r\n" if i % 2 == 0 else b"UIDL %d\r\n") % (i % n + 1)
+        for i in range(s.pipeline_cmds)
+    )
+    for t in env.targets:  # warm-up
+        _pipeline_once(env, t, batch, s.pipeline_cmds)
+    times: dict[str, list[float]] = {"direct": [], "proxy": []}
+    meter = env.cpu_meter()
+    for r in range(s.pipeline_rounds):
+        for t in env.targets:
+            with measuring(meter, t):
+                times[t.name].append(_pipeline_once(env, t, batch, s.pipeline_cmds) * 1000)
+        log(f"pipeline round {r + 1}/{s.pipeline_rounds}: direct {times['direct'][-1]:.2f} ms,"
+            f" proxy {times['proxy'][-1]:.2f} ms")
+    env.record_cpu("pipeline (session incl. login)", meter, s.pipeline_rounds, "session",
+                   1000.0, "ms per session")
+    d, p = median(times["direct"]), median(times["proxy"])
+    env.results["pipeline"] = {
+        "commands": s.pipeline_cmds, "octets": len(batch), "ms": times,
+        "median_direct": d, "median_proxy": p, "ratio": p / d,
+    }
+    env.rows.append(Row(
+        f"{s.pipeline_cmds:,} pipelined LIST n/UIDL n, write → last reply (ms)",
+        fmt(d, 2), fmt(p, 2), f"{p / d:.2f}x", "≤ 2.00x", p / d <= 2.0,
+    ))
+
+
+# --------------------------------------------------------------------------
+# Scenario 6: RSS per idle logged-in session
+# --------------------------------------------------------------------------
+
+
+async def _rss_median(pid: int, samples: int = 5, gap: float = 0.1) -> int:
+    values = []
+    for _ in range(samples):
+        values.append(proc_status_kib(pid))
+        await trio.sleep(gap)
+    return int(statistics.median(values))
+
+
+async def _idle_sessions(
+    t: Target, pid: int, users: Sequence[tuple[str, str]], count: int, concurrency: int
+) -> dict[str, Any]:
+    conns: list[AsyncConn] = []
+    errors: list[str] = []
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def open_one(i: int) -> None:
+        user, password = users[i % len(users)]
+        async with limiter:
+            try:
+                with trio.fail_after(30.0):
+                    conn = await AsyncConn.open(t.host, t.port)
+                    try:
+                        await conn.login(user, password)
+                    except BaseException:
+                        await conn.aclose()
+                        raise
+                conns.append(conn)
+            except ClientErrors as exc:
+                if len(errors) < 100:
+                    errors.append(f"{user}: {exc!r}")
+
+    # Warm the proxy up: a few sessions opened and closed.
+    for i in range(5):
+        await open_one(i)
+    for conn in conns:
+        await conn.cmd("QUIT")
+        await conn.aclose()
+    conns.clear()
+    await trio.sleep(0.5)
+    before = await _rss_median(pid)
+    t0 = trio.current_time()
+    try:
+        with trio.move_on_after(max(120.0, count * 0.2)):
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(open_one, i)
+        opened_in = trio.current_time() - t0
+        # Every session is logged in and idle now; let the proxy settle.
+        alive = 0
+        for conn in conns:
+            with trio.move_on_after(10.0), contextlib.suppress(*ClientErrors):
+                await conn.cmd("NOOP")
+                alive += 1
+        await trio.sleep(1.0)
+        after = await _rss_median(pid)
+    finally:
+        for conn in conns:
+            await conn.aclose()
+    await trio.sleep(1.0)
+    after_close = await _rss_median(pid)
+    opened = len(conns)
+    return {
+        "requested": count, "opened": opened, "alive": alive, "errors": len(errors),
+        "error_examples": errors[:10], "open_seconds": opened_in,
+        "rss_before_kib": before, "rss_after_kib": after, "rss_after_close_kib": after_close,
+        "kib_per_session": (after - before) / opened if opened else math.nan,
+    }
+
+
+def bench_idle(env: Env) -> None:
+    s = env.settings
+    users = [(u, env.users[u]) for u in env.conc_users]
+    # A fresh proxy process: its RSS growth is all per-session cost, not
+    # memory freed by earlier scenarios and reused.
+    fresh = ProxyProcess(
+        env.dovecot.port, env.workdir / "idle", max_sessions=s.idle_sessions + 100,
+    )
+    fresh.workdir.mkdir(exist_ok=True)
+    try:
+        fresh.start()
+        t = Target("proxy", fresh.host, fresh.port)
+        res = trio.run(_idle_sessions, t, fresh.pid, users, s.idle_sessions, s.idle_concurrency)
+        fresh.check_alive()
+        res["proxy_log_lines"] = len(fresh.log_lines())
+    finally:
+        fresh.stop()
+    env.results["idle"] = res
+    per = res["kib_per_session"]
+    log(f"idle: {res['opened']} sessions in {res['open_seconds']:.1f}s, RSS "
+        f"{res['rss_before_kib']} → {res['rss_after_kib']} KiB ({per:.1f} KiB/session), "
+        f"after close {res['rss_after_close_kib']} KiB")
+    ok = res["opened"] == s.idle_sessions and res["alive"] == res["opened"] and per <= 48.0
+    note = "" if res["opened"] == s.idle_sessions else f", only {res['opened']} opened"
+    env.rows.append(Row(
+        f"Proxy RSS per idle logged-in session at {s.idle_sessions:,} (KiB{note})",
+        "—",
+        f"{res['rss_before_kib'] / 1024:.1f} → {res['rss_after_kib'] / 1024:.1f} MiB",
+        f"{per:.1f} KiB", "≤ 48 KiB", ok,
+    ))
+
+
+# --------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------
+
+SCENARIOS: dict[str, Callable[[Env], None]] = {
+    "throughput": bench_throughput,
+    "noop": bench_noop,
+    "sequential": bench_sequential,
+    "concurrent": bench_concurrent,
+    "pipeline": bench_pipeline,
+    "idle": bench_idle,
+}
+
+
+def _environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+    binary = dovecot_binary()
+    if binary:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([binary, "--version"], capture_output=True, timeout=10)
+            info["dovecot"] = out.stdout.decode(errors="replace").strip()
+    return info
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop the children."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # A background job of a non-interactive shell ignores SIGINT.
+            raise KeyboardInterrupt(f"signal {signum}")
+        # As SIGINT, so that inside trio.run it arrives at a safe point.
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _setup_mail(dovecot: Dovecot, settings: Settings, conc_users: Sequence[str]) -> None:
+    for i, size in enumerate(settings.sizes_mib):
+        dovecot.deliver("big", make_message(size * MIB, f"big-{i + 1}"))
+    dovecot.deliver("seq", SAMPLE_MESSAGES[0])
+    for i in range(settings.pipeline_messages):
+        dovecot.deliver("pipe", SAMPLE_MESSAGES[i % len(SAMPLE_MESSAGES)])
+    for user in conc_users:
+        dovecot.deliver(user, SAMPLE_MESSAGES[0])
+
+
+def run(
+    settings: Settings,
+    only: Sequence[str],
+    *,
+    dovecot_performance: bool = True,
+    profile_dir: Path | None = None,
+) -> tuple[dict[str, Any], list[Row], list[str]]:
+    reason = ensure_dovecot()
+    if reason is not None:
+        raise SystemExit(f"benchmark needs Dovecot: {reason}")
+    fd_limit = raise_fd_limit(max(8192, settings.idle_sessions * 4 + 1024))
+    n_conc = max(settings.conc_clients, 50)
+    conc_users = [f"c{i:03d}" for i in range(n_conc)]
+    users = {"big": "big-Secret1", "seq": "seq-Secret2", "pipe": "pipe-Secret3"}
+    users.update({u: f"{u}-pw" for u in conc_users})
+    processes = max(1200, settings.idle_sessions + 300)
+    per_user_ip = settings.idle_sessions // len(conc_users) + 100
+    results: dict[str, Any] = {
+        "environment": _environment(), "fd_limit": fd_limit,
+        "dovecot_mode": "performance" if dovecot_performance else "default (high-security)",
+    }
+    env: Env | None = None
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="popproxy-bench-")))
+        dovecot = Dovecot(
+            users,
+            max_userip_connections=per_user_ip,
+            extra_config=dovecot_extra_config(processes, performance=dovecot_performance),
+        )
+        stack.callback(dovecot.stop)
+        dovecot.start()
+        log(f"Dovecot on 127.0.0.1:{dovecot.port} in {dovecot.root} "
+            f"(started in {dovecot.startup_seconds:.2f}s)")
+        t0 = time.monotonic()
+        _setup_mail(dovecot, settings, conc_users)
+        log(f"delivered test mail in {time.monotonic() - t0:.1f}s")
+        proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max(1000, settings.idle_sessions))
+        stack.callback(proxy.stop)
+        proxy.start()
+        rss = proc_status_kib(proxy.pid)
+        log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {rss} KiB")
+        env = Env(settings, dovecot, proxy, workdir, users, conc_users)
+        for name, bench in SCENARIOS.items():
+            if only and name not in only:
+                continue
+            log(f"--- {name}")
+            t0 = time.monotonic()
+            try:
+                if profile_dir is None:
+                    bench(env)
+                else:
+                    folded = profile_dir / f"{name}.folded"
+                    with record(proxy.pid, folded):
+                        bench(env)
+                    summary = summarize(folded)
+                    (profile_dir / f"{name}.summary.txt").write_text(summary + "\n")
+                    log(f"profile of the proxy during {name}: {folded}")
+            except Exception as exc:  # keep going; report it
+                log(f"{name} FAILED: {exc!r}")
+                env.rows.append(Row(f"{name}: ERROR {exc!r}"[:120], "", "", "", "", False))
+                env.notes.append(f"{name} failed: {exc!r}")
+                env.failed.append(name)
+            env.results.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 1)
+            proxy.check_alive()
+        lines = proxy.log_lines()
+        if lines:
+            env.notes.append(f"the proxy logged {len(lines)} lines, the last: {lines[-1]}")
+        results.update(env.results)
+    assert env is not None
+    results["failed"] = env.failed
+    results["proxy_cpu"] = env.cpu
+    return results, env.rows, env.notes
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    head = ("Figure", "Direct", "Proxy", "Proxy vs direct", "Bar", "Result")
+    body = [(r.figure, r.direct, r.proxy, r.compare, r.bar, r.verdict) for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def render_steps(results: dict[str, Any]) -> str:
+    seq = results.get("sequential")
+    if not seq:
+        return ""
+    lines = [
+        "| Step (scenario 3) | Direct p50 / p99 (ms) | Proxy p50 / p99 (ms) | Proxy max (ms) |",
+        "|---|---|---|---|",
+    ]
+    for step in SESSION_STEPS:
+        d, p = seq["direct"]["steps"][step], seq["proxy"]["steps"][step]
+        lines.append(
+            f"| {step} | {d['p50_ms']:.3f} / {d['p99_ms']:.3f} | "
+            f"{p['p50_ms']:.3f} / {p['p99_ms']:.3f} | {p['max_ms']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_cpu(results: dict[str, Any]) -> str:
+    cpu: dict[str, dict[str, Any]] = results.get("proxy_cpu", {})
+    if not cpu:
+        return ""
+    lines = [
+        "| Proxy CPU while measured | Wall (s) | CPU user + sys (s) | Busy (one core) "
+        "| CPU per unit |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in cpu.items():
+        lines.append(
+            f"| {name} | {c['wall_s']:.2f} | {c['user_s']:.2f} + {c['system_s']:.2f} | "
+            f"{c['busy']:.0%} | "
+            f"{c['per_unit']:.3g} {c['per']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, smaller sizes")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--only", metavar="NAMES", default="",
+                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    ap.add_argument("--dovecot-default-processes", action="store_true",
+                    help="run Dovecot in its stock high-security mode (a login and a mail "
+                    "process forked per connection) instead of its high-performance mode")
+    ap.add_argument("--profile", metavar="DIR", type=Path,
+                    help="sample the proxy with py-spy during each scenario; folded stacks "
+                    "and a summary per scenario go to DIR (skews the figures)")
+    args = ap.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in only if x not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(unknown)}")
+    settings = Settings.quick() if args.quick else Settings()
+    started = time.monotonic()
+    try:
+        with _sigterm_as_interrupt():
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            results, rows, notes = run(
+                settings, only, dovecot_performance=not args.dovecot_default_processes,
+                profile_dir=args.profile,
+            )
+    except KeyboardInterrupt:
+        print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as exc:  # set-up failed: Dovecot or the proxy
+        print(f"benchmark set-up failed: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # from inside a trio nursery
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+    mode = "quick" if args.quick else "full"
+    environment = results["environment"]
+    print(f"\n## popproxy benchmark ({mode}; {environment.get('cpus')} CPUs; Dovecot "
+          f"{environment.get('dovecot', '?')} in {results['dovecot_mode']} mode; "
+          f"run took {elapsed:.0f}s)\n")
+    print(render_table(rows))
+    for extra in (render_steps(results), render_cpu(results)):
+        if extra:
+            print("\n" + extra)
+    for note in notes:
+        print(f"\nNote: {note}")
+    if args.json:
+        doc = {
+            "mode": mode, "settings": asdict(settings), "seconds": round(elapsed, 1),
+            "rows": [asdict(r) | {"verdict": r.verdict} for r in rows], "results": results,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
