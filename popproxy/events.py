@@ -92,9 +92,11 @@ class Response(Event):
 
 @dataclass(frozen=True, slots=True)
 class MessageData(Event):
-    """A piece of a RETR/TOP body, unstuffed, as it passed to the client.
+    """The head of a RETR/TOP body, unstuffed, as it passed to the client.
 
-    ``octets`` is the running count of unstuffed octets so far.
+    Emitted while the first ``limits`` header window (64 KiB) streams by,
+    so observers can read headers; the rest of the body streams without
+    per-chunk events.  ``octets`` is the running count of unstuffed octets.
     """
 
     command: Command

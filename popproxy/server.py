@@ -43,6 +43,8 @@ __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
 logger = structlog.get_logger("popproxy.server")
 
 RECEIVE_SIZE = 65536
+LINGER_SECONDS = 1.0
+LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
 PROXY_HEADER_TIMEOUT = 5.0
 Stream = trio.abc.Stream
@@ -171,8 +173,11 @@ class Proxy:
                 raise
             finally:
                 self.active -= 1
+                stream = conn.client if conn else client
                 with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(conn.client if conn else client)
+                    if reason == "client protocol error":
+                        await _linger(stream)
+                    await trio.aclose_forcefully(stream)
                 now = trio.current_time()
                 # Whatever ended the session, the core reports what was cut
                 # short (a RETR in flight) before the session is closed.
@@ -278,125 +283,7 @@ class Proxy:
         self, conn: _Connection, link: UpstreamLink, session: Session, info: SessionInfo,
         stats: _Stats,
     ) -> str:
-        send, receive = trio.open_memory_channel[tuple[bool, bytes]](0)
-        async with trio.open_nursery() as nursery:
-            conn.nursery = nursery
-            conn.spare = send.clone()  # for the reader after a STLS upgrade
-            conn.reader = _Reader(conn.client, True, send.clone())
-            nursery.start_soon(conn.reader.run)
-            nursery.start_soon(_Reader(link.stream, False, send.clone()).run)
-            send.close()
-            try:
-                if link.greeting:
-                    # Read while opening the link (STLS or XCLIENT needed it).
-                    out = self._feed(session, False, link.greeting, trio.current_time(), stats)
-                    if not await self._deliver(conn, link.stream, session, info, out, stats):
-                        return out.close or "peer gone or too slow"
-                return await self._relay_loop(conn, link.stream, session, info, stats, receive)
-            finally:
-                nursery.cancel_scope.cancel()  # the readers, blocked in receive
-
-    async def _relay_loop(
-        self, conn: _Connection, upstream: Stream, session: Session, info: SessionInfo,
-        stats: _Stats, receive: trio.MemoryReceiveChannel[tuple[bool, bytes]],
-    ) -> str:
-        limits = self.config.limits
-        response_timeout = self.config.upstream.response_timeout
-        max_duration = self.config.policy.protections.max_session_duration
-        last_client = last_upstream = started = trio.current_time()
-        ends = started + max_duration if max_duration is not None else math.inf
-        while True:
-            # The nearest of: a timeout, the session's age limit, or a
-            # policy timer (a delayed command or tarpitted refusal).
-            if session.owes_upstream_reply:
-                deadline, why = last_upstream + response_timeout, "upstream response timeout"
-            else:
-                deadline, why = last_client + limits.idle_timeout, "idle timeout"
-            if ends < deadline:
-                deadline, why = ends, "session time limit"
-            wake = session.wake_at
-            if wake is not None and wake < deadline:
-                deadline, why = wake, "tick"
-            with trio.move_on_at(deadline):
-                from_client, data = await receive.receive()
-                now = trio.current_time()
-                out = self._feed(session, from_client, data, now, stats)
-                if from_client:
-                    last_client = now
-                # Upstream silence is measured from its last octet or from
-                # the moment we last asked it something, whichever is later.
-                if not from_client or out.to_upstream:
-                    last_upstream = now
-                if not await self._deliver(conn, upstream, session, info, out, stats):
-                    return out.close or "peer gone or too slow"
-                continue
-            now = trio.current_time()
-            if why == "tick":
-                out = session.tick(now)
-                if out.to_upstream:
-                    last_upstream = now
-                if not await self._deliver(conn, upstream, session, info, out, stats):
-                    return out.close or "peer gone or too slow"
-                continue
-            # A deadline passed: tell the client why, then close.
-            if why == "upstream response timeout":
-                out = session.fail(why, now)
-                out.events.insert(0, UpstreamFailed("response_timeout"))
-            else:
-                out = session.close(why, now)
-                text = "disconnected for inactivity" if why == "idle timeout" else why
-                out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
-            self._emit(info, out.events)
-            await _send_quietly(conn.client, out.to_client, stats)
-            return why
-
-    async def _deliver(
-        self, conn: _Connection, upstream: Stream, session: Session, info: SessionInfo,
-        out: Output, stats: _Stats,
-    ) -> bool:
-        """Write an output, tell observers, upgrade to TLS if asked.
-
-        False when the session is over (closed, or a peer gone or stuck).
-        """
-        limits = self.config.limits
-        while True:
-            if out.start_tls:
-                # Stop reading plaintext *before* the +OK goes out: whatever
-                # the client sends after it is the TLS handshake, and no
-                # reader may take it.  What the reader had read until now
-                # (pipelined after STLS) is dropped with it, never executed.
-                assert conn.reader is not None
-                await conn.reader.stop()
-            written = await self._write(conn.client, upstream, out, stats, limits.send_timeout)
-            # Observers hear of bytes after they were written.
-            self._emit(info, out.events)
-            if not written or out.close is not None:
-                return False
-            if not out.start_tls:
-                return True
-            upgraded = await self._start_client_tls(conn, info)
-            if not upgraded:
-                return False
-            out = session.tls_started(trio.current_time())
-
-    async def _start_client_tls(self, conn: _Connection, info: SessionInfo) -> bool:
-        """STLS (RFC 2595): handshake on the raw stream, then read TLS."""
-        assert conn.nursery is not None
-        assert conn.spare is not None
-        ssl_stream = trio.SSLStream(conn.client, self.tls.server(conn.listener),
-                                    server_side=True)
-        conn.client = ssl_stream
-        try:
-            version, cipher, sni = await handshake(
-                ssl_stream, self.config.limits.handshake_timeout)
-        except TLSHandshakeError as exc:
-            self._emit(info, [TlsFailed("client", str(exc))])
-            logger.info("client.tls_failed", error=str(exc))
-            return False
-        self._emit(info, [TlsEstablished("client", version, cipher, sni)])
-        conn.reader = _Reader(ssl_stream, True, conn.spare.clone())
-        conn.nursery.start_soon(conn.reader.run)
-        return True
+        return await _Relay(self, conn, link.stream, session, info, stats).run(link.greeting)
 
     def _feed(
         self, session: Session, from_client: bool, data: bytes, now: float, stats: _Stats
@@ -439,46 +326,6 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-class _Reader:
-    """Moves bytes from a stream to the relay; b"" marks the end.
-
-    ``stop`` ends it and waits until it no longer touches the stream (the
-    STLS upgrade needs the raw stream to itself).
-    """
-
-    def __init__(
-        self, stream: Stream, from_client: bool,
-        channel: trio.MemorySendChannel[tuple[bool, bytes]],
-    ) -> None:
-        self.stream = stream
-        self.from_client = from_client
-        self.channel = channel
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-
-    async def run(self) -> None:
-        try:
-            with self.scope:
-                async with self.channel:
-                    while True:
-                        try:
-                            data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            data = b""
-                        try:
-                            await self.channel.send((self.from_client, data))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return
-                        if not data:
-                            return
-        finally:
-            self.done.set()
-
-    async def stop(self) -> None:
-        self.scope.cancel()
-        await self.done.wait()
-
-
 class _Connection:
     """The client side of one session: its stream may be upgraded to TLS."""
 
@@ -486,9 +333,196 @@ class _Connection:
         self.client = client
         self.listener = listener
         self.local = local
-        self.reader: _Reader | None = None
-        self.spare: trio.MemorySendChannel[tuple[bool, bytes]] | None = None
+
+
+class _Relay:
+    """Moves one session's bytes: a pump per direction and a watchdog.
+
+    Each pump reads its stream and, holding the session lock, feeds the
+    sans-IO session and writes what it says, in order.  Holding the lock
+    across the writes keeps replies ordered and gives backpressure (a slow
+    client stalls the upstream pump, not memory), and unlike a channel to a
+    third task it costs no task switch per read.  The watchdog enforces the
+    idle, response and session-age limits and the policy timers; its cancel
+    scope's deadline is moved after every read, which is cheap.
+    """
+
+    def __init__(
+        self, proxy: Proxy, conn: _Connection, upstream: Stream, session: Session,
+        info: SessionInfo, stats: _Stats,
+    ) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.upstream = upstream
+        self.session = session
+        self.info = info
+        self.stats = stats
+        self.lock = trio.Lock()
+        self.reason: str | None = None
+        self.finished = trio.Event()
+        self.timer = trio.CancelScope()
+        self.client_scope = trio.CancelScope()
+        self.client_pump_done = trio.Event()
         self.nursery: trio.Nursery | None = None
+        now = trio.current_time()
+        self.last_client = self.last_upstream = now
+        limit = proxy.config.policy.protections.max_session_duration
+        self.ends = now + limit if limit is not None else math.inf
+
+    def finish(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.finished.set()
+
+    async def run(self, greeting: bytes) -> str:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            if greeting:
+                # Read while opening the link (STLS or XCLIENT needed it).
+                async with self.lock:
+                    await self.process(False, greeting)
+            if self.reason is None:
+                nursery.start_soon(self.pump_client, self.client_scope, self.client_pump_done)
+                nursery.start_soon(self.pump_upstream)
+                nursery.start_soon(self.watchdog)
+                await self.finished.wait()
+            nursery.cancel_scope.cancel()
+        assert self.reason is not None
+        return self.reason
+
+    async def pump_client(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                await self._pump(True)
+        finally:
+            done.set()
+
+    async def pump_upstream(self) -> None:
+        await self._pump(False)
+
+    async def _pump(self, from_client: bool) -> None:
+        while self.reason is None:
+            stream = self.conn.client if from_client else self.upstream
+            try:
+                data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            async with self.lock:
+                if self.reason is not None:
+                    return
+                await self.process(from_client, data)
+            if not data:
+                return
+
+    async def process(self, from_client: bool, data: bytes) -> None:
+        """Feed the session and carry out what it says (the lock is held)."""
+        now = trio.current_time()
+        out = self.proxy._feed(self.session, from_client, data, now, self.stats)
+        if from_client:
+            self.last_client = now
+        # Upstream silence is measured from its last octet or from the
+        # moment we last asked it something, whichever is later.
+        if not from_client or out.to_upstream:
+            self.last_upstream = now
+        await self.deliver(out, from_client)
+        self.reschedule()
+
+    def next_deadline(self) -> tuple[float, str]:
+        if self.session.owes_upstream_reply:
+            deadline = self.last_upstream + self.proxy.config.upstream.response_timeout
+            why = "upstream response timeout"
+        else:
+            deadline = self.last_client + self.proxy.config.limits.idle_timeout
+            why = "idle timeout"
+        if self.ends < deadline:
+            deadline, why = self.ends, "session time limit"
+        wake = self.session.wake_at
+        if wake is not None and wake < deadline:
+            deadline, why = wake, "tick"
+        return deadline, why
+
+    def reschedule(self) -> None:
+        self.timer.deadline = self.next_deadline()[0]
+
+    async def watchdog(self) -> None:
+        while self.reason is None:
+            self.timer = trio.CancelScope(deadline=self.next_deadline()[0])
+            with self.timer:
+                await trio.sleep_forever()
+            async with self.lock:
+                if self.reason is not None:
+                    return
+                deadline, why = self.next_deadline()
+                now = trio.current_time()
+                if deadline > now:
+                    continue  # activity moved the deadline meanwhile
+                if why == "tick":
+                    out = self.session.tick(now)
+                    if out.to_upstream:
+                        self.last_upstream = now
+                    await self.deliver(out, False)
+                    continue
+                # A limit passed: tell the client why, then close.
+                if why == "upstream response timeout":
+                    out = self.session.fail(why, now)
+                    out.events.insert(0, UpstreamFailed("response_timeout"))
+                else:
+                    out = self.session.close(why, now)
+                    text = "disconnected for inactivity" if why == "idle timeout" else why
+                    out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
+                self.proxy._emit(self.info, out.events)
+                await _send_quietly(self.conn.client, out.to_client, self.stats)
+                self.finish(why)
+
+    async def deliver(self, out: Output, from_client: bool) -> None:
+        """Write an output, tell observers, upgrade to TLS if asked."""
+        limits = self.proxy.config.limits
+        while True:
+            if out.start_tls and not from_client:
+                # STLS answered while the client pump is reading: stop it
+                # *before* the +OK goes out, since what the client sends after
+                # the +OK is the TLS handshake and no plaintext reader may take
+                # it.  (When the client pump itself is here, it is not reading.)
+                self.client_scope.cancel()
+                await self.client_pump_done.wait()
+            written = await self.proxy._write(
+                self.conn.client, self.upstream, out, self.stats, limits.send_timeout)
+            # Observers hear of bytes after they were written.
+            self.proxy._emit(self.info, out.events)
+            if not written:
+                self.finish(out.close or "peer gone or too slow")
+                return
+            if out.close is not None:
+                self.finish(out.close)
+                return
+            if not out.start_tls:
+                return
+            if not await self.start_client_tls():
+                self.finish("client TLS handshake failed")
+                return
+            if not from_client:
+                assert self.nursery is not None
+                self.client_scope = trio.CancelScope()
+                self.client_pump_done = trio.Event()
+                self.nursery.start_soon(self.pump_client, self.client_scope,
+                                        self.client_pump_done)
+            out = self.session.tls_started(trio.current_time())
+
+    async def start_client_tls(self) -> bool:
+        """STLS (RFC 2595): the handshake on the raw client stream."""
+        conn = self.conn
+        ssl_stream = trio.SSLStream(conn.client, self.proxy.tls.server(conn.listener),
+                                    server_side=True)
+        conn.client = ssl_stream
+        try:
+            version, cipher, sni = await handshake(
+                ssl_stream, self.proxy.config.limits.handshake_timeout)
+        except TLSHandshakeError as exc:
+            self.proxy._emit(self.info, [TlsFailed("client", str(exc))])
+            logger.info("client.tls_failed", error=str(exc))
+            return False
+        self.proxy._emit(self.info, [TlsEstablished("client", version, cipher, sni)])
+        return True
 
 
 class _Prefixed(trio.abc.Stream):
@@ -518,6 +552,27 @@ class _Prefixed(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def _linger(stream: Stream) -> None:
+    """Close gently on a client that is still sending (after an over-long line).
+
+    Closing a socket with unread input makes the kernel send a reset, which
+    can destroy our -ERR before the client reads it.  So: half-close, then
+    read and drop what is still coming, bounded in time and octets.
+    """
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            dropped = 0
+            while dropped < LINGER_OCTETS:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                dropped += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def _send_quietly(

@@ -127,21 +127,27 @@ class _Pending:
 class _Message:
     """Running facts of a RETR/TOP body: octets, SHA-256, Message-ID."""
 
-    __slots__ = ("command", "headers", "headers_done", "octets", "sha")
+    __slots__ = ("command", "fresh", "header_limit", "headers", "headers_done", "octets", "sha")
 
-    def __init__(self, command: Command) -> None:
+    def __init__(self, command: Command, header_limit: int) -> None:
         self.command = command
         self.sha = hashlib.sha256()
         self.octets = 0
+        self.header_limit = header_limit
         self.headers = bytearray()
         self.headers_done = False
+        self.fresh = bytearray()  # content of this feed, while in the header window
 
-    def add(self, data: bytes, header_limit: int) -> None:
-        self.sha.update(data)
-        self.octets += len(data)
+    def add(self, piece: memoryview) -> None:
+        """The sink for ``BodyReader``: hash and count every piece, keep the head."""
+        self.sha.update(piece)
+        self.octets += len(piece)
         if not self.headers_done:
-            self.headers += data[: header_limit - len(self.headers)]
-            if b"\r\n\r\n" in self.headers or len(self.headers) >= header_limit:
+            self.fresh += piece
+            seen = len(self.headers)
+            self.headers += piece[: self.header_limit - seen]
+            if (self.headers.find(b"\r\n\r\n", max(0, seen - 3)) >= 0
+                    or len(self.headers) >= self.header_limit):
                 self.headers_done = True
 
     def complete(self, whole: bool) -> MessageComplete:
@@ -615,7 +621,7 @@ class Session:
             else:
                 out.client.append(raw)
                 if cmd.verb in ("RETR", "TOP"):
-                    self._message = _Message(cmd)
+                    self._message = _Message(cmd, self.limits.header_octets)
                 elif cmd.verb == "UIDL":
                     self._listing = _Listing()
                 elif cmd.verb == "LIST":
@@ -678,7 +684,11 @@ class Session:
     def _feed_body(self, data: bytes, out: _Out, now: float) -> int:
         """Stream part of a multi-line body; return how much of ``data`` it took."""
         assert self._body is not None
-        end, content = self._body.feed(data)
+        msg = self._message
+        listing = self._listing
+        end = self._body.feed(
+            data, msg.add if msg is not None else listing.feed if listing is not None else None
+        )
         part = data if end < 0 else data[:end]
         self._body_octets += len(part)
         if self._capa is not None:
@@ -687,12 +697,11 @@ class Session:
                 raise UpstreamProtocolError("CAPA reply too long")
         elif not self._swallow:
             out.client.append(part)
-        msg = self._message
-        if self._listing is not None:
-            self._listing.feed(content)
-        if msg is not None and content:
-            msg.add(content, self.limits.header_octets)
-            out.events.append(MessageData(msg.command, content, msg.octets))
+        if msg is not None and msg.fresh:
+            # Observers see the head of the message (its headers), not every
+            # chunk: the body streams without per-chunk events.
+            out.events.append(MessageData(msg.command, bytes(msg.fresh), msg.octets))
+            msg.fresh.clear()
         if end < 0:
             return len(data)
         self._body = None
@@ -835,10 +844,10 @@ class _Listing:
         self.sizes = sizes
         self.uids: list[tuple[int, str]] = []
 
-    def feed(self, content: bytes) -> None:
+    def feed(self, content: memoryview) -> None:
         if not content:
             return
-        lines = (self._partial + content).split(b"\r\n")
+        lines = (self._partial + bytes(content)).split(b"\r\n")
         self._partial = lines.pop()[:80]  # a listing line is short; cap the carry
         for line in lines:
             entry = _listing_line(line)

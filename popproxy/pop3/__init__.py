@@ -15,17 +15,14 @@ from ._errors import MalformedLine as MalformedLine
 from ._errors import PipelineOverflow as PipelineOverflow
 from ._errors import ProtocolError as ProtocolError
 from ._errors import UpstreamProtocolError as UpstreamProtocolError
-from ._response import BodyFramer as BodyFramer
 from ._response import BodyReader as BodyReader
 from ._response import Status as Status
-from ._response import Unstuffer as Unstuffer
 from ._response import is_multiline as is_multiline
 from ._response import parse_status as parse_status
 from ._response import stuff as stuff
 
 __all__ = [
     "SECRET_VERBS",
-    "BodyFramer",
     "BodyReader",
     "ClientProtocolError",
     "Command",
@@ -35,7 +32,6 @@ __all__ = [
     "PipelineOverflow",
     "ProtocolError",
     "Status",
-    "Unstuffer",
     "UpstreamProtocolError",
     "is_multiline",
     "parse_command",

@@ -9,15 +9,14 @@ in any way is found exactly once, never early, never late.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._command import Command
 
 __all__ = [
-    "BodyFramer",
     "BodyReader",
     "Status",
-    "Unstuffer",
     "is_multiline",
     "parse_status",
     "stuff",
@@ -66,137 +65,62 @@ def is_multiline(cmd: Command) -> bool:
     return cmd.verb in ("LIST", "UIDL", "LANG", "AUTH") and not cmd.args
 
 
-_TERM = b"\r\n.\r\n"
-# KMP failure links for _TERM: after matching k octets and failing, the
-# longest proper suffix of _TERM[:k] that is also a prefix of it.
-_FALLBACK = (0, 0, 0, 0, 1)
-
-
-def _advance(k: int, octet: int) -> int:
-    while True:
-        if _TERM[k] == octet:
-            return k + 1
-        if k == 0:
-            return 0
-        k = _FALLBACK[k]
-
-
-class BodyFramer:
-    """Finds where a multi-line body ends, chunk by chunk.
-
-    ``feed(data)`` returns the index just past the terminator in ``data``, or
-    -1 when the body goes on.  The matcher starts "at line start" (the status
-    line's CRLF counts as the first two octets of ``CRLF.CRLF``), so an empty
-    body ``.\\r\\n`` ends at once.
-    """
-
-    __slots__ = ("_k",)
-
-    def __init__(self) -> None:
-        self._k = 2
-
-    def feed(self, data: bytes) -> int:
-        k = self._k
-        i = 0
-        n = len(data)
-        # Continue a partial match octet by octet; it resolves within a few.
-        while k and i < n:
-            k = _advance(k, data[i])
-            i += 1
-            if k == 5:
-                self._k = 0
-                return i
-        if i == n:
-            self._k = k
-            return -1
-        j = data.find(_TERM, i)
-        if j >= 0:
-            self._k = 0
-            return j + 5
-        # No terminator: remember how much of it the tail might start.
-        for k in (4, 3, 2, 1):
-            if n - i >= k and data.endswith(_TERM[:k]):
-                break
-        else:
-            k = 0
-        self._k = k
-        return -1
-
-
-class Unstuffer:
-    """Removes the byte-stuffing dot from lines of a multi-line body.
-
-    Feed the body's octets (terminator excluded); returns the unstuffed
-    octets.  A trailing CR or CRLF is held back until the next feed, since the
-    octet after it decides whether a dot must go.
-    """
-
-    __slots__ = ("_hold", "_strip")
-
-    def __init__(self) -> None:
-        # A virtual CRLF in front: the first line of a body is at line start.
-        self._hold = b"\r\n"
-        self._strip = 2
-
-    def feed(self, data: bytes) -> bytes:
-        s = self._hold + data if self._hold else data
-        if s.endswith(b"\r\n"):
-            keep = 2
-        elif s.endswith(b"\r"):
-            keep = 1
-        else:
-            keep = 0
-        head = s[: len(s) - keep] if keep else s
-        self._hold = s[len(s) - keep :] if keep else b""
-        out = head.replace(b"\r\n.", b"\r\n") if b"\r\n." in head else head
-        if self._strip:
-            cut = min(self._strip, len(out))
-            out = out[cut:]
-            self._strip -= cut
-        return out
-
-    def finish(self) -> bytes:
-        """Flush what was held back (the body's last CRLF)."""
-        out, self._hold = self._hold, b""
-        if self._strip:
-            cut = min(self._strip, len(out))
-            out = out[cut:]
-            self._strip -= cut
-        return out
+Sink = Callable[[memoryview], object]
 
 
 class BodyReader:
-    """Frames a multi-line body and unstuffs its content in one pass.
+    """Frames a multi-line body and unstuffs its content in one scan.
 
-    ``feed(data)`` returns ``(end, content)``: ``end`` is the index just past
-    the terminator in ``data`` (-1 while the body goes on) and ``content`` the
-    unstuffed message octets that are now certain.  The last three raw octets
-    are held back from unstuffing until more arrive, because they might be
-    the terminator's ``.CRLF``.
+    ``feed(data, sink)`` returns the index just past the terminator in
+    ``data`` (-1 while the body goes on) and hands the unstuffed message
+    octets to ``sink`` as memoryview slices of the input: no copies on the
+    streaming path.  Both jobs hinge on the same three octets: ``CRLF .``
+    followed by ``CRLF`` ends the body; followed by anything else it is a
+    stuffed dot, dropped from the content.  Octets that might begin such a
+    sequence (at most four) are held back until the next feed decides.
     """
 
-    __slots__ = ("_framer", "_hold", "_unstuffer")
+    __slots__ = ("_skip", "_tail")
 
     def __init__(self) -> None:
-        self._framer = BodyFramer()
-        self._unstuffer = Unstuffer()
-        self._hold = b""
+        # A virtual CRLF in front: the first line of a body is at line start.
+        # It is scanned but never handed to the sink.
+        self._tail = b"\r\n"
+        self._skip = 2
 
-    def feed(self, data: bytes) -> tuple[int, bytes]:
-        end = self._framer.feed(data)
-        part = data if end < 0 else data[:end]
-        s = self._hold + part if self._hold else part
-        if len(s) <= 3:
-            self._hold = s
-            content = b""
-        else:
-            self._hold = s[-3:]
-            content = self._unstuffer.feed(s[:-3])
-        if end >= 0:
-            # self._hold is now exactly the terminator's ".\r\n".
-            content += self._unstuffer.finish()
-            self._hold = b""
-        return end, content
+    def feed(self, data: bytes, sink: Sink | None = None) -> int:
+        tail = self._tail
+        buf = tail + data if tail else data
+        off = len(tail)
+        mv = memoryview(buf)
+        emit = self._skip  # content before this index was emitted or is virtual
+        pos = 0
+        find = buf.find
+        while True:
+            i = find(b"\r\n.", pos)
+            if i < 0:
+                n = len(buf)
+                hold = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
+                held = n - hold
+                break
+            if len(buf) < i + 5:
+                held = i  # undecided: terminator or stuffed dot, next time
+                break
+            if buf[i + 3] == 0x0D and buf[i + 4] == 0x0A:
+                if sink is not None and emit < i + 2:
+                    sink(mv[emit : i + 2])
+                self._tail = b""
+                self._skip = 0
+                return i + 5 - off
+            if sink is not None and emit < i + 2:
+                sink(mv[emit : i + 2])
+            emit = i + 3  # drop the stuffing dot
+            pos = i + 3
+        if sink is not None and emit < held:
+            sink(mv[emit:held])
+        self._skip = max(0, emit - held)
+        self._tail = buf[held:]
+        return -1
 
 
 def stuff(body: bytes) -> bytes:
