@@ -1,12 +1,98 @@
-"""Prometheus metrics: an observer of session events, on an injected registry."""
+"""Prometheus metrics: an observer of session events, on an injected registry.
+
+Every metric popproxy exports is defined in ``Metrics`` and nowhere else.
+The class takes the registry it registers on (tests pass a fresh
+``CollectorRegistry``), and its values move only through ``observe`` (the
+session observer) and a few methods for the parts of popproxy that are not
+sessions: the audit trail (``audit_record``, ``audit_error``), config
+reloads (``config_reload``) and the policy engine (``policy_decision``).
+The relay never touches a metric.
+
+Label values come from closed sets, so that no client can create series:
+the ``command`` label is one of ``COMMAND_LABELS`` (unknown verbs and
+unparseable lines are ``OTHER``), ``mechanism`` one of ``AUTH_MECHANISMS``,
+and so on.  There are no user, client address, UIDL or Message-ID labels.
+Every label set is created at zero up front, so dashboards and ``rate()``
+see a series before its first event.
+
+``serve_metrics`` is the HTTP endpoint: ``/metrics`` (prometheus-client's
+own WSGI exposition), ``/healthz`` and ``/readyz`` (see ``health.py``),
+served by ``wsgiref`` in a daemon thread so that a scrape never runs on, or
+waits for, the trio event loop.
+
+Usage::
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    proxy.observers.append(metrics.observe)
+    registry.get_sample_value("popproxy_sessions_total", {"outcome": "ok"})
+"""
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import structlog
+import trio
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client import make_wsgi_app as _make_metrics_app
+
+from . import __version__
 from .confparse import HostPort, Section, parse_address
+from .events import (
+    AuthResult,
+    CommandSent,
+    Event,
+    MessageComplete,
+    PolicyDecision,
+    ProtocolAnomaly,
+    Response,
+    SessionClosed,
+    SessionOpened,
+    TlsEstablished,
+    TlsFailed,
+    Unsolicited,
+    UpstreamConnected,
+    UpstreamFailed,
+)
 
-__all__ = ["MetricsConfig", "parse_metrics"]
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .health import Health
+    from .pop3 import Command
+    from .server import Proxy, SessionInfo
+
+__all__ = [
+    "AUTH_MECHANISMS",
+    "COMMAND_LABELS",
+    "KNOWN_COMMANDS",
+    "LATENCY_BUCKETS",
+    "SESSION_OUTCOMES",
+    "Metrics",
+    "MetricsConfig",
+    "make_app",
+    "parse_metrics",
+    "serve_metrics",
+    "session_outcome",
+]
+
+logger = structlog.get_logger("popproxy.metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,16 +108,579 @@ def parse_metrics(raw: object) -> MetricsConfig:
     return cfg
 
 
+# --------------------------------------------------------------------------
+# Label values: closed sets
+# --------------------------------------------------------------------------
+
+#: POP3 verbs with a ``command`` label of their own (RFC 1939, 1225, 2449,
+#: 2595, 5034, 6856, and Dovecot's XCLIENT); everything else is ``OTHER``.
+KNOWN_COMMANDS: Final = (
+    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR",
+    "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG", "XCLIENT",
+)
+COMMAND_LABELS: Final = (*KNOWN_COMMANDS, "OTHER")
+COMMAND_OUTCOMES: Final = ("ok", "err", "denied")
+
+#: ``USER`` stands for USER/PASS; the rest are SASL mechanisms (RFC 5034).
+AUTH_MECHANISMS: Final = (
+    "USER", "APOP", "PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER", "CRAM-MD5",
+    "SCRAM-SHA-1", "SCRAM-SHA-256", "OTHER",
+)
+AUTH_OUTCOMES: Final = ("ok", "fail")
+
+#: How sessions end (``popproxy_sessions_total{outcome}``); see ``session_outcome``.
+SESSION_OUTCOMES: Final = (
+    "ok",              # the client said QUIT and got its reply
+    "client_closed",   # the client hung up (or stopped reading) without QUIT
+    "timeout",         # the idle timeout or the session time limit closed it
+    "upstream_error",  # the upstream was unreachable, refused, broke or timed out
+    "protocol_error",  # the client broke the protocol or a limit
+    "tls_error",       # the client's TLS handshake failed
+    "refused",         # not admitted (session limits, audit fail-closed, ...) or
+                       # the login refused by policy
+    "shutdown",        # the proxy stopped (drain timeout or SIGINT)
+    "error",           # an internal error in the proxy
+    "other",           # a reason this version does not know
+)
+
+#: ``UpstreamFailed.reason`` values, plus ``other``.
+UPSTREAM_ERROR_REASONS: Final = (
+    "connect", "connect_timeout", "tls", "response_timeout", "closed", "protocol", "refused",
+    "other",
+)
+TLS_SIDES: Final = ("client", "upstream")
+
+#: Octets to and from the client.  The upstream side is not in the events
+#: (yet): ``SessionClosed`` carries client counts only.
+BYTE_DIRECTIONS: Final = ("client_rx", "client_tx")
+
+#: ``marked``: DELE got +OK; ``committed``: QUIT got +OK with marks held;
+#: ``uncommitted``: the session ended with marks and no successful QUIT (the
+#: server discarded them); ``reset``: RSET got +OK and unmarked them.
+#: Same vocabulary as the audit's ``message.delete.*`` records.
+DELETE_PHASES: Final = ("marked", "committed", "uncommitted", "reset")
+RETRIEVE_KINDS: Final = ("retr", "top")
+
+#: ``ProtocolAnomaly`` kinds the core emits, by side; others are ``other``.
+ANOMALY_KINDS: Final = {
+    "client": (
+        "malformed-line", "data-after-stls", "LineTooLong", "MalformedLine",
+        "PipelineOverflow", "other",
+    ),
+    "upstream": ("UpstreamProtocolError", "unsolicited", "other"),
+}
+
+RELOAD_OUTCOMES: Final = ("ok", "fail")
+
+#: Seconds: loopback Dovecot answers NOOP in ~100 µs, a failed login is
+#: delayed by seconds, a slow legacy server's RETR can take tens of seconds.
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+#: Seconds: a fetchmail poll lasts well under a second, an idle
+#: Thunderbird session up to the 10-minute idle timeout and beyond.
+SESSION_BUCKETS: Final = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+)
+
+#: Distinct (rule, action) pairs before further ones are folded into OTHER.
+MAX_POLICY_SERIES: Final = 256
+
+# SessionClosed.reason (server.py, session.py) -> outcome.
+_REASONS: Final = {
+    "quit": "ok",
+    "client closed": "client_closed",
+    "peer gone or too slow": "client_closed",
+    "closed": "client_closed",
+    "idle timeout": "timeout",
+    "session time limit": "timeout",
+    "policy refused the login": "refused",
+    "client protocol error": "protocol_error",
+    "client TLS handshake failed": "tls_error",
+    "shutdown": "shutdown",
+    "proxy shutting down": "shutdown",
+    "session limit reached": "refused",
+    "internal error": "error",
+}
+
+
+def session_outcome(reason: str, admitted: bool = True) -> str:
+    """The ``outcome`` label for a ``SessionClosed.reason``.
+
+    Reasons that start with "upstream" are ``upstream_error``.  A session
+    that ended before it was admitted (no upstream connection was tried)
+    is ``refused`` whatever the refusing gate called it.
+    """
+    outcome = _REASONS.get(reason)
+    if outcome is not None:
+        return outcome
+    if reason.startswith("upstream"):
+        return "upstream_error"
+    return "other" if admitted else "refused"
+
+
+class _CommandSeries:
+    """The pre-resolved children of one ``command`` label value."""
+
+    __slots__ = ("denied", "err", "latency", "ok")
+
+    def __init__(self, commands: Counter, duration: Histogram, verb: str) -> None:
+        self.ok = commands.labels(verb, "ok")
+        self.err = commands.labels(verb, "err")
+        self.denied = commands.labels(verb, "denied")
+        self.latency = duration.labels(verb)
+
+
+class _Tally:
+    """What the metrics need to remember about one live session.
+
+    ``forwarded``: the commands sent upstream and not yet answered, oldest
+    first (replies come in that order), to tell a local reply the proxy
+    made for a forwarded command (its upstream failed) from a refusal.
+    """
+
+    __slots__ = ("admitted", "forwarded", "marks")
+
+    def __init__(self) -> None:
+        self.admitted = False
+        self.marks = 0
+        self.forwarded: deque[Command] = deque()
+
+
 class Metrics:
-    """Placeholder until the metrics observer lands."""
+    """Every popproxy metric, on one registry, moved by the session events.
 
-    def __init__(self, registry: object) -> None:
+    ``observe(info, event)`` is a ``server.Observer``.  It runs on the event
+    loop for every event, so it does dictionary look-ups and counter
+    increments only: the labelled children are resolved once, here.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        r = registry
+        # popproxy owns its process's exposition: no ``*_created`` series,
+        # which would double the series count for nothing Prometheus uses.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
 
-    def observe(self, info: object, event: object) -> None:
-        return None
+        self.build_info = Info(
+            "popproxy_build", "popproxy version information.", registry=r
+        )
+        self.build_info.info({"version": __version__})
+
+        # Sessions
+        self.sessions_active = Gauge(
+            "popproxy_sessions_active", "Client sessions open right now.", registry=r
+        )
+        self.sessions = Counter(
+            "popproxy_sessions", "Client sessions ended, by how they ended.",
+            ["outcome"], registry=r,
+        )
+        self.session_duration = Histogram(
+            "popproxy_session_duration_seconds",
+            "Duration of client sessions, from accept to close.",
+            buckets=SESSION_BUCKETS, unit="seconds", registry=r,
+        )
+        self.bytes = Counter(
+            "popproxy_bytes", "Octets received from (client_rx) and sent to (client_tx) "
+            "clients, counted when the session ends.",
+            ["direction"], unit="bytes", registry=r,
+        )
+
+        # Commands
+        self.commands = Counter(
+            "popproxy_commands", "POP3 commands answered, by verb and outcome "
+            "(ok/err: the upstream's reply; denied: answered by the proxy).",
+            ["command", "outcome"], registry=r,
+        )
+        self.command_duration = Histogram(
+            "popproxy_command_duration_seconds",
+            "Upstream round trip of forwarded commands, from sending the command "
+            "to the end of its reply.",
+            ["command"], buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
+        )
+        self.auth = Counter(
+            "popproxy_auth", "Login attempts answered by the upstream, by mechanism and outcome.",
+            ["mechanism", "outcome"], registry=r,
+        )
+        self.policy_decisions = Counter(
+            "popproxy_policy_decisions", "Policy rules that matched a command, by rule, action "
+            "(deny/allow/rate_limit) and whether it was enforced (false in monitor mode).",
+            ["rule", "action", "enforced"], registry=r,
+        )
+        self.protocol_anomalies = Counter(
+            "popproxy_protocol_anomalies", "Protocol violations tolerated or refused, by side "
+            "(client/upstream) and kind.",
+            ["side", "kind"], registry=r,
+        )
+
+        self.tls_handshakes = Counter(
+            "popproxy_tls_handshakes", "TLS handshakes with clients and with the upstream, "
+            "by side and outcome.",
+            ["side", "outcome"], registry=r,
+        )
+
+        # Mailbox activity
+        self.messages_retrieved = Counter(
+            "popproxy_messages_retrieved", "Messages delivered whole to clients, by command "
+            "(retr/top).",
+            ["kind"], registry=r,
+        )
+        self.messages_deleted = Counter(
+            "popproxy_messages_deleted", "Message deletions by phase: marked (DELE +OK), "
+            "committed (QUIT +OK), uncommitted (session ended without QUIT), reset (RSET).",
+            ["phase"], registry=r,
+        )
+
+        # Upstream
+        self.upstream_connect_duration = Histogram(
+            "popproxy_upstream_connect_duration_seconds",
+            "Time to open the TCP connection to the upstream server.",
+            buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
+        )
+        self.upstream_errors = Counter(
+            "popproxy_upstream_errors", "Upstream failures that ended or broke a session, "
+            "by reason.",
+            ["reason"], registry=r,
+        )
+        self.upstream_up = Gauge(
+            "popproxy_upstream_up", "1 if the upstream accepted a TCP connection at the last "
+            "health probe (cached for a few seconds), else 0.",
+            registry=r,
+        )
+
+        # Audit and configuration
+        self.audit_records = Counter(
+            "popproxy_audit_records", "Audit records written.", registry=r
+        )
+        self.audit_errors = Counter(
+            "popproxy_audit_errors", "Audit records that could not be written.", registry=r
+        )
+        self.config_reloads = Counter(
+            "popproxy_config_reload", "Configuration reloads (SIGHUP), by outcome.",
+            ["outcome"], registry=r,
+        )
+        self.config_last_reload_successful = Gauge(
+            "popproxy_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, else 0.",
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "popproxy_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load or reload.",
+            unit="seconds", registry=r,
+        )
+
+        # Every label set exists (at zero) from the start.
+        self._sessions_by_outcome = {o: self.sessions.labels(o) for o in SESSION_OUTCOMES}
+        self._bytes_rx = self.bytes.labels("client_rx")
+        self._bytes_tx = self.bytes.labels("client_tx")
+        self._commands: dict[str, _CommandSeries] = {
+            verb: _CommandSeries(self.commands, self.command_duration, verb)
+            for verb in COMMAND_LABELS
+        }
+        self._other = self._commands["OTHER"]
+        self._auth = {
+            (mech, ok): self.auth.labels(mech, "ok" if ok else "fail")
+            for mech in AUTH_MECHANISMS
+            for ok in (True, False)
+        }
+        self._anomalies = {
+            (side, kind): self.protocol_anomalies.labels(side, kind)
+            for side, kinds in ANOMALY_KINDS.items()
+            for kind in kinds
+        }
+        self._tls = {
+            (side, ok): self.tls_handshakes.labels(side, "ok" if ok else "fail")
+            for side in TLS_SIDES
+            for ok in (True, False)
+        }
+        self._retrieved = {
+            "RETR": self.messages_retrieved.labels("retr"),
+            "TOP": self.messages_retrieved.labels("top"),
+        }
+        self._deleted = {p: self.messages_deleted.labels(p) for p in DELETE_PHASES}
+        self._upstream_errors = {
+            reason: self.upstream_errors.labels(reason) for reason in UPSTREAM_ERROR_REASONS
+        }
+        self._reloads = {True: self.config_reloads.labels("ok"),
+                         False: self.config_reloads.labels("fail")}
+        self._policy: dict[tuple[str, str, str], Counter] = {}
+        self.config_last_reload_successful.set(1)
+        self.config_last_reload_success.set_to_current_time()
+
+        self._live: dict[str, _Tally] = {}
+        self._handlers: dict[type[Event], Callable[[SessionInfo, Any], None]] = {
+            SessionOpened: self._opened,
+            SessionClosed: self._closed,
+            CommandSent: self._command_sent,
+            Response: self._response,
+            PolicyDecision: self._policy_event,
+            AuthResult: self._auth_result,
+            MessageComplete: self._message_complete,
+            UpstreamConnected: self._upstream_connected,
+            UpstreamFailed: self._upstream_failed,
+            ProtocolAnomaly: self._anomaly,
+            Unsolicited: self._unsolicited,
+            TlsEstablished: self._tls_established,
+            TlsFailed: self._tls_failed,
+        }
+
+    # ------------------------------------------------------------------
+    # The observer
+
+    def observe(self, info: SessionInfo, event: Event) -> None:
+        """A ``server.Observer``: account for one session event."""
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(info, event)
+
+    def _opened(self, info: SessionInfo, event: SessionOpened) -> None:
+        self._live[info.id] = _Tally()
+        self.sessions_active.inc()
+
+    def _closed(self, info: SessionInfo, event: SessionClosed) -> None:
+        tally = self._live.pop(info.id, None)
+        if tally is not None:  # else it opened before this observer was attached
+            self.sessions_active.dec()
+            if tally.marks:
+                self._deleted["uncommitted"].inc(tally.marks)
+        admitted = tally is None or tally.admitted
+        self._sessions_by_outcome[session_outcome(event.reason, admitted)].inc()
+        self.session_duration.observe(event.duration)
+        self._bytes_rx.inc(event.bytes_in)
+        self._bytes_tx.inc(event.bytes_out)
+
+    def _command_sent(self, info: SessionInfo, event: CommandSent) -> None:
+        tally = self._live.get(info.id)
+        if tally is not None:
+            tally.forwarded.append(event.command)
+
+    def _response(self, info: SessionInfo, event: Response) -> None:
+        command = event.command
+        verb = command.verb
+        series = self._commands.get(verb, self._other)
+        tally = self._live.get(info.id)
+        forwarded = False
+        if tally is not None and tally.forwarded and tally.forwarded[0] is command:
+            tally.forwarded.popleft()
+            forwarded = True
+        if event.local:
+            # A reply the proxy made: a refusal (core checks, policy), or
+            # the [SYS/TEMP] it sends for a forwarded command whose upstream
+            # failed, which is an error and not a denial.
+            failed = forwarded and event.code == "SYS/TEMP"
+            (series.err if failed else series.denied).inc()
+            return
+        series.latency.observe(event.finished - event.started)
+        if not event.ok:
+            series.err.inc()
+            return
+        series.ok.inc()
+        if verb == "DELE":
+            if tally is not None:
+                tally.marks += 1
+            self._deleted["marked"].inc()
+        elif verb in ("QUIT", "RSET") and tally is not None and tally.marks:
+            self._deleted["committed" if verb == "QUIT" else "reset"].inc(tally.marks)
+            tally.marks = 0
+
+    def _policy_event(self, info: SessionInfo, event: PolicyDecision) -> None:
+        self._policy_child(event.rule, event.action, event.enforced).inc()
+
+    def _auth_result(self, info: SessionInfo, event: AuthResult) -> None:
+        mech = event.mechanism.upper()
+        child = self._auth.get((mech, event.ok)) or self._auth["OTHER", event.ok]
+        child.inc()
+
+    def _message_complete(self, info: SessionInfo, event: MessageComplete) -> None:
+        if event.complete:
+            child = self._retrieved.get(event.command.verb)
+            if child is not None:
+                child.inc()
+
+    def _upstream_connected(self, info: SessionInfo, event: UpstreamConnected) -> None:
+        self._admit(info)
+        self.upstream_connect_duration.observe(event.duration)
+
+    def _upstream_failed(self, info: SessionInfo, event: UpstreamFailed) -> None:
+        self._admit(info)
+        (self._upstream_errors.get(event.reason) or self._upstream_errors["other"]).inc()
+
+    def _admit(self, info: SessionInfo) -> None:
+        tally = self._live.get(info.id)
+        if tally is not None:
+            tally.admitted = True
+
+    def _anomaly(self, info: SessionInfo, event: ProtocolAnomaly) -> None:
+        side = event.side if event.side in ANOMALY_KINDS else "client"
+        child = self._anomalies.get((side, event.kind)) or self._anomalies[side, "other"]
+        child.inc()
+
+    def _unsolicited(self, info: SessionInfo, event: Unsolicited) -> None:
+        self._anomalies["upstream", "unsolicited"].inc()
+
+    def _tls_established(self, info: SessionInfo, event: TlsEstablished) -> None:
+        child = self._tls.get((event.side, True))
+        if child is not None:
+            child.inc()
+
+    def _tls_failed(self, info: SessionInfo, event: TlsFailed) -> None:
+        child = self._tls.get((event.side, False))
+        if child is not None:
+            child.inc()
+
+    # ------------------------------------------------------------------
+    # For the rest of popproxy
+
+    def audit_record(self) -> None:
+        """An audit record was written (called by the audit trail)."""
+        self.audit_records.inc()
+
+    def audit_error(self) -> None:
+        """An audit record could not be written (called by the audit trail)."""
+        self.audit_errors.inc()
+
+    def config_reload(self, ok: bool) -> None:
+        """A configuration reload (SIGHUP) succeeded or was rejected."""
+        self._reloads[ok].inc()
+        self.config_last_reload_successful.set(1 if ok else 0)
+        if ok:
+            self.config_last_reload_success.set_to_current_time()
+
+    def policy_rules(self, rules: Iterable[tuple[str, str]], *, enforced: bool = True) -> None:
+        """Create the series of the configured ``(rule, action)`` pairs at zero."""
+        for rule, action in rules:
+            self._policy_child(rule, action, enforced)
+
+    def policy_decision(self, rule: str, action: str, enforced: bool = True) -> None:
+        """A policy rule matched a command.
+
+        ``observe`` counts the session's ``PolicyDecision`` events; this is
+        for decisions made outside a session.  Rule names come from the
+        configuration (and ``builtin:*``), so the label set is bounded;
+        past ``MAX_POLICY_SERIES`` label sets, new ones are counted as
+        ``OTHER``.
+        """
+        self._policy_child(rule, action, enforced).inc()
+
+    def _policy_child(self, rule: str, action: str, enforced: bool) -> Counter:
+        key = (rule, action, "true" if enforced else "false")
+        child = self._policy.get(key)
+        if child is None:
+            if len(self._policy) >= MAX_POLICY_SERIES:
+                key = ("OTHER", "OTHER", key[2])
+                child = self._policy.get(key)
+            if child is None:
+                child = self.policy_decisions.labels(*key)
+                self._policy[key] = child
+        return child
 
 
-async def serve_metrics(config: MetricsConfig, metrics: Metrics, proxy: object,
-                        *, task_status: object = None) -> None:
-    raise NotImplementedError
+# --------------------------------------------------------------------------
+# The HTTP endpoint
+# --------------------------------------------------------------------------
+
+#: How often the event loop proves it is alive to ``/healthz``.
+HEARTBEAT_SECONDS: Final = 1.0
+#: How often the HTTP thread checks whether it was asked to stop.
+_POLL_SECONDS: Final = 0.1
+
+
+def make_app(registry: CollectorRegistry, health: Health) -> WSGIApplication:
+    """The WSGI application: ``/metrics``, ``/healthz``, ``/readyz``."""
+    metrics_app = _make_metrics_app(registry)
+
+    def plain(start_response: StartResponse, status: str, text: str) -> list[bytes]:
+        body = (text + "\n").encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body))),
+                                ("Cache-Control", "no-store")])
+        return [body]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            alive, why = health.alive()
+            return plain(start_response, "200 OK" if alive else "503 Service Unavailable", why)
+        if path == "/readyz":
+            ready, why = health.ready()
+            return plain(start_response, "200 OK" if ready else "503 Service Unavailable", why)
+        if path == "/":
+            return plain(start_response, "200 OK", "popproxy: /metrics /healthz /readyz")
+        return plain(start_response, "404 Not Found", "not found")
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: Prometheus scrapes every few seconds."""
+
+
+def _bind(address: HostPort, app: WSGIApplication) -> _Server:
+    """Bind the HTTP server (blocking: name resolution).  Run in a thread."""
+    family = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0][0]
+    server_class = _Server6 if family == socket.AF_INET6 else _Server
+    server = make_server(address.host, address.port, app, server_class, _QuietHandler)
+    assert isinstance(server, _Server)
+    return server
+
+
+def _stop(server: _Server, thread: threading.Thread) -> None:
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5.0)
+
+
+async def serve_metrics(
+    config: MetricsConfig,
+    metrics: Metrics,
+    proxy: Proxy,
+    *,
+    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` until cancelled.
+
+    The HTTP server runs in a daemon thread; this task only starts it,
+    reports the bound address (``task_status.started(HostPort)``; the port
+    is the real one when the configured port is 0), beats the heartbeat
+    ``/healthz`` checks, and stops the server when cancelled.
+    """
+    from .health import Health
+
+    if config.address is None:
+        raise ValueError("serve_metrics: [metrics] address is not set")
+    health = Health(proxy)
+    app = make_app(metrics.registry, health)
+    server = await trio.to_thread.run_sync(_bind, config.address, app)
+    metrics.upstream_up.set_function(health.upstream_up)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": _POLL_SECONDS},
+        name="popproxy-metrics-http", daemon=True,
+    )
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        bound = HostPort(str(host), int(port))
+        logger.info("metrics.listening", address=str(bound))
+        task_status.started(bound)
+        while True:
+            health.beat()
+            await trio.sleep(HEARTBEAT_SECONDS)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_stop, server, thread)

@@ -42,7 +42,7 @@ __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
 
 logger = structlog.get_logger("popproxy.server")
 
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 262144
 LINGER_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
@@ -300,16 +300,19 @@ class Proxy:
         self, client: Stream, upstream: Stream, out: Output, stats: _Stats, seconds: float
     ) -> bool:
         """Write what the session produced; False if a peer is gone or stuck."""
+        # A bare CancelScope: trio.fail_after is a generator-based context
+        # manager, and this runs for every read the relay makes.
+        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
         try:
-            with trio.fail_after(seconds):
+            with scope:
                 if out.to_upstream:
                     await upstream.send_all(out.to_upstream)
                 if out.to_client:
                     await client.send_all(out.to_client)
                     stats.tx += len(out.to_client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        return True
+        return not scope.cancelled_caught
 
 
 @dataclass

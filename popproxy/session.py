@@ -122,6 +122,7 @@ class _Pending:
     started: float
     local_reply: bytes | None = None  # answered by the proxy, not upstream
     not_before: float | None = None  # a delayed local reply
+    wire: int = 0  # octets sent upstream
 
 
 class _Message:
@@ -218,6 +219,8 @@ class Session:
         self._asserted_user: str | None = None  # from USER, before PASS succeeds
         self._client_ip = client.rsplit(":", 1)[0].strip("[]") if client else None
         self._sizes: dict[int, int] = {}  # message sizes from LIST replies
+        self._facts: Facts | None = None
+        self._facts_key: tuple[object, ...] = ()
         self._wake_at: float | None = None
         self._held_until: float | None = None  # a delayed command waits
         self._swallow = False  # a refused RETR body is read and dropped
@@ -464,8 +467,9 @@ class Session:
             wire = bytes(cmd)
             out.upstream.append(wire)
             out.events.append(CommandSent(cmd, now))
+            p.wire = len(wire)
             self._inflight += 1
-            self._inflight_octets += len(wire)
+            self._inflight_octets += p.wire
             if cmd.verb == "USER" and cmd.args:
                 self._asserted_user = cmd.args[0]
             elif cmd.verb == "AUTH" and cmd.args:
@@ -513,11 +517,15 @@ class Session:
         return None, decision
 
     def facts(self) -> Facts:
-        """What policy knows of this session now."""
-        return Facts(
-            self.state, self.user, self.client, self.tls,
-            client_ip=self._client_ip, login_user=self._asserted_user, sizes=self._sizes,
-        )
+        """What policy knows of this session now (rebuilt only when it changes)."""
+        key = (self.state, self.user, self.tls, self._asserted_user)
+        if self._facts is None or self._facts_key != key:
+            self._facts_key = key
+            self._facts = Facts(
+                self.state, self.user, self.client, self.tls,
+                client_ip=self._client_ip, login_user=self._asserted_user, sizes=self._sizes,
+            )
+        return self._facts
 
     def _note(self, notes: tuple[Note, ...], cmd: Command, out: _Out) -> None:
         for n in notes:
@@ -712,7 +720,7 @@ class Session:
             self._swallow = False
             self._pending.popleft()
             self._inflight -= 1
-            self._inflight_octets -= len(bytes(head.command))
+            self._inflight_octets -= head.wire
             self._flush(out, now)
             return end
         if self._capa is not None:
@@ -748,7 +756,7 @@ class Session:
     ) -> None:
         self._pending.popleft()
         self._inflight -= 1
-        self._inflight_octets -= len(bytes(p.command))
+        self._inflight_octets -= p.wire
         self._emit_response(p, ok, code, _decode(text), octets, False, out, now)
         verb = p.command.verb
         if verb in ("PASS", "APOP") or (verb == "AUTH" and p.command.args):

@@ -1,25 +1,27 @@
-"""The audit trail: an observer that writes what happened to every mailbox."""
+"""The audit trail: who read or deleted which message, when, from where.
+
+An observer of the proxy's session events that writes JSON lines (one
+record per line) to stdout and/or an append-only file, with an optional
+SHA-256 hash chain that ``popproxy audit verify`` checks.  See
+``docs/audit.md`` for the records and the configuration.
+"""
 
 from __future__ import annotations
 
+from ._chain import ChainHead as ChainHead
+from ._chain import verify_files as verify_files
+from ._records import RecordBuilder as RecordBuilder
+from ._trail import AuditTrail as AuditTrail
+from ._trail import open_audit as open_audit
 from .config import AuditConfig as AuditConfig
 from .config import parse_audit as parse_audit
 
-__all__ = ["AuditConfig", "parse_audit"]
-
-
-class AuditTrail:
-    """Placeholder until the audit observer lands."""
-
-    def observe(self, info: object, event: object) -> None:
-        return None
-
-    def refusal(self) -> str | None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def open_audit(config: AuditConfig, metrics: object = None) -> AuditTrail | None:
-    return None
+__all__ = [
+    "AuditConfig",
+    "AuditTrail",
+    "ChainHead",
+    "RecordBuilder",
+    "open_audit",
+    "parse_audit",
+    "verify_files",
+]

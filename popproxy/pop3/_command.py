@@ -123,17 +123,21 @@ class LineReader:
 
     def next_line(self, limit: int | None = None) -> bytes | None:
         """Return the next complete line without its terminator, or None."""
+        buf = self._buf
         start = self._start
-        end = self._buf.find(b"\n", start)
-        cap = limit if limit is not None else self._limit_for(start)
-        if end < 0:
-            if len(self._buf) - start > cap:
+        end = buf.find(b"\n", start)
+        size = (len(buf) if end < 0 else end) - start
+        # The prefix check for the longer AUTH limit only runs for long lines.
+        if size > (limit if limit is not None else self.limit):
+            cap = limit if limit is not None else self._limit_for(start)
+            if end >= 0 and buf[end - 1] == 0x0D:
+                size -= 1
+            if size > cap:
                 raise LineTooLong(f"line longer than {cap} octets")
+        if end < 0:
             return None
-        line_end = end - 1 if end > start and self._buf[end - 1] == 0x0D else end
-        if line_end - start > cap:
-            raise LineTooLong(f"line longer than {cap} octets")
-        line = bytes(self._buf[start:line_end])
+        line_end = end - 1 if end > start and buf[end - 1] == 0x0D else end
+        line = bytes(buf[start:line_end])
         self._start = end + 1
         if b"\r" in line or b"\0" in line:
             raise MalformedLine("line contains a bare CR or a NUL")

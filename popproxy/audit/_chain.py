@@ -1,0 +1,318 @@
+"""The hash chain: canonical JSON, record hashes, and checking a chain.
+
+Each chained record carries ``seq`` (1, 2, 3, ...), ``prev`` (the hash of
+the record before it; 64 zeros for the first) and ``hash``: the SHA-256 of
+the canonical JSON of the record without ``hash`` (keys sorted, compact
+separators, non-ASCII kept, UTF-8).  Since ``prev`` is inside what is
+hashed, every record's hash covers the whole history before it.
+
+A line in the file is the record rendered as compact JSON in its own key
+order; ``verify`` also checks that a line is exactly that rendering, so even
+an edit that leaves the JSON value unchanged (a space, an escape) is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "GENESIS",
+    "ChainHead",
+    "Problem",
+    "VerifyResult",
+    "canonical",
+    "read_head",
+    "record_hash",
+    "render",
+    "verify_files",
+]
+
+GENESIS = "0" * 64
+_TAIL_LIMIT = 1 << 20  # how far back from the end of a file to look for a record
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of ``record``: what its hash is computed over."""
+    return _CANONICAL.encode(record).encode("utf-8")
+
+
+def render(record: Mapping[str, Any], **_: Any) -> str:
+    """A record as one line of the audit file (without the newline).
+
+    The same as ``json.dumps(record, separators=(",", ":"), ensure_ascii=False)``;
+    usable as the serializer of structlog's ``JSONRenderer``.
+    """
+    return _LINE.encode(record)
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``record`` minus its ``hash``."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+@dataclass
+class ChainHead:
+    """The last record of a chain: the next one gets ``seq + 1`` and ``prev = hash``."""
+
+    seq: int = 0
+    hash: str = GENESIS
+
+    def link(self, record: MutableMapping[str, Any]) -> None:
+        """Add ``seq``, ``prev`` and ``hash`` to ``record`` and advance the head."""
+        record["seq"] = self.seq + 1
+        record["prev"] = self.hash
+        digest = hashlib.sha256(canonical(record)).hexdigest()
+        record["hash"] = digest
+        self.seq += 1
+        self.hash = digest
+
+
+def _chained(record: object) -> ChainHead | None:
+    if not isinstance(record, dict):
+        return None
+    seq, digest = record.get("seq"), record.get("hash")
+    if isinstance(seq, int) and not isinstance(seq, bool) and isinstance(digest, str):
+        return ChainHead(seq, digest)
+    return None
+
+
+def _last_lines(path: Path) -> list[bytes]:
+    """Complete lines near the end of ``path``, last first (up to 1 MiB back)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        start = max(0, size - _TAIL_LIMIT)
+        f.seek(start)
+        data = f.read(size - start)
+    lines = data.split(b"\n")
+    if not data.endswith(b"\n"):
+        lines.pop()  # a torn last line: not a record
+    else:
+        lines.pop()  # the empty string after the final newline
+    if start > 0 and lines:
+        lines.pop(0)  # probably cut at the front
+    return lines[::-1]
+
+
+def head_of_file(path: Path) -> ChainHead | None:
+    """The last chained record in ``path``, None if it has none."""
+    if not path.is_file():  # missing, or a device such as /dev/null
+        return None
+    lines = _last_lines(path)
+    for line in lines:
+        try:
+            head = _chained(json.loads(line))
+        except ValueError:
+            continue
+        if head is not None:
+            return head
+    return None
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """Files rotated away from ``path``, oldest first (their names sort by time)."""
+    prefix = path.name + "."
+    try:
+        names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+    return [path.parent / n for n in names]
+
+
+def read_head(path: Path) -> ChainHead:
+    """Where a chain written to ``path`` continues, across restarts and rotations."""
+    head = head_of_file(path)
+    if head is not None:
+        return head
+    for older in reversed(rotated_files(path)):
+        head = head_of_file(older)
+        if head is not None:
+            return head
+    return ChainHead()
+
+
+# --------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong at ``file:line`` (record ``seq`` when known)."""
+
+    file: str
+    line: int
+    seq: int | None
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        what = f"record seq {self.seq}" if self.seq is not None else "record"
+        return f"{where}: {what}: {self.message}"
+
+
+@dataclass
+class VerifyResult:
+    records: int = 0
+    first: int | None = None
+    last: int | None = None
+    files: int = 0
+    problems: list[Problem] | None = None
+    notes: list[str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.fatal for p in self.problems or ())
+
+    @property
+    def broken(self) -> Problem | None:
+        return next((p for p in self.problems or () if p.fatal), None)
+
+
+@dataclass
+class _Line:
+    number: int
+    raw: bytes
+    terminated: bool
+
+
+def _lines(data: bytes) -> Iterator[_Line]:
+    pos = 0
+    number = 0
+    while pos < len(data):
+        number += 1
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            yield _Line(number, data[pos:], False)
+            return
+        yield _Line(number, data[pos:nl], True)
+        pos = nl + 1
+
+
+def _first_seq(data: bytes) -> int | None:
+    for line in _lines(data):
+        try:
+            head = _chained(json.loads(line.raw))
+        except ValueError:
+            continue
+        if head is not None:
+            return head.seq
+    return None
+
+
+def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False) -> VerifyResult:
+    """Check the hash chain through ``files`` (name, content).
+
+    The files are put in chain order by their first record's ``seq``, so
+    ``audit.jsonl*`` in any order works.  The first fatal problem stops the
+    walk: after an edit or a gap, later records cannot vouch for earlier
+    ones.  A line that is not a record but is jumped over by an intact chain
+    (a write torn by a crash) is only a warning.
+    """
+    result = VerifyResult(problems=[], notes=[])
+    assert result.problems is not None
+    assert result.notes is not None
+    ordered = sorted(
+        ((name, data) for name, data in files),
+        key=lambda f: (s if (s := _first_seq(f[1])) is not None else -1),
+    )
+    head: ChainHead | None = None
+    prev_where = ""
+    junk: Problem | None = None  # a non-record line since the last record
+
+    def fail(name: str, line: int, seq: int | None, message: str) -> VerifyResult:
+        assert result.problems is not None
+        if junk is not None and head is not None:
+            # The chain breaks right after a line that is not a record: that
+            # line is where a record was damaged.
+            message = f"{junk.message}; the chain breaks here (seq {head.seq + 1} expected)"
+            result.problems.append(Problem(junk.file, junk.line, None, message))
+        else:
+            result.problems.append(Problem(name, line, seq, message))
+        return result
+
+    for name, data in ordered:
+        result.files += 1
+        for line in _lines(data):
+            where = f"{name}:{line.number}"
+            try:
+                record = json.loads(line.raw)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                if not line.terminated:
+                    message = "incomplete last line (a write in progress, or torn by a crash)"
+                else:
+                    message = "not a JSON record (edited, or a write torn by a crash)"
+                junk = Problem(name, line.number, None, message, fatal=False)
+                continue
+            link = _chained(record)
+            seq = link.seq if link is not None else None
+            if link is None or not isinstance(record.get("prev"), str):
+                return fail(name, line.number, seq, "has no hash chain (seq/prev/hash)")
+            if render(record).encode("utf-8") != line.raw:
+                return fail(name, line.number, seq,
+                            "the line differs from the record's JSON rendering (edited)")
+            if record_hash(record) != link.hash:
+                return fail(name, line.number, seq, "the hash does not match (edited)")
+            if head is None:
+                result.first = link.seq
+                if link.seq != 1 or record["prev"] != GENESIS:
+                    gap = f"records 1..{link.seq - 1} are not in the files given"
+                    if from_start:
+                        return fail(name, line.number, seq, f"the chain does not start here: {gap}")
+                    result.notes.append(f"the chain starts at seq {link.seq} ({where}): {gap}")
+            elif link.seq != head.seq + 1:
+                expected = head.seq + 1
+                found = _find_seq(ordered, expected)
+                if found is not None:
+                    message = f"out of order: seq {expected} should come next, it is at {found}"
+                elif link.seq > expected:
+                    missing = (f"seq {expected}" if link.seq == expected + 1
+                               else f"seqs {expected}..{link.seq - 1}")
+                    message = f"follows seq {head.seq} ({prev_where}): {missing} missing"
+                else:
+                    message = f"follows seq {head.seq} ({prev_where}): out of order"
+                return fail(name, line.number, seq, message)
+            elif record["prev"] != head.hash:
+                return fail(name, line.number, seq,
+                            f"prev does not match the hash of seq {head.seq} ({prev_where})")
+            if junk is not None:
+                result.problems.append(junk)
+                junk = None
+            head = link
+            prev_where = where
+            result.records += 1
+            result.last = link.seq
+    if junk is not None:
+        if junk.message.startswith("incomplete"):
+            result.problems.append(junk)
+        else:
+            # Nothing chains over it: a record may have been overwritten.
+            result.problems.append(Problem(junk.file, junk.line, None,
+                                           "not a JSON record after the last record (edited?)"))
+    return result
+
+
+def _find_seq(files: list[tuple[str, bytes]], seq: int) -> str | None:
+    """Where the record with ``seq`` is, if anywhere (for "out of order" reports)."""
+    for name, data in files:
+        for line in _lines(data):
+            try:
+                link = _chained(json.loads(line.raw))
+            except ValueError:
+                continue
+            if link is not None and link.seq == seq:
+                return f"{name}:{line.number}"
+    return None

@@ -1,0 +1,353 @@
+"""The audit trail: records, hash chain, structlog rendering, sinks.
+
+``AuditTrail.observe`` is a proxy observer.  For each event it asks the
+``RecordBuilder`` for records and logs each through its own structlog
+logger: a processor chain private to the audit (key order, hash chain,
+``JSONRenderer``) over a logger that writes to the sinks.  It is built with
+``structlog.wrap_logger``, so the global structlog configuration (the
+operational logs, ``popproxy.logs``) neither affects it nor sees it.
+
+Durability and failures.  Each record is written with one ``write(2)`` as
+soon as it is made, in order.  ``fsync = "always"`` syncs after every
+record, ``"session"`` after each ``session.close`` record (in a worker
+thread, coalesced) and at ``close()``, ``"never"`` leaves it to the kernel.
+A sink that fails is logged (``audit.sink_failed``) and counted; its lines
+wait in a bounded queue and are written, in order, as soon as a write works
+again (each new record and each ``refusal()`` tries).  If the queue is full,
+new records are dropped *before* they are chained, so the chain stays
+intact, and an ``audit.lost`` record with the count is written on recovery.
+With ``fail_closed`` the proxy refuses new sessions while a sink is failing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from ..events import Event
+from ._chain import ChainHead, read_head, render
+from ._records import Record, RecordBuilder, SessionRef, rfc3339
+from ._sinks import FileSink, Sink, StreamSink
+from .config import AuditConfig
+
+__all__ = ["AuditTrail", "open_audit"]
+
+logger = structlog.get_logger("popproxy.audit")
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _noop() -> None:
+    return None
+
+
+class Writer:
+    """One sink plus the queue of lines it has not taken yet."""
+
+    __slots__ = (
+        "failure", "max_bytes", "max_lines", "pending", "pending_bytes", "sink", "written",
+    )
+
+    def __init__(self, sink: Sink, max_lines: int, max_bytes: int) -> None:
+        self.sink = sink
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.failure: Exception | None = None
+        self.written = 0  # lines written so far
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.max_lines or self.pending_bytes >= self.max_bytes
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` after what is queued; False if it had to be queued."""
+        if not self.pending:
+            try:
+                self.sink.write(data)
+            except (OSError, ValueError) as exc:  # ValueError: a closed stream
+                self._queue(data)
+                self._failed(exc)
+                return False
+            self.written += 1
+            return True
+        self._queue(data)
+        self.drain()
+        return not self.pending
+
+    def _queue(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def drain(self) -> int:
+        """Write queued lines in order until done or the sink fails again."""
+        done = 0
+        while self.pending:
+            data = self.pending[0]
+            try:
+                self.sink.write(data)
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
+                return done
+            self.pending.popleft()
+            self.pending_bytes -= len(data)
+            self.written += 1
+            done += 1
+        if self.failure is not None:
+            logger.warning("audit.sink_recovered", sink=self.sink.name, written=done)
+            self.failure = None
+        return done
+
+    def _failed(self, exc: Exception) -> None:
+        if self.failure is None:
+            logger.error("audit.sink_failed", sink=self.sink.name, error=str(exc),
+                         queued=len(self.pending))
+        self.failure = exc
+
+
+class _SinkLogger:
+    """The structlog "logger" at the end of the audit's processor chain."""
+
+    __slots__ = ("_trail",)
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    def msg(self, line: str) -> None:
+        self._trail._write(line)
+
+
+class _Unwrap:
+    """Processor: the record itself, built whole and in key order by the builder.
+
+    Records travel as one keyword (``record=``) rather than as keywords of
+    their own, so structlog neither copies them nor moves ``event`` to the end.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        record: EventDict = event_dict["record"]
+        return record
+
+
+class _Chain:
+    """Processor: drop the record if a sink's queue is full, else chain it."""
+
+    __slots__ = ("_trail",)
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        trail = self._trail
+        if any(w.full for w in trail._writers):
+            trail._lost(event_dict)
+            raise structlog.DropEvent
+        if trail.head is not None:
+            trail.head.link(event_dict)
+        return event_dict
+
+
+class AuditTrail:
+    """The audit observer; see the module docstring.
+
+    ``head`` is where the hash chain continues (None: no chain).  ``now``
+    gives the records' ``ts``.  ``metrics`` may have ``audit_record()`` and
+    ``audit_error()``; both are optional.
+    """
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        sinks: Sequence[Sink],
+        *,
+        head: ChainHead | None = None,
+        metrics: object = None,
+        now: Callable[[], datetime] = _utcnow,
+        max_pending_lines: int = 100_000,
+        max_pending_bytes: int = 64 << 20,
+    ) -> None:
+        self.config = config
+        self.head = head if config.hash_chain else None
+        self.now = now
+        self.builder = RecordBuilder(config, now)
+        self._writers = [Writer(s, max_pending_lines, max_pending_bytes) for s in sinks]
+        self._count_record: Callable[[], None] = getattr(metrics, "audit_record", _noop)
+        self._count_error: Callable[[], None] = getattr(metrics, "audit_error", _noop)
+        self._counted = 0
+        self._dropped = 0
+        self._dropped_since: str | None = None
+        self._closed = False
+        self._log = structlog.wrap_logger(
+            _SinkLogger(self),
+            processors=[
+                _Unwrap(),
+                _Chain(self),
+                # The line is exactly what ``verify`` re-renders to compare.
+                structlog.processors.JSONRenderer(serializer=render),
+            ],
+            wrapper_class=structlog.BoundLogger,
+            context_class=dict,
+            cache_logger_on_first_use=False,
+        ).bind()
+
+    # ------------------------------------------------------------ observer
+
+    def observe(self, info: SessionRef, event: Event) -> None:
+        """Record what ``event`` means for the audit.  Never raises."""
+        if self._closed:
+            return
+        try:
+            records = self.builder.observe(info, event)
+            for record in records:
+                self.record(record)
+        except Exception as exc:
+            # No traceback: its locals could hold message data.
+            logger.error("audit.record_failed", error_type=type(exc).__name__,
+                         audit_event=type(event).__name__)
+            self._count_error()
+
+    def record(self, record: Record) -> None:
+        """Chain, render and write one record (in the order given)."""
+        if self.failing:
+            self.retry()  # make room in the queues before judging this record
+        if self._dropped and not self.failing:
+            lost: Record = {
+                "ts": rfc3339(self.now()), "event": "audit.lost",
+                "records": self._dropped, "since": self._dropped_since,
+            }
+            self._dropped = 0
+            self._dropped_since = None
+            self._log.msg(None, record=lost)
+        self._log.msg(None, record=record)
+        if self.config.fsync == "always":
+            self._sync(now=True)
+        elif self.config.fsync == "session" and record.get("event") == "session.close":
+            self._sync(now=False)
+
+    def _write(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        queued = False
+        for w in self._writers:
+            if not w.write(data):
+                queued = True
+        if queued:
+            self._count_error()
+        self._count_written()
+
+    def _count_written(self) -> None:
+        """Count the records that have now reached every sink."""
+        done = min((w.written for w in self._writers), default=0)
+        while self._counted < done:
+            self._counted += 1
+            self._count_record()
+
+    def _lost(self, event_dict: EventDict) -> None:
+        if not self._dropped:
+            self._dropped_since = event_dict.get("ts")
+            logger.error("audit.records_dropped", reason="sink queue full")
+        self._dropped += 1
+        self._count_error()
+
+    def _sync(self, *, now: bool) -> None:
+        for w in self._writers:
+            if w.pending:
+                continue
+            try:
+                if now:
+                    w.sink.sync()
+                else:
+                    w.sink.sync_soon()
+            except OSError as exc:
+                self._sync_failed(w.sink, exc)
+
+    def _sync_failed(self, sink: Sink, exc: OSError) -> None:
+        logger.error("audit.fsync_failed", sink=sink.name, error=str(exc))
+        self._count_error()
+
+    # ------------------------------------------------------------- control
+
+    @property
+    def failing(self) -> bool:
+        """A sink has lines it could not write."""
+        return any(w.pending for w in self._writers)
+
+    def retry(self) -> bool:
+        """Try the queued lines again; True if every sink is now clear."""
+        for w in self._writers:
+            if w.pending:
+                w.drain()
+        self._count_written()
+        return not self.failing
+
+    def refusal(self) -> str | None:
+        """For ``Proxy.admission``: a reason to refuse new sessions, or None."""
+        if not self.config.fail_closed or not self.failing:
+            return None
+        if self.retry():
+            return None
+        return "audit trail unavailable"
+
+    def close(self) -> None:
+        """Write what is left (sessions still open, queued lines), sync, close."""
+        if self._closed:
+            return
+        try:
+            for record in self.builder.close_all():
+                self.record(record)
+            self.retry()
+            if self.config.fsync != "never":
+                self._sync(now=True)
+        finally:
+            self._closed = True
+            for w in self._writers:
+                if w.pending:
+                    logger.error("audit.unwritten_at_close", sink=w.sink.name,
+                                 records=len(w.pending))
+                w.sink.close()
+
+
+def open_audit(config: AuditConfig, metrics: object = None, *,
+               now: Callable[[], datetime] = _utcnow) -> AuditTrail | None:
+    """The trail ``config`` asks for; None when the audit is off.
+
+    A file that cannot be opened yet is not an error here: the trail starts
+    failing (logged, counted, and refusing sessions with ``fail_closed``)
+    and recovers when the file can be written.
+    """
+    if not config.enabled:
+        return None
+    sinks: list[Sink] = []
+    head: ChainHead | None = ChainHead() if config.hash_chain else None
+    trail: AuditTrail | None = None
+
+    def on_error(sink: Sink, exc: OSError) -> None:
+        if trail is not None:
+            trail._count_error()
+
+    if config.to_file:
+        assert config.path is not None
+        if head is not None:
+            try:
+                head = read_head(config.path)
+            except OSError as exc:
+                # Cannot read where the chain ended: start a new chain rather
+                # than fork the old one silently; verify shows the restart.
+                logger.error("audit.chain_head_unreadable", path=str(config.path),
+                             error=str(exc))
+        sinks.append(FileSink(config.path, rotate_size=config.rotate_size,
+                              fsync_on_rotate=config.fsync != "never", now=now,
+                              on_error=on_error))
+    if config.to_stdout:
+        sinks.append(StreamSink())
+    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now)
+    if head is not None and head.seq:
+        logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
+    return trail
