@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
-from . import __version__
+from . import __version__, app
+from .audit import cli as audit_cli
 from .config import Config, ConfigError, HostPort, ListenConfig, UpstreamConfig, load_config
-from .logs import configure_logging, log_observer
-from .server import Proxy, serve
+from .logs import configure_logging
 
 __all__ = ["main", "parser"]
 
@@ -43,11 +44,15 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--listen", default="127.0.0.1:1110", metavar="HOST:PORT",
                       help="where the proxy listens (default: %(default)s)")
+
+    audit_cli.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "audit":
+        return audit_cli.run(args)
     if args.command == "check-config":
         try:
             load_config(args.file)
@@ -64,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         configure_logging(config.log.level, config.log.format)
         try:
-            trio.run(serve, Proxy(config, observers=[log_observer]))
+            trio.run(partial(app.run, config, config_path=args.config))
         except OSError as exc:
             print(f"popproxy: cannot listen: {exc}", file=sys.stderr)
             return 1
@@ -99,12 +104,10 @@ async def _demo(listen: HostPort) -> None:
             listeners=(ListenConfig((listen,)),),
             upstream=UpstreamConfig(address=HostPort("127.0.0.1", port)),
         )
-        proxy = Proxy(config, observers=[log_observer])
-
         async def run_proxy(
             task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
         ) -> None:
-            await serve(proxy, task_status=task_status)
+            await app.run(config, task_status=task_status)
             # serve() returns on SIGINT/SIGTERM; the demo server stops with it.
             nursery.cancel_scope.cancel()
 

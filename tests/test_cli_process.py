@@ -46,6 +46,8 @@ async def test_run_serves_dovecot_and_drains_on_sigterm(
         f'[listen]\naddress = "127.0.0.1:0"\n'
         f'[upstream]\naddress = "{dovecot.host}:{dovecot.port}"\n'
         f'[log]\nformat = "json"\n'
+        '[[policy.rules]]\nname = "ro"\naction = "deny"\nmatch = { commands = ["DELE"] }\n'
+        'message = "read-only"\n'
     )
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "popproxy", "run", "-c", str(config)],
@@ -56,15 +58,28 @@ async def test_run_serves_dovecot_and_drains_on_sigterm(
         m = await read_line_matching(proc.stdout, r'^\{.*"event": "listening".*\}$')
         port = int(json.loads(m.group(0))["address"].rsplit(":", 1)[1])
 
-        def client() -> int:
+        def client(verb: str) -> tuple[int, bytes]:
             p = poplib.POP3("127.0.0.1", port, timeout=20)
             p.user(user)
             p.pass_(dovecot.users[user])
             count = p.stat()[0]
+            try:
+                reply = p.dele(1) if verb == "DELE" else p.noop()
+            except poplib.error_proto as exc:
+                reply = exc.args[0]
+            p.rset()
             p.quit()
-            return int(count)
+            return int(count), reply
 
-        assert await trio.to_thread.run_sync(client) == len(messages)
+        # The policy in the file applies to `popproxy run`.
+        count, reply = await trio.to_thread.run_sync(client, "DELE")
+        assert count == len(messages)
+        assert reply == b"-ERR [SYS/PERM] read-only"
+        # SIGHUP reloads the file: the rule is gone.
+        config.write_text(config.read_text().split("[[policy.rules]]")[0])
+        proc.send_signal(signal.SIGHUP)
+        await read_line_matching(proc.stdout, r'"event": "config.reloaded"')
+        assert (await trio.to_thread.run_sync(client, "DELE"))[1].startswith(b"+OK")
         assert await stop(proc, signal.SIGTERM) == 0
     finally:
         if proc.returncode is None:

@@ -17,20 +17,22 @@ not change survive.
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import ipaddress
+import re
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 from ..events import AuthResult, Event, Response
 from ..pop3 import Command
 from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
 from .config import STANDARD_VERBS, Match, PolicyConfig, Rule
-from .ratelimit import BucketTable
+from .ratelimit import Bucket, BucketTable
 
 __all__ = ["PolicyEngine", "PolicyState", "SwitchablePolicy"]
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 _RETRIEVE = frozenset({"RETR", "TOP"})
 # RFC 2449/3206 codes that say the credentials were not the problem.
@@ -110,6 +112,15 @@ class PolicyEngine:
         }
         p = config.protections
         self._allowed_verbs = STANDARD_VERBS | p.extra_commands
+        # User globs compiled once into one regex per rule.
+        self._globs: dict[tuple[str, ...], Callable[[str], object]] = {
+            r.match.users: re.compile("|".join(fnmatch.translate(g) for g in r.match.users)).match
+            for r in config.rules if r.match.users is not None
+        }
+        self._last_ip: tuple[str | None, IPAddress | None] = (None, None)
+        self._candidate_cache: dict[tuple[object, ...], tuple[Rule, ...]] = {}
+        self._wall_at: float | None = None
+        self._wall_now = dt.datetime.min
 
     def reloaded(self, config: PolicyConfig) -> PolicyEngine:
         """A new engine for ``config`` that keeps this one's state."""
@@ -155,12 +166,14 @@ class PolicyEngine:
                     return result
 
         when: dt.datetime | None = None
-        limited: list[tuple[Rule, str]] = []
-        for rule in self.config.rules:
-            if rule.match.time is not None and when is None:
-                when = self.wallclock()
-            if not self._matches(rule.match, facts, verb, when):
-                continue
+        limited: list[Bucket] = []
+        for rule in self._candidates(facts, verb):
+            window = rule.match.time
+            if window is not None:
+                if when is None:
+                    when = self._wall(now)
+                if not window.contains(when):
+                    continue
             if rule.action == "allow":
                 notes.append(Note(rule.name, "allow", not self.monitor))
                 if not self.monitor:
@@ -193,12 +206,30 @@ class PolicyEngine:
                     result = self._enforce(deny, notes, "rate_limit")
                 if result is not None:
                     return result
-            limited.append((rule, key))
-        for rule, key in limited:
-            assert rule.limit is not None
             if not rule.limit.octets:
-                self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now).take(now)
+                limited.append(bucket)
+        # Tokens are taken only once the command is allowed by every rule.
+        for bucket in limited:
+            bucket.take(now)
         return Allow(tuple(notes)) if notes else ALLOW
+
+    def _candidates(self, facts: Facts, verb: str) -> tuple[Rule, ...]:
+        """The rules whose match holds for this session and verb, time aside.
+
+        Everything but the time window is fixed for a session state, so the
+        answer is remembered (bounded) instead of testing every rule on every
+        command.
+        """
+        key = (verb, facts.user, facts.login_user, facts.tls,
+               facts.client_ip or _ip(facts.client))
+        hit = self._candidate_cache.get(key)
+        if hit is None:
+            hit = tuple(r for r in self.config.rules
+                        if self._matches(r.match, facts, verb, None, static=True))
+            if len(self._candidate_cache) >= 4096:
+                self._candidate_cache.clear()
+            self._candidate_cache[key] = hit
+        return hit
 
     def _enforce(self, decision: Deny | Delay, notes: list[Note], action: str) -> Decision | None:
         """The decision in enforce mode; in monitor mode, a note and go on."""
@@ -218,7 +249,11 @@ class PolicyEngine:
             "builtin:max-message-size",
         )
 
-    def _matches(self, m: Match, facts: Facts, verb: str, when: dt.datetime | None) -> bool:
+    def _matches(
+        self, m: Match, facts: Facts, verb: str, when: dt.datetime | None, *,
+        static: bool = False,
+    ) -> bool:
+        """Whether a rule's match holds; ``static`` leaves the time window out."""
         if m.commands is not None and verb not in m.commands:
             return False
         if m.authenticated is not None and m.authenticated != (facts.user is not None):
@@ -227,17 +262,31 @@ class PolicyEngine:
             return False
         if m.users is not None:
             user = facts.user or facts.login_user
-            if user is None or not any(fnmatchcase(user, g) for g in m.users):
+            if user is None or not self._globs[m.users](user):
                 return False
         if m.networks is not None:
-            ip = facts.client_ip or _ip(facts.client)
+            addr = self._address(facts)
+            if addr is None or not any(addr in net for net in m.networks):
+                return False
+        return static or m.time is None or (when is not None and m.time.contains(when))
+
+    def _address(self, facts: Facts) -> IPAddress | None:
+        """The client's address, parsed once per client rather than per rule."""
+        text = facts.client_ip or _ip(facts.client)
+        if self._last_ip[0] != text:
             try:
-                addr = ipaddress.ip_address(ip or "")
+                addr: IPAddress | None = ipaddress.ip_address(text or "")
             except ValueError:
-                return False
-            if not any(addr in net for net in m.networks):
-                return False
-        return m.time is None or (when is not None and m.time.contains(when))
+                addr = None
+            self._last_ip = (text, addr)
+        return self._last_ip[1]
+
+    def _wall(self, now: float) -> dt.datetime:
+        """The wall clock, read at most once a second: windows are in minutes."""
+        if self._wall_at is None or not 0 <= now - self._wall_at < 1.0:
+            self._wall_at = now
+            self._wall_now = self.wallclock()
+        return self._wall_now
 
     @staticmethod
     def _bucket_key(rule: Rule, facts: Facts) -> str | None:
@@ -277,7 +326,7 @@ class PolicyEngine:
             if rule.action != "rate_limit" or rule.limit is None or not rule.limit.octets:
                 continue
             if rule.match.time is not None and when is None:
-                when = self.wallclock()
+                when = self._wall(now)
             if not self._matches(rule.match, facts, verb, when):
                 continue
             key = self._bucket_key(rule, facts)
