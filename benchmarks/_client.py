@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 
 import trio
@@ -24,10 +25,30 @@ class ProtocolFailure(RuntimeError):
 
 
 class Conn:
-    """A blocking POP3 connection with its own read buffer."""
+    """A blocking POP3 connection with its own read buffer.
 
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    With ``tls`` (a client context) the connection is implicit TLS (POP3S):
+    the handshake is done here, for ``server_hostname`` (default ``host``),
+    and ``sock`` is the ``ssl.SSLSocket``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 30.0,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.buf = bytearray()
 
     # -------------------------------------------------------------- reading
@@ -128,13 +149,30 @@ class Conn:
 class AsyncConn:
     """The same for trio: one stream, one buffer."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buf = bytearray()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> AsyncConn:
-        return cls(await trio.open_tcp_stream(host, port))
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> AsyncConn:
+        """Connect; with ``tls``, implicit TLS (the handshake done here)."""
+        tcp = await trio.open_tcp_stream(host, port)
+        if tls is None:
+            return cls(tcp)
+        stream = trio.SSLStream(tcp, tls, server_hostname=server_hostname or host)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return cls(stream)
 
     async def _fill(self) -> None:
         data = await self.stream.receive_some(_RECV)

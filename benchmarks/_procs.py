@@ -13,15 +13,18 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
+    "APP_RUN_LAUNCHER",
+    "CLI_LAUNCHER",
     "REPO_ROOT",
     "CpuMeter",
     "ProxyProcess",
@@ -35,6 +38,23 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Interpreter arguments that start the proxy; the config file's path follows.
+#: ``popproxy run -c FILE``, the command line deployments use:
+CLI_LAUNCHER: tuple[str, ...] = ("-m", "popproxy", "run", "-c")
+#: The proxy assembled by ``popproxy.app.run`` (``app.build``: policy engine,
+#: metrics observer; audit, metrics endpoint and SIGHUP reload per config),
+#: for when ``popproxy run`` does not assemble it so.
+APP_RUN_LAUNCHER: tuple[str, ...] = (
+    "-c",
+    "import functools, sys, trio\n"
+    "from popproxy.app import run\n"
+    "from popproxy.config import load_config\n"
+    "from popproxy.logs import configure_logging\n"
+    "config = load_config(sys.argv[1])\n"
+    "configure_logging(config.log.level, config.log.format)\n"
+    "trio.run(functools.partial(run, config, config_path=sys.argv[1]))\n",
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -192,7 +212,16 @@ class RssSampler:
 
 
 class ProxyProcess:
-    """``python -m popproxy run -c FILE`` in front of ``upstream_port``."""
+    """``python -m popproxy run -c FILE`` in front of ``upstream_port``.
+
+    ``listen_extra``: TOML lines added to the ``[listen]`` table (e.g.
+    ``tls = "implicit"`` with ``cert``/``key``); ``extra_config``: TOML
+    appended after the generated sections (e.g. ``[policy]`` and its
+    ``[[policy.rules]]``).  ``probe_tls``: the client context the readiness
+    probe does its implicit-TLS handshake with (for a TLS listener).
+    ``launcher``: interpreter arguments before the config path
+    (``CLI_LAUNCHER`` or ``APP_RUN_LAUNCHER``).
+    """
 
     def __init__(
         self,
@@ -203,6 +232,10 @@ class ProxyProcess:
         log_level: str = "warning",
         python: str = sys.executable,
         start_timeout: float = 15.0,
+        listen_extra: str = "",
+        extra_config: str = "",
+        probe_tls: ssl.SSLContext | None = None,
+        launcher: Sequence[str] = CLI_LAUNCHER,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = 0
@@ -212,6 +245,10 @@ class ProxyProcess:
         self.log_level = log_level
         self.python = python
         self.start_timeout = start_timeout
+        self.listen_extra = listen_extra
+        self.extra_config = extra_config
+        self.probe_tls = probe_tls
+        self.launcher = tuple(launcher)
         self.config_path = workdir / "popproxy.toml"
         self.log_path = workdir / "popproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -226,14 +263,35 @@ class ProxyProcess:
         return (
             "[listen]\n"
             f'address = "{self.host}:{self.port}"\n'
-            "[upstream]\n"
+            + (self.listen_extra.rstrip("\n") + "\n" if self.listen_extra else "")
+            + "[upstream]\n"
             f'address = "127.0.0.1:{self.upstream_port}"\n'
             "[limits]\n"
             f"max_sessions = {self.max_sessions}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
             'format = "json"\n'
+            + (self.extra_config.rstrip("\n") + "\n" if self.extra_config else "")
         )
+
+    def check_config(self) -> str:
+        """Write the configuration and run ``popproxy check-config`` on it.
+
+        '' when it passes, else its exit status and output.  Before
+        ``start()`` the listen port in it is 0.
+        """
+        self.config_path.write_text(self.config_text())
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+        done = subprocess.run(
+            [self.python, "-m", "popproxy", "check-config", str(self.config_path)],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        if done.returncode == 0:
+            return ""
+        out = (done.stdout + done.stderr).decode(errors="replace").strip()
+        return f"exit {done.returncode}: {out}"
 
     def start(self, attempts: int = 3) -> None:
         last = ""
@@ -245,7 +303,7 @@ class ProxyProcess:
             env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
-                    [self.python, "-m", "popproxy", "run", "-c", str(self.config_path)],
+                    [self.python, *self.launcher, str(self.config_path)],
                     cwd=REPO_ROOT,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -268,7 +326,12 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 return f"exited with {self.proc.returncode}"
             try:
-                with socket.create_connection((self.host, self.port), timeout=2.0) as s:
+                with contextlib.ExitStack() as stack:
+                    s = stack.enter_context(
+                        socket.create_connection((self.host, self.port), timeout=2.0))
+                    if self.probe_tls is not None:
+                        s = stack.enter_context(
+                            self.probe_tls.wrap_socket(s, server_hostname=self.host))
                     data = s.recv(512)
                     if data.startswith(b"+OK"):
                         s.sendall(b"QUIT\r\n")
