@@ -26,6 +26,10 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.policy_bench
+	$(BIN)/python -m benchmarks.tls_bench
+	$(BIN)/python -m benchmarks.metrics_bench
+	$(BIN)/python -m benchmarks.audit_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -21,7 +21,7 @@ from .config import Config, ConfigError, load_config
 from .events import Event, SessionClosed
 from .logs import log_observer
 from .metrics import Metrics, serve_metrics
-from .policy.engine import PolicyEngine, SwitchablePolicy
+from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
 from .server import Proxy, SessionInfo, serve
 from .tls import TLSContexts
 
@@ -54,6 +54,7 @@ def build(config: Config, registry: CollectorRegistry | None = None) -> App:
     policy = SwitchablePolicy(PolicyEngine(config.policy))
     proxy = Proxy(config, observers=[log_observer], policy=policy)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    _announce_rules(metrics, config)
     proxy.observers.append(metrics.observe)
     proxy.admission.append(lambda peer: policy.current.admit_client(peer))
 
@@ -87,6 +88,7 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
                        detail="listen and upstream addresses change after a restart")
         new = replace(new, upstream=replace(new.upstream, address=old.upstream.address))
     app.policy.current = app.policy.current.reloaded(new.policy)
+    _announce_rules(app.metrics, new)
     app.proxy.config = new
     # Certificates are read again for the next handshake.
     app.proxy.tls = TLSContexts()
@@ -126,6 +128,15 @@ async def run(
     finally:
         if trail is not None:
             trail.close()
+
+
+def _announce_rules(metrics: Metrics, config: Config) -> None:
+    """Create every rule's series at zero, so rate() sees its first decision."""
+    metrics.policy_rules(
+        [(r.name, r.action) for r in config.policy.rules]
+        + [(name, "deny") for name in BUILTIN_RULE_NAMES],
+        enforced=config.policy.mode == "enforce",
+    )
 
 
 async def _reload_on_sighup(app: App, load: Callable[[], Config]) -> None:

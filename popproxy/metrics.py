@@ -13,7 +13,8 @@ the ``command`` label is one of ``COMMAND_LABELS`` (unknown verbs and
 unparseable lines are ``OTHER``), ``mechanism`` one of ``AUTH_MECHANISMS``,
 and so on.  There are no user, client address, UIDL or Message-ID labels.
 Every label set is created at zero up front, so dashboards and ``rate()``
-see a series before its first event.
+see a series before its first event (policy rules come from the
+configuration: ``policy_rules`` creates theirs).
 
 ``serve_metrics`` is the HTTP endpoint: ``/metrics`` (prometheus-client's
 own WSGI exposition), ``/healthz`` and ``/readyz`` (see ``health.py``),
@@ -31,11 +32,11 @@ Usage::
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -184,7 +185,7 @@ SESSION_BUCKETS: Final = (
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
 )
 
-#: Distinct (rule, action) pairs before further ones are folded into OTHER.
+#: Distinct policy label sets before further ones are folded into OTHER.
 MAX_POLICY_SERIES: Final = 256
 
 # SessionClosed.reason (server.py, session.py) -> outcome.
@@ -335,7 +336,7 @@ class Metrics:
         # Upstream
         self.upstream_connect_duration = Histogram(
             "popproxy_upstream_connect_duration_seconds",
-            "Time to open the TCP connection to the upstream server.",
+            "Time to set up the upstream connection: TCP, and TLS when configured.",
             buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
         )
         self.upstream_errors = Counter(
@@ -466,11 +467,16 @@ class Metrics:
             tally.forwarded.popleft()
             forwarded = True
         if event.local:
-            # A reply the proxy made: a refusal (core checks, policy), or
-            # the [SYS/TEMP] it sends for a forwarded command whose upstream
+            # A reply the proxy made: +OK (e.g. to STLS, which the proxy
+            # answers itself), a refusal (core checks, policy), or the
+            # [SYS/TEMP] it sends for a forwarded command whose upstream
             # failed, which is an error and not a denial.
-            failed = forwarded and event.code == "SYS/TEMP"
-            (series.err if failed else series.denied).inc()
+            if event.ok:
+                series.ok.inc()
+            elif forwarded and event.code == "SYS/TEMP":
+                series.err.inc()
+            else:
+                series.denied.inc()
             return
         series.latency.observe(event.finished - event.started)
         if not event.ok:
@@ -615,9 +621,17 @@ def make_app(registry: CollectorRegistry, health: Health) -> WSGIApplication:
     return app
 
 
-class _Server(ThreadingMixIn, WSGIServer):
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def server_bind(self) -> None:
+        """Bind without ``HTTPServer``'s reverse DNS look-up of the address."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
 
 
 class _Server6(_Server):

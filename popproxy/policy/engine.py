@@ -30,7 +30,15 @@ from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
 from .config import STANDARD_VERBS, Match, PolicyConfig, Rule
 from .ratelimit import Bucket, BucketTable
 
-__all__ = ["PolicyEngine", "PolicyState", "SwitchablePolicy"]
+__all__ = ["BUILTIN_RULE_NAMES", "PolicyEngine", "PolicyState", "SwitchablePolicy"]
+
+# The rule names built-in protections decide under (all of action "deny").
+BUILTIN_RULE_NAMES = (
+    "builtin:command-allowlist",
+    "builtin:login-throttle",
+    "builtin:max-message-size",
+    "builtin:max-sessions-per-user",
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
