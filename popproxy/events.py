@@ -173,7 +173,8 @@ class SessionOpened(Event):
 class SessionClosed(Event):
     """Emitted by the relay last, after both connections are closed.
 
-    ``bytes_in``/``bytes_out`` count client octets received and sent.
+    ``bytes_in``/``bytes_out`` count client octets received and sent;
+    ``upstream_in``/``upstream_out`` the same towards the upstream.
     """
 
     reason: str
@@ -181,6 +182,8 @@ class SessionClosed(Event):
     bytes_in: int
     bytes_out: int
     commands: int
+    upstream_in: int = 0
+    upstream_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,9 +151,8 @@ UPSTREAM_ERROR_REASONS: Final = (
 )
 TLS_SIDES: Final = ("client", "upstream")
 
-#: Octets to and from the client.  The upstream side is not in the events
-#: (yet): ``SessionClosed`` carries client counts only.
-BYTE_DIRECTIONS: Final = ("client_rx", "client_tx")
+#: Octets from and to the client, and from and to the upstream.
+BYTE_DIRECTIONS: Final = ("client_rx", "client_tx", "upstream_rx", "upstream_tx")
 
 #: ``marked``: DELE got +OK; ``committed``: QUIT got +OK with marks held;
 #: ``uncommitted``: the session ended with marks and no successful QUIT (the
@@ -284,7 +283,8 @@ class Metrics:
         )
         self.bytes = Counter(
             "popproxy_bytes", "Octets received from (client_rx) and sent to (client_tx) "
-            "clients, counted when the session ends.",
+            "clients, and from (upstream_rx) and to (upstream_tx) the upstream, counted "
+            "when the session ends.",
             ["direction"], unit="bytes", registry=r,
         )
 
@@ -376,6 +376,8 @@ class Metrics:
         self._sessions_by_outcome = {o: self.sessions.labels(o) for o in SESSION_OUTCOMES}
         self._bytes_rx = self.bytes.labels("client_rx")
         self._bytes_tx = self.bytes.labels("client_tx")
+        self._bytes_up_rx = self.bytes.labels("upstream_rx")
+        self._bytes_up_tx = self.bytes.labels("upstream_tx")
         self._commands: dict[str, _CommandSeries] = {
             verb: _CommandSeries(self.commands, self.command_duration, verb)
             for verb in COMMAND_LABELS
@@ -451,6 +453,8 @@ class Metrics:
         self.session_duration.observe(event.duration)
         self._bytes_rx.inc(event.bytes_in)
         self._bytes_tx.inc(event.bytes_out)
+        self._bytes_up_rx.inc(event.upstream_in)
+        self._bytes_up_tx.inc(event.upstream_out)
 
     def _command_sent(self, info: SessionInfo, event: CommandSent) -> None:
         tally = self._live.get(info.id)

@@ -185,7 +185,8 @@ class Proxy:
                 self._emit(
                     info,
                     [*end.events,
-                     SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands)],
+                     SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands,
+                                   stats.up_rx, stats.up_tx)],
                 )
 
     async def _read_proxy_header(
@@ -292,6 +293,7 @@ class Proxy:
             stats.rx += len(data)
             out = session.receive_client(data, now) if data else session.client_closed(now)
         else:
+            stats.up_rx += len(data)
             out = session.receive_upstream(data, now) if data else session.upstream_closed(now)
         stats.commands += sum(1 for e in out.events if isinstance(e, CommandSent))
         return out
@@ -307,6 +309,7 @@ class Proxy:
             with scope:
                 if out.to_upstream:
                     await upstream.send_all(out.to_upstream)
+                    stats.up_tx += len(out.to_upstream)
                 if out.to_client:
                     await client.send_all(out.to_client)
                     stats.tx += len(out.to_client)
@@ -320,6 +323,8 @@ class _Stats:
     rx: int = 0
     tx: int = 0
     commands: int = 0
+    up_rx: int = 0
+    up_tx: int = 0
 
 
 def _is_cancellation(exc: BaseException) -> bool:
