@@ -6,9 +6,10 @@ the canonical JSON of the record without ``hash`` (keys sorted, compact
 separators, non-ASCII kept, UTF-8).  Since ``prev`` is inside what is
 hashed, every record's hash covers the whole history before it.
 
-A line in the file is the record rendered as compact JSON in its own key
-order; ``verify`` also checks that a line is exactly that rendering, so even
-an edit that leaves the JSON value unchanged (a space, an escape) is caught.
+A line of the file is that canonical JSON with ``"hash":"..."`` appended
+as the last member, so one serialisation serves both.  ``verify`` checks
+that a line is byte for byte what its record gives, so even an edit that
+leaves the JSON value unchanged (a space, an escape) is caught.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ __all__ = [
     "Problem",
     "VerifyResult",
     "canonical",
+    "line",
     "read_head",
     "record_hash",
-    "render",
     "verify_files",
 ]
 
@@ -38,21 +39,27 @@ _TAIL_LIMIT = 1 << 20  # how far back from the end of a file to look for a recor
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    """The canonical JSON of ``record``: what its hash is computed over."""
+    """The canonical JSON of ``record``: what its hash is computed over.
+
+    ``json.dumps(record, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False).encode("utf-8")``.
+    """
     return _CANONICAL.encode(record).encode("utf-8")
 
 
-def render(record: Mapping[str, Any], **_: Any) -> str:
-    """A record as one line of the audit file (without the newline).
+def _with_hash(body: bytes, digest: str) -> bytes:
+    return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}'
 
-    The same as ``json.dumps(record, separators=(",", ":"), ensure_ascii=False)``;
-    usable as the serializer of structlog's ``JSONRenderer``.
-    """
-    return _LINE.encode(record)
+
+def line(record: Mapping[str, Any]) -> bytes:
+    """The line of the audit file for ``record`` (without the newline)."""
+    digest = record.get("hash")
+    if not isinstance(digest, str):
+        return canonical(record)
+    return _with_hash(canonical({k: v for k, v in record.items() if k != "hash"}), digest)
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -68,14 +75,17 @@ class ChainHead:
     seq: int = 0
     hash: str = GENESIS
 
-    def link(self, record: MutableMapping[str, Any]) -> None:
-        """Add ``seq``, ``prev`` and ``hash`` to ``record`` and advance the head."""
+    def link(self, record: MutableMapping[str, Any]) -> bytes:
+        """Add ``seq``, ``prev`` and ``hash`` to ``record``, advance the head;
+        return the record's line."""
         record["seq"] = self.seq + 1
         record["prev"] = self.hash
-        digest = hashlib.sha256(canonical(record)).hexdigest()
+        body = canonical(record)
+        digest = hashlib.sha256(body).hexdigest()
         record["hash"] = digest
         self.seq += 1
         self.hash = digest
+        return _with_hash(body, digest)
 
 
 def _chained(record: object) -> ChainHead | None:
@@ -261,11 +271,12 @@ def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False
             seq = link.seq if link is not None else None
             if link is None or not isinstance(record.get("prev"), str):
                 return fail(name, line.number, seq, "has no hash chain (seq/prev/hash)")
-            if render(record).encode("utf-8") != line.raw:
-                return fail(name, line.number, seq,
-                            "the line differs from the record's JSON rendering (edited)")
-            if record_hash(record) != link.hash:
+            body = canonical({k: v for k, v in record.items() if k != "hash"})
+            if hashlib.sha256(body).hexdigest() != link.hash:
                 return fail(name, line.number, seq, "the hash does not match (edited)")
+            if _with_hash(body, link.hash) != line.raw:
+                return fail(name, line.number, seq,
+                            "the line is not the record's canonical JSON (edited)")
             if head is None:
                 result.first = link.seq
                 if link.seq != 1 or record["prev"] != GENESIS:

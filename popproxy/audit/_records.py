@@ -28,6 +28,8 @@ from ..events import (
     SessionOpened,
     State,
     StateChanged,
+    TlsEstablished,
+    TlsFailed,
     UidsLearned,
     UpstreamConnected,
     UpstreamFailed,
@@ -57,10 +59,15 @@ class SessionRef(Protocol):
 
 
 def rfc3339(t: datetime) -> str:
-    """``2026-11-27T14:24:03.000123Z``: UTC, always with microseconds."""
+    """``2026-11-27T14:24:03.000123Z``: UTC, always with microseconds.
+
+    A naive ``t`` is taken to be UTC already.
+    """
+    if t.tzinfo is None:
+        return t.isoformat(timespec="microseconds") + "Z"
     if t.tzinfo is not UTC:
         t = t.astimezone(UTC)
-    return t.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return t.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 def close_reason(raw: str, upstream_failed: bool = False) -> str:
@@ -115,6 +122,8 @@ class _Session:
         "message_ids",
         "quit_sent",
         "state",
+        "tls",
+        "tls_error",
         "uids",
         "upstream",
         "upstream_failed",
@@ -134,6 +143,8 @@ class _Session:
         self.denied: list[Command] = []  # by policy, reply not yet seen
         self.upstream: str | None = None
         self.upstream_failed = False
+        self.tls: dict[str, dict[str, str | None]] = {}  # side -> version, cipher, sni
+        self.tls_error: str | None = None
 
 
 class RecordBuilder:
@@ -158,6 +169,8 @@ class RecordBuilder:
             StateChanged: self._state,
             UpstreamConnected: self._connected,
             UpstreamFailed: self._upstream_failed,
+            TlsEstablished: self._tls,
+            TlsFailed: self._tls_failed,
         }
 
     @property
@@ -203,7 +216,19 @@ class RecordBuilder:
         return rec
 
     def _opened(self, info: SessionRef, st: _Session, event: SessionOpened) -> list[Record]:
-        return [self._base("session.open", info, st)]
+        rec = self._base("session.open", info, st)
+        if event.via is not None:
+            rec["via"] = event.via  # the trusted proxy that reported ``client``
+        return [rec]
+
+    def _tls(self, info: SessionRef, st: _Session, event: TlsEstablished) -> list[Record]:
+        st.tls[event.side] = {"version": event.version, "cipher": event.cipher,
+                              "sni": event.sni}
+        return []
+
+    def _tls_failed(self, info: SessionRef, st: _Session, event: TlsFailed) -> list[Record]:
+        st.tls_error = f"{event.side}: {event.error}"
+        return []
 
     def _connected(self, info: SessionRef, st: _Session, event: UpstreamConnected) -> list[Record]:
         st.upstream = event.address
@@ -222,6 +247,8 @@ class RecordBuilder:
         rec = self._base("auth", info, st, user)
         rec["mechanism"] = event.mechanism
         rec["outcome"] = "ok" if event.ok else "fail"
+        client_tls = st.tls.get("client")
+        rec["tls"] = client_tls["version"] if client_tls is not None else None
         if event.code is not None:
             rec["code"] = event.code
         return [rec]
@@ -367,8 +394,14 @@ class RecordBuilder:
         rec["bytes_in"] = event.bytes_in
         rec["bytes_out"] = event.bytes_out
         rec["commands"] = event.commands
+        rec["upstream_in"] = event.upstream_in
+        rec["upstream_out"] = event.upstream_out
         if st.upstream is not None:
             rec["upstream"] = st.upstream
+        if st.tls:
+            rec["tls"] = st.tls
+        if st.tls_error is not None:
+            rec["tls_error"] = st.tls_error
         records.append(rec)
         self._sessions.pop(info.id, None)
         return records
@@ -380,10 +413,12 @@ class RecordBuilder:
         ``enforced`` (False in monitor mode).
         """
         cmd = getattr(event, "command", None)
+        rule = getattr(event, "rule", None)
         action = getattr(event, "action", None)
+        action = str(action) if action is not None else None
         enforced = bool(getattr(event, "enforced", True))
         rec = self._base("policy.decision", info, st)
-        rec["rule"] = getattr(event, "rule", None)
+        rec["rule"] = str(rule) if rule is not None else None
         rec["action"] = action
         if isinstance(cmd, Command):
             rec["command"] = cmd.verb

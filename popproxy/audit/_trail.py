@@ -2,15 +2,16 @@
 
 ``AuditTrail.observe`` is a proxy observer.  For each event it asks the
 ``RecordBuilder`` for records and logs each through its own structlog
-logger: a processor chain private to the audit (key order, hash chain,
-``JSONRenderer``) over a logger that writes to the sinks.  It is built with
-``structlog.wrap_logger``, so the global structlog configuration (the
-operational logs, ``popproxy.logs``) neither affects it nor sees it.
+logger: a processor chain private to the audit (the record, then its
+canonical JSON line with the hash chain) over a logger that writes to the
+sinks.  It is built with ``structlog.wrap_logger``, so the global structlog
+configuration (the operational logs, ``popproxy.logs``) neither affects it
+nor sees it.
 
 Durability and failures.  Each record is written with one ``write(2)`` as
 soon as it is made, in order.  ``fsync = "always"`` syncs after every
-record, ``"session"`` after each ``session.close`` record (in a worker
-thread, coalesced) and at ``close()``, ``"never"`` leaves it to the kernel.
+record, ``"session"`` after each ``session.close`` record (in the file
+sink's own thread, coalesced) and at ``close()``, ``"never"`` leaves it to the kernel.
 A sink that fails is logged (``audit.sink_failed``) and counted; its lines
 wait in a bounded queue and are written, in order, as soon as a write works
 again (each new record and each ``refusal()`` tries).  If the queue is full,
@@ -21,6 +22,7 @@ With ``fail_closed`` the proxy refuses new sessions while a sink is failing.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -29,7 +31,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
-from ._chain import ChainHead, read_head, render
+from ._chain import ChainHead, canonical, read_head
 from ._records import Record, RecordBuilder, SessionRef, rfc3339
 from ._sinks import FileSink, Sink, StreamSink
 from .config import AuditConfig
@@ -37,6 +39,7 @@ from .config import AuditConfig
 __all__ = ["AuditTrail", "open_audit"]
 
 logger = structlog.get_logger("popproxy.audit")
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -71,7 +74,7 @@ class Writer:
         if not self.pending:
             try:
                 self.sink.write(data)
-            except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            except Exception as exc:  # OSError mostly; ValueError from a closed stream
                 self._queue(data)
                 self._failed(exc)
                 return False
@@ -92,7 +95,7 @@ class Writer:
             data = self.pending[0]
             try:
                 self.sink.write(data)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:
                 self._failed(exc)
                 return done
             self.pending.popleft()
@@ -119,15 +122,17 @@ class _SinkLogger:
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail
 
-    def msg(self, line: str) -> None:
+    def info(self, line: bytes) -> None:
         self._trail._write(line)
+
+    msg = info
 
 
 class _Unwrap:
-    """Processor: the record itself, built whole and in key order by the builder.
+    """Processor, first: the record itself, as the builder made it.
 
-    Records travel as one keyword (``record=``) rather than as keywords of
-    their own, so structlog neither copies them nor moves ``event`` to the end.
+    A record travels as one keyword (``record=``) rather than as keywords of
+    its own, so structlog does not copy it field by field.
     """
 
     __slots__ = ()
@@ -137,22 +142,26 @@ class _Unwrap:
         return record
 
 
-class _Chain:
-    """Processor: drop the record if a sink's queue is full, else chain it."""
+class _Render:
+    """Processor, last: the record's line (canonical JSON, chained when on).
+
+    A record is dropped here, before it takes a place in the chain, when a
+    sink's queue is full.
+    """
 
     __slots__ = ("_trail",)
 
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail
 
-    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> bytes:
         trail = self._trail
-        if any(w.full for w in trail._writers):
+        if trail._queued and any(w.full for w in trail._writers):
             trail._lost(event_dict)
             raise structlog.DropEvent
         if trail.head is not None:
-            trail.head.link(event_dict)
-        return event_dict
+            return trail.head.link(event_dict)
+        return canonical(event_dict)
 
 
 class AuditTrail:
@@ -181,19 +190,17 @@ class AuditTrail:
         self._writers = [Writer(s, max_pending_lines, max_pending_bytes) for s in sinks]
         self._count_record: Callable[[], None] = getattr(metrics, "audit_record", _noop)
         self._count_error: Callable[[], None] = getattr(metrics, "audit_error", _noop)
+        self._queued = False  # some sink has lines waiting (is failing)
+        self._fsync_always = config.fsync == "always"
+        self._fsync_session = config.fsync == "session"
         self._counted = 0
         self._dropped = 0
         self._dropped_since: str | None = None
         self._closed = False
         self._log = structlog.wrap_logger(
             _SinkLogger(self),
-            processors=[
-                _Unwrap(),
-                _Chain(self),
-                # The line is exactly what ``verify`` re-renders to compare.
-                structlog.processors.JSONRenderer(serializer=render),
-            ],
-            wrapper_class=structlog.BoundLogger,
+            processors=[_Unwrap(), _Render(self)],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
             context_class=dict,
             cache_logger_on_first_use=False,
         ).bind()
@@ -216,35 +223,36 @@ class AuditTrail:
 
     def record(self, record: Record) -> None:
         """Chain, render and write one record (in the order given)."""
-        if self.failing:
+        if self._queued:
             self.retry()  # make room in the queues before judging this record
-        if self._dropped and not self.failing:
+        if self._dropped and not self._queued:
             lost: Record = {
                 "ts": rfc3339(self.now()), "event": "audit.lost",
                 "records": self._dropped, "since": self._dropped_since,
             }
             self._dropped = 0
             self._dropped_since = None
-            self._log.msg(None, record=lost)
-        self._log.msg(None, record=record)
-        if self.config.fsync == "always":
+            self._log.info(None, record=lost)
+        self._log.info(None, record=record)
+        if self._fsync_always:
             self._sync(now=True)
-        elif self.config.fsync == "session" and record.get("event") == "session.close":
+        elif self._fsync_session and record["event"] == "session.close":
             self._sync(now=False)
 
-    def _write(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8")
+    def _write(self, line: bytes) -> None:
+        data = line + b"\n"
         queued = False
         for w in self._writers:
             if not w.write(data):
                 queued = True
         if queued:
+            self._queued = True
             self._count_error()
         self._count_written()
 
     def _count_written(self) -> None:
         """Count the records that have now reached every sink."""
-        done = min((w.written for w in self._writers), default=0)
+        done = min(w.written for w in self._writers) if self._writers else 0
         while self._counted < done:
             self._counted += 1
             self._count_record()
@@ -265,10 +273,10 @@ class AuditTrail:
                     w.sink.sync()
                 else:
                     w.sink.sync_soon()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 self._sync_failed(w.sink, exc)
 
-    def _sync_failed(self, sink: Sink, exc: OSError) -> None:
+    def _sync_failed(self, sink: Sink, exc: Exception) -> None:
         logger.error("audit.fsync_failed", sink=sink.name, error=str(exc))
         self._count_error()
 
@@ -285,7 +293,8 @@ class AuditTrail:
             if w.pending:
                 w.drain()
         self._count_written()
-        return not self.failing
+        self._queued = self.failing
+        return not self._queued
 
     def refusal(self) -> str | None:
         """For ``Proxy.admission``: a reason to refuse new sessions, or None."""

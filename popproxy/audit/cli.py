@@ -26,6 +26,13 @@ __all__ = ["add_parser", "main", "run"]
 
 _CHAIN_FIELDS = ("seq", "prev", "hash")
 _BASE_FIELDS = ("ts", "event", "session", "user", "client")
+# The order of the other fields in the table's DETAILS column.
+_DETAIL_ORDER = {key: i for i, key in enumerate((
+    "mechanism", "verb", "args", "outcome", "code", "latency", "command", "msg", "lines",
+    "msgs", "uidl", "octets", "sha256", "message_id", "complete", "headers",
+    "possibly_partial", "rule", "action", "enforced", "reason", "detail", "duration",
+    "bytes_in", "bytes_out", "commands", "upstream", "records", "since",
+))}
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -198,7 +205,9 @@ def _matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def _details(record: dict[str, Any]) -> str:
     parts = []
-    for key, value in record.items():
+    keys = sorted(record, key=lambda k: (_DETAIL_ORDER.get(k, len(_DETAIL_ORDER)), k))
+    for key in keys:
+        value = record[key]
         if key in _BASE_FIELDS or key in _CHAIN_FIELDS or value is None:
             continue
         if isinstance(value, str):

@@ -1,0 +1,284 @@
+"""What does the audit trail cost?  RETR throughput and session rate, audit on vs off.
+
+Run from the repository root::
+
+    python -m benchmarks.audit_bench             # about two minutes
+    python -m benchmarks.audit_bench --quick     # a smoke run
+    python -m benchmarks.audit_bench --fsync always --json audit.json
+
+One private Dovecot (``tests/dovecot.py``, high-performance login mode) and,
+in this process, two proxies in front of it, each assembled by ``app.build``
+(operational logs at warning level, metrics, policy): one without audit, and
+one with the audit trail as ``popproxy run`` configures it
+(``sink = "file"``, ``hash_chain = true``, ``fsync = "session"`` unless
+``--fsync``; the file is in a temporary directory on the local disk).  The
+clients run in a separate process (``--client ...``), so they do not share
+this interpreter with the proxies.  Rounds are interleaved (off/on, then
+on/off, ...) so that machine noise hits both alike; the figures are medians
+over rounds, their ratio is the verdict ("paired": the median of the
+per-round ratios, shown too).
+
+1. RETR throughput: one logged-in session RETRs a large message repeatedly.
+2. Session rate: concurrent clients doing full sessions (USER, PASS, STAT,
+   UIDL, RETR 1, QUIT) back to back; about ten audit records per session.
+
+Also reported: this process's CPU time per session and per MiB (both proxies
+live here; only one is measured at a time), and that the audit file written
+during the run verifies.  The bar: audit on within 10% of audit off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from benchmarks._client import AsyncConn, Conn
+from benchmarks._procs import REPO_ROOT, dovecot_extra_config
+from popproxy.audit import AuditConfig, AuditTrail, open_audit, verify_files
+from popproxy.audit._chain import rotated_files
+from popproxy.config import HostPort
+from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
+from tests.proxy_fixtures import start_proxy
+
+MIB = 1 << 20
+BAR = 0.10
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int = 15
+    size_mib: int = 20
+    retrs: int = 2  # per round and arm
+    clients: int = 8
+    sessions: int = 25  # per client, per round and arm
+    fsync: str = "session"
+    commands: str = "all"
+
+    @classmethod
+    def quick(cls, fsync: str = "session", commands: str = "all") -> Settings:
+        return cls(rounds=3, size_mib=5, retrs=2, clients=4, sessions=15, fsync=fsync,
+                   commands=commands)
+
+
+@dataclass
+class Arm:
+    name: str
+    port: int
+    retr_mb_s: list[float] = field(default_factory=list)
+    retr_cpu_s_per_mib: list[float] = field(default_factory=list)
+    sessions_s: list[float] = field(default_factory=list)
+    cpu_ms_per_session: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------
+# Client side (a separate process)
+
+
+def client_retr(port: int, user: str, password: str, count: int) -> dict[str, float]:
+    conn = Conn("127.0.0.1", port, timeout=120)
+    scratch = bytearray(1 << 20)
+    try:
+        conn.login(user, password)
+        octets = 0
+        seconds = 0.0
+        for _ in range(count):
+            got, took = conn.retr_raw(1, scratch)
+            octets += got
+            seconds += took
+        conn.cmd("QUIT")
+    finally:
+        conn.close()
+    return {"octets": octets, "seconds": seconds}
+
+
+async def client_sessions(port: int, user: str, password: str, clients: int,
+                          sessions: int) -> dict[str, float]:
+    async def one_client() -> None:
+        for _ in range(sessions):
+            conn = await AsyncConn.open("127.0.0.1", port)
+            try:
+                await conn.login(user, password)
+                await conn.cmd("STAT")
+                await conn.cmd_multi("UIDL")
+                await conn.cmd_multi("RETR 1")
+                await conn.cmd("QUIT")
+            finally:
+                await conn.aclose()
+
+    t0 = time.perf_counter()
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(one_client)
+    return {"sessions": clients * sessions, "seconds": time.perf_counter() - t0}
+
+
+def run_client(argv: Sequence[str]) -> int:
+    mode, port, user, password, *rest = argv
+    if mode == "retr":
+        result = client_retr(int(port), user, password, int(rest[0]))
+    else:
+        result = trio.run(client_sessions, int(port), user, password, int(rest[0]),
+                          int(rest[1]))
+    print(json.dumps(result))
+    return 0
+
+
+async def in_client(*argv: object) -> dict[str, float]:
+    done = await trio.run_process(
+        [sys.executable, "-m", "benchmarks.audit_bench", "--client", *map(str, argv)],
+        capture_stdout=True, cwd=str(REPO_ROOT),
+    )
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+# --------------------------------------------------------------------------
+# Proxy side (this process)
+
+
+async def start(nursery: trio.Nursery, upstream: HostPort, trail: AuditTrail | None) -> int:
+    """A proxy as ``app.build`` makes it (logs, metrics, policy), plus the trail if given,
+    attached as ``app.run`` attaches it."""
+    running = await start_proxy(nursery, upstream)
+    # The fixture's own observer keeps every event (message data too): not here.
+    running.proxy.observers.remove(running.observe)
+    if trail is not None:
+        running.proxy.observers.append(trail.observe)
+        running.proxy.admission.append(lambda peer: trail.refusal())
+    return running.port
+
+
+async def bench(dovecot: Dovecot, audit_path: Path, s: Settings) -> tuple[Arm, Arm]:
+    upstream = HostPort(dovecot.host, dovecot.port)
+    trail = open_audit(AuditConfig(enabled=True, sink="file", path=audit_path,
+                                   hash_chain=True, fsync=s.fsync, commands=s.commands))
+    assert trail is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            off = Arm("off", await start(nursery, upstream, None))
+            on = Arm("on", await start(nursery, upstream, trail))
+            big_pw, small_pw = dovecot.users["alice"], dovecot.users["bob"]
+            for arm in (off, on):  # warm up: Dovecot's caches, our code paths
+                await in_client("retr", arm.port, "alice", big_pw, 1)
+                await in_client("sessions", arm.port, "bob", small_pw, s.clients, 2)
+            for r in range(s.rounds):
+                for arm in (off, on) if r % 2 == 0 else (on, off):
+                    cpu = time.process_time()
+                    got = await in_client("retr", arm.port, "alice", big_pw, s.retrs)
+                    cpu = time.process_time() - cpu
+                    arm.retr_mb_s.append(got["octets"] / got["seconds"] / 1e6)
+                    arm.retr_cpu_s_per_mib.append(cpu / (got["octets"] / MIB))
+                for arm in (on, off) if r % 2 == 0 else (off, on):
+                    cpu = time.process_time()
+                    got = await in_client("sessions", arm.port, "bob", small_pw,
+                                          s.clients, s.sessions)
+                    cpu = time.process_time() - cpu
+                    arm.sessions_s.append(got["sessions"] / got["seconds"])
+                    arm.cpu_ms_per_session.append(cpu / got["sessions"] * 1000)
+                print(f"round {r + 1}/{s.rounds}: RETR MB/s off {off.retr_mb_s[-1]:.1f} "
+                      f"on {on.retr_mb_s[-1]:.1f}; sessions/s off {off.sessions_s[-1]:.1f} "
+                      f"on {on.sessions_s[-1]:.1f}", file=sys.stderr, flush=True)
+            nursery.cancel_scope.cancel()
+    finally:
+        trail.close()
+    return off, on
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--client"]:
+        return run_client(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.audit_bench",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes")
+    p.add_argument("--fsync", choices=("always", "session", "never"), default="session")
+    p.add_argument("--commands", choices=("all", "messages"), default="all",
+                   help="the audit's `commands` setting (default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = p.parse_args(argv)
+    s = (Settings.quick(args.fsync, args.commands) if args.quick
+         else Settings(fsync=args.fsync, commands=args.commands))
+    # The operational logs stay on but quiet (warnings), as in both arms alike.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    reason = ensure_dovecot()
+    if reason is not None:
+        print(f"audit_bench: no Dovecot: {reason}", file=sys.stderr)
+        return 2
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+    big = (b"Subject: big\r\nMessage-ID: <big@bench>\r\n\r\n"
+           + line * (s.size_mib * MIB // len(line)))
+    dovecot = Dovecot(extra_config=dovecot_extra_config(4 * s.clients + 8),
+                      max_userip_connections=1000)
+    with dovecot, tempfile.TemporaryDirectory(prefix="popproxy-audit-bench-") as tmp:
+        dovecot.reset_mailbox("alice", [big])
+        dovecot.reset_mailbox("bob", SAMPLE_MESSAGES)
+        audit_path = Path(tmp) / "audit.jsonl"
+        off, on = trio.run(bench, dovecot, audit_path, s)
+        files = [*rotated_files(audit_path), audit_path]
+        result = verify_files([(str(f), f.read_bytes()) for f in files])
+        audit_bytes = sum(f.stat().st_size for f in files)
+    report = summarize(s, off, on, result.ok, result.records, audit_bytes)
+    print(report["text"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report["data"], indent=2) + "\n")
+    return 0 if report["data"]["pass"] else 1
+
+
+def paired(off: Sequence[float], on: Sequence[float]) -> float:
+    """The median of the per-round on/off ratios (robust to drift between rounds)."""
+    return statistics.median(b / a for a, b in zip(off, on, strict=True))
+
+
+def summarize(s: Settings, off: Arm, on: Arm, verified: bool, records: int,
+              audit_bytes: int) -> dict[str, Any]:
+    med = statistics.median
+    retr_ratio = med(on.retr_mb_s) / med(off.retr_mb_s)
+    sess_ratio = med(on.sessions_s) / med(off.sessions_s)
+    ok = retr_ratio >= 1 - BAR and sess_ratio >= 1 - BAR and verified
+    rows = [
+        ("RETR throughput (MB/s)", med(off.retr_mb_s), med(on.retr_mb_s), retr_ratio,
+         paired(off.retr_mb_s, on.retr_mb_s)),
+        ("Session rate (sessions/s)", med(off.sessions_s), med(on.sessions_s), sess_ratio,
+         paired(off.sessions_s, on.sessions_s)),
+    ]
+    lines = [
+        f"audit on = file sink, hash chain, fsync {s.fsync}, commands {s.commands}; "
+        f"{s.rounds} interleaved rounds, "
+        f"medians; RETR {s.size_mib} MiB x {s.retrs}; sessions {s.clients} clients x "
+        f"{s.sessions}",
+        f"{'':28}{'audit off':>12}{'audit on':>12}{'on/off':>10}{'paired':>8}  bar (on/off)",
+    ]
+    for name, a, b, ratio, pair in rows:
+        verdict = "PASS" if ratio >= 1 - BAR else "MISS"
+        lines.append(f"{name:28}{a:12.1f}{b:12.1f}{ratio:10.3f}{pair:8.3f}  "
+                     f">= {1 - BAR:.2f} {verdict}")
+    lines += [
+        f"{'proxy CPU per session (ms)':28}{med(off.cpu_ms_per_session):12.3f}"
+        f"{med(on.cpu_ms_per_session):12.3f}",
+        f"{'proxy CPU per MiB RETR (ms)':28}{med(off.retr_cpu_s_per_mib) * 1000:12.3f}"
+        f"{med(on.retr_cpu_s_per_mib) * 1000:12.3f}",
+        f"audit file: {records} records, {audit_bytes / 1e6:.1f} MB, hash chain "
+        + ("verifies" if verified else "DOES NOT VERIFY"),
+    ]
+    data = {"settings": asdict(s), "off": asdict(off), "on": asdict(on),
+            "retr_ratio": retr_ratio, "session_ratio": sess_ratio,
+            "retr_paired": rows[0][4], "session_paired": rows[1][4], "records": records,
+            "audit_bytes": audit_bytes, "verified": verified, "pass": ok}
+    return {"text": "\n".join(lines), "data": data}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

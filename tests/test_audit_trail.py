@@ -1,0 +1,431 @@
+"""The audit trail: structlog rendering, sinks, durability, failures, rotation, restarts."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from popproxy.audit import AuditConfig, AuditTrail, ChainHead, _sinks, open_audit, verify_files
+from popproxy.audit._chain import line, read_head, rotated_files
+from popproxy.audit._sinks import FileSink
+from popproxy.events import SessionClosed, SessionOpened
+from popproxy.metrics import Metrics
+
+T0 = datetime(2026, 11, 27, 14, 24, 3, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> datetime:
+        self.t += timedelta(milliseconds=1)
+        return self.t
+
+
+class Info:
+    def __init__(self, id: str, client: str = "192.0.2.7:40000") -> None:
+        self.id = id
+        self.client = client
+
+
+class MemorySink:
+    """A sink in memory that can be told to fail like a full disk."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.broken = False
+        self.syncs = 0
+        self.soon = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.lines.append(data)
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+    def sync_soon(self) -> None:
+        self.soon += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+    def data(self) -> bytes:
+        return b"".join(self.lines)
+
+
+class Counts:
+    """Stands in for ``popproxy.metrics.Metrics``."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.errors = 0
+
+    def audit_record(self) -> None:
+        self.records += 1
+
+    def audit_error(self) -> None:
+        self.errors += 1
+
+
+def trail_with(sink: MemorySink, metrics: object = None, **config: Any) -> AuditTrail:
+    return AuditTrail(AuditConfig(enabled=True, **config), [sink], head=ChainHead(),
+                      metrics=metrics, now=FakeClock())
+
+
+def session(trail: AuditTrail, sid: str) -> None:
+    """A session that opens and closes: two records."""
+    info = Info(sid)
+    trail.observe(info, SessionOpened(info.client, 0.0))
+    trail.observe(info, SessionClosed("quit", 1.5, 10, 20, 1))
+
+
+def file_config(path: Path, **kw: Any) -> AuditConfig:
+    return AuditConfig(enabled=True, sink="file", path=path, **kw)
+
+
+def all_files(path: Path) -> list[Path]:
+    return [*rotated_files(path), path]
+
+
+def verify_paths(paths: list[Path]) -> Any:
+    return verify_files([(str(p), p.read_bytes()) for p in paths])
+
+
+class TestRendering:
+    def test_json_lines_in_order_with_chain(self) -> None:
+        """One canonical JSON object per line, in order, chained from the genesis hash."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        session(trail, "a")
+        session(trail, "b")
+        records = sink.records()
+        assert [(r["event"], r["session"], r["seq"]) for r in records] == [
+            ("session.open", "a", 1), ("session.close", "a", 2),
+            ("session.open", "b", 3), ("session.close", "b", 4),
+        ]
+        assert list(records[0]) == ["client", "event", "prev", "seq", "session", "ts", "hash"]
+        assert all(x == line(json.loads(x)) + b"\n" for x in sink.lines)
+        assert verify_files([("m", sink.data())]).ok
+
+    def test_no_chain_fields_when_off(self) -> None:
+        """``hash_chain = false``: no seq, prev or hash."""
+        sink = MemorySink()
+        session(trail_with(sink, hash_chain=False), "a")
+        assert all({"seq", "prev", "hash"}.isdisjoint(r) for r in sink.records())
+
+    def test_independent_of_global_structlog(self) -> None:
+        """The audit's structlog chain is its own: global config neither changes nor sees it."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        with structlog.testing.capture_logs() as captured:
+            session(trail, "a")
+        assert [r["event"] for r in sink.records()] == ["session.open", "session.close"]
+        assert "level" not in sink.records()[0]
+        assert captured == []
+        assert verify_files([("m", sink.data())]).ok
+
+
+class TestDurability:
+    @pytest.mark.parametrize(
+        ("fsync", "syncs", "soon"),
+        [("always", 4 + 1, 0), ("session", 1, 2), ("never", 0, 0)],
+    )
+    def test_fsync_modes(self, fsync: str, syncs: int, soon: int) -> None:
+        """always: every record (and close); session: each session.close (and close)."""
+        sink = MemorySink()
+        trail = trail_with(sink, fsync=fsync)
+        session(trail, "a")
+        session(trail, "b")
+        trail.close()
+        assert (sink.syncs, sink.soon) == (syncs, soon)
+        assert sink.closed
+
+    def test_close_is_idempotent_and_stops_recording(self) -> None:
+        """After close, events are ignored and nothing is written."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        trail.close()
+        trail.close()
+        session(trail, "a")
+        assert sink.lines == []
+
+    def test_close_ends_open_sessions(self) -> None:
+        """A session still open at shutdown gets its session.close record."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+        trail.close()
+        assert [(r["event"], r.get("reason")) for r in sink.records()] == [
+            ("session.open", None), ("session.close", "shutdown")]
+
+    def test_file_fsync_runs_in_a_thread_and_coalesces(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``sync_soon`` never waits for the disk; requests made during an fsync share one."""
+        calls: list[int] = []
+        running = threading.Event()
+        release = threading.Event()
+        real = _sinks._fsync_and_close
+
+        def fsync(fd: int) -> OSError | None:
+            calls.append(threading.get_ident())
+            running.set()
+            assert release.wait(10)
+            return real(fd)
+
+        monkeypatch.setattr(_sinks, "_fsync_and_close", fsync)
+        sink = FileSink(tmp_path / "a.jsonl", now=FakeClock())
+        sink.write(b'{"n":0}\n')
+        sink.sync_soon()
+        assert running.wait(10)  # the first fsync is stuck "on the disk" ...
+        for i in range(1, 11):
+            sink.write(b'{"n":%d}\n' % i)
+            sink.sync_soon()  # ... and these return at once
+        assert len(calls) == 1
+        release.set()
+        sink.close()  # finishes the waiting request
+        assert len(calls) == 2  # ten requests, one fsync
+        assert threading.get_ident() not in calls
+
+
+class TestFailures:
+    def test_failed_writes_queue_and_go_out_in_order(self) -> None:
+        """Records the sink refused are written, in order, once it works again."""
+        sink = MemorySink()
+        counts = Counts()
+        trail = trail_with(sink, counts)
+        session(trail, "a")
+        sink.broken = True
+        session(trail, "b")
+        assert trail.failing
+        assert (counts.records, counts.errors) == (2, 2)
+        sink.broken = False
+        session(trail, "c")
+        assert [r["session"] for r in sink.records()] == ["a", "a", "b", "b", "c", "c"]
+        assert [r["seq"] for r in sink.records()] == [1, 2, 3, 4, 5, 6]
+        assert (counts.records, counts.errors) == (6, 2)
+        assert not trail.failing
+        assert verify_files([("m", sink.data())]).ok
+
+    def test_failure_and_recovery_are_logged(self) -> None:
+        """A failing sink is said loudly, once, and so is its recovery."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        sink.broken = True
+        with structlog.testing.capture_logs() as logs:
+            session(trail, "a")
+            sink.broken = False
+            session(trail, "b")
+        assert [(e["event"], e["log_level"]) for e in logs] == [
+            ("audit.sink_failed", "error"), ("audit.sink_recovered", "warning")]
+        assert "No space left" in logs[0]["error"]
+
+    def test_fail_closed_refuses_until_the_sink_works(self) -> None:
+        """With fail_closed, refusal() gives a reason while failing; it retries, and recovers."""
+        sink = MemorySink()
+        trail = trail_with(sink, fail_closed=True)
+        assert trail.refusal() is None
+        sink.broken = True
+        session(trail, "a")
+        assert trail.refusal() == "audit trail unavailable"
+        assert trail.refusal() == "audit trail unavailable"
+        sink.broken = False
+        assert trail.refusal() is None
+        assert [r["session"] for r in sink.records()] == ["a", "a"]
+
+    def test_fail_open_never_refuses(self) -> None:
+        """Without fail_closed the proxy keeps serving (and the failure is counted)."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        sink.broken = True
+        session(trail, "a")
+        assert trail.failing
+        assert trail.refusal() is None
+
+    def test_full_queue_drops_before_chaining_and_reports_the_loss(self) -> None:
+        """Past the queue limit records are dropped unchained; audit.lost says how many."""
+        sink = MemorySink()
+        counts = Counts()
+        trail = AuditTrail(AuditConfig(enabled=True), [sink], head=ChainHead(),
+                           metrics=counts, now=FakeClock(), max_pending_lines=3)
+        sink.broken = True
+        for sid in "abc":
+            session(trail, sid)  # 6 records: 3 queued, 3 dropped
+        sink.broken = False
+        session(trail, "d")
+        records = sink.records()
+        assert [(r["event"], r.get("session")) for r in records] == [
+            ("session.open", "a"), ("session.close", "a"), ("session.open", "b"),
+            ("audit.lost", None), ("session.open", "d"), ("session.close", "d"),
+        ]
+        assert records[3]["records"] == 3
+        assert records[3]["since"] == "2026-11-27T14:24:03.004000Z"  # b's close: first lost
+        assert counts.errors == 6
+        assert verify_files([("m", sink.data())]).ok
+
+    def test_observer_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bug while building a record is logged (without traceback) and counted."""
+        sink = MemorySink()
+        counts = Counts()
+        trail = trail_with(sink, counts)
+
+        def boom(*args: object) -> list[dict[str, Any]]:
+            raise RuntimeError("secret-looking detail")
+
+        monkeypatch.setattr(trail.builder, "observe", boom)
+        with structlog.testing.capture_logs() as logs:
+            trail.observe(Info("a"), SessionOpened("x", 0.0))
+        assert logs == [{"event": "audit.record_failed", "error_type": "RuntimeError",
+                         "audit_event": "SessionOpened", "log_level": "error"}]
+        assert counts.errors == 1
+
+    def test_counts_on_the_real_metrics(self) -> None:
+        """``popproxy_audit_records_total`` and ``..._errors_total`` move."""
+        registry = CollectorRegistry()
+        sink = MemorySink()
+        trail = trail_with(sink, Metrics(registry))
+        session(trail, "a")
+        sink.broken = True
+        session(trail, "b")
+        assert registry.get_sample_value("popproxy_audit_records_total") == 2
+        assert registry.get_sample_value("popproxy_audit_errors_total") == 2
+
+
+class TestFiles:
+    def test_restart_continues_the_chain(self, tmp_path: Path) -> None:
+        """A new trail on the same file reads the last record and continues after it."""
+        path = tmp_path / "audit.jsonl"
+        for sid in ("a", "b"):
+            trail = open_audit(file_config(path), now=FakeClock())
+            assert trail is not None
+            session(trail, sid)
+            trail.close()
+        seqs = [json.loads(line)["seq"] for line in path.read_bytes().splitlines()]
+        assert seqs == [1, 2, 3, 4]
+        assert verify_paths([path]).ok
+
+    def test_rotation_never_splits_a_record_and_carries_the_chain(self, tmp_path: Path) -> None:
+        """Rotated files hold whole lines, stay under the size, and chain into each other."""
+        path = tmp_path / "audit.jsonl"
+        trail = open_audit(file_config(path, rotate_size=4096), now=FakeClock())
+        assert trail is not None
+        for i in range(40):
+            session(trail, f"s{i:02d}")
+        trail.close()
+        files = all_files(path)
+        assert len(files) >= 5
+        for f in files:
+            data = f.read_bytes()
+            assert len(data) <= 4096
+            assert data.endswith(b"\n")
+            for raw in data.splitlines():
+                json.loads(raw)
+        shuffled = files[:]
+        random.Random(1).shuffle(shuffled)
+        result = verify_paths(shuffled)
+        assert result.ok
+        assert (result.records, result.files) == (80, len(files))
+        previous = json.loads(files[0].read_bytes().splitlines()[-1])
+        first_of_next = json.loads(files[1].read_bytes().splitlines()[0])
+        assert first_of_next["prev"] == previous["hash"]
+
+    def test_restart_after_rotation(self, tmp_path: Path) -> None:
+        """The chain head is found in the newest rotated file when the live one is new."""
+        path = tmp_path / "audit.jsonl"
+        trail = open_audit(file_config(path, rotate_size=4096), now=FakeClock())
+        assert trail is not None
+        for i in range(20):
+            session(trail, f"s{i:02d}")
+        trail.close()
+        last = json.loads(path.read_bytes().splitlines()[-1])
+        path.rename(tmp_path / "audit.jsonl.29991231T000000000000Z")
+        assert read_head(path) == ChainHead(last["seq"], last["hash"])
+
+    def test_torn_last_line_is_ended_and_the_chain_goes_on(self, tmp_path: Path) -> None:
+        """A crash mid-write leaves a partial line: it is ended, the chain continues over it."""
+        path = tmp_path / "audit.jsonl"
+        trail = open_audit(file_config(path), now=FakeClock())
+        assert trail is not None
+        session(trail, "a")
+        trail.close()
+        with open(path, "ab") as f:
+            f.write(b'{"ts":"2026-11-27T14:24:03.5')
+        with structlog.testing.capture_logs() as logs:
+            trail = open_audit(file_config(path), now=FakeClock())
+            assert trail is not None
+            session(trail, "b")
+            trail.close()
+        assert "audit.torn_line" in [e["event"] for e in logs]
+        result = verify_paths([path])
+        assert result.ok
+        assert result.records == 4
+        assert result.problems is not None
+        assert [p.line for p in result.problems] == [3]
+
+    def test_unwritable_file_fails_closed_and_recovers(self, tmp_path: Path) -> None:
+        """A real write error (ENOSPC from /dev/full) refuses sessions until writes work."""
+        path = tmp_path / "audit.jsonl"
+        path.symlink_to("/dev/full")
+        counts = Counts()
+        trail = open_audit(file_config(path, fail_closed=True), counts, now=FakeClock())
+        assert trail is not None
+        session(trail, "a")
+        assert trail.refusal() == "audit trail unavailable"
+        assert counts.errors == 2
+        path.unlink()
+        path.symlink_to(tmp_path / "real.jsonl")
+        assert trail.refusal() is None
+        session(trail, "b")
+        trail.close()
+        assert [json.loads(x)["session"] for x in (tmp_path / "real.jsonl").read_bytes()
+                .splitlines()] == ["a", "a", "b", "b"]
+        assert verify_paths([tmp_path / "real.jsonl"]).ok
+        assert counts.records == 4
+
+    def test_stdout_sink(self, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+        """``sink = "stdout"``: the same lines on standard output."""
+        trail = open_audit(AuditConfig(enabled=True, sink="stdout"), now=FakeClock())
+        assert trail is not None
+        session(trail, "a")
+        trail.close()
+        out = capfdbinary.readouterr().out
+        assert [json.loads(x)["event"] for x in out.splitlines()] == ["session.open",
+                                                                      "session.close"]
+
+    def test_both_sinks_get_the_same_lines(
+        self, tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        """``sink = "both"``: the file and stdout carry identical records."""
+        path = tmp_path / "audit.jsonl"
+        trail = open_audit(AuditConfig(enabled=True, sink="both", path=path), now=FakeClock())
+        assert trail is not None
+        session(trail, "a")
+        trail.close()
+        assert capfdbinary.readouterr().out == path.read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_fds() -> Iterator[None]:
+    before = len(os.listdir("/proc/self/fd"))
+    yield
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
