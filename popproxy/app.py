@@ -17,7 +17,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from .audit import open_audit
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, HostPort, load_config
 from .events import Event, SessionClosed
 from .logs import log_observer
 from .metrics import Metrics, serve_metrics
@@ -36,6 +36,7 @@ class App:
     metrics: Metrics
     policy: SwitchablePolicy
     reloads: int = 0  # attempts, successful or not
+    metrics_address: HostPort | None = None  # where /metrics answers, once started
     _reloaded: trio.Event = field(default_factory=trio.Event)
 
     def _count_reload(self) -> None:
@@ -119,7 +120,8 @@ async def run(
     try:
         async with trio.open_nursery() as nursery:
             if config.metrics.address is not None:
-                await nursery.start(serve_metrics, config.metrics, app.metrics, app.proxy)
+                app.metrics_address = await nursery.start(
+                    serve_metrics, config.metrics, app.metrics, app.proxy)
             if config_path is not None:
                 path = config_path
                 nursery.start_soon(_reload_on_sighup, app, lambda: load_config(path))

@@ -10,11 +10,23 @@ from functools import partial
 import trio
 
 from . import __version__, app
+from .audit import AuditConfig
 from .audit import cli as audit_cli
 from .config import Config, ConfigError, HostPort, ListenConfig, UpstreamConfig, load_config
 from .logs import configure_logging
+from .metrics import MetricsConfig
+from .policy.config import parse_policy
 
 __all__ = ["main", "parser"]
+
+# The demo's sample policy: the archive mailbox is read-only, and RETR is
+# limited per user, so trying DELE as archive shows a refusal.
+DEMO_POLICY = parse_policy({"rules": [
+    {"name": "archive-is-read-only", "match": {"users": ["archive"], "commands": ["DELE"]},
+     "action": "deny", "message": "this mailbox is read-only"},
+    {"name": "retr-per-user", "match": {"commands": ["RETR", "TOP"]},
+     "action": "rate_limit", "limit": "30/minute", "per": "user"},
+]})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,11 +115,17 @@ async def _demo(listen: HostPort) -> None:
         config = Config(
             listeners=(ListenConfig((listen,)),),
             upstream=UpstreamConfig(address=HostPort("127.0.0.1", port)),
+            # The audit trail, to the console next to the logs, and the metrics.
+            audit=AuditConfig(enabled=True, sink="stdout", fsync="never"),
+            metrics=MetricsConfig(HostPort("127.0.0.1", 0)),
+            policy=DEMO_POLICY,
         )
+        demo_app = app.build(config)
+
         async def run_proxy(
             task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
         ) -> None:
-            await app.run(config, task_status=task_status)
+            await app.run(config, app=demo_app, task_status=task_status)
             # serve() returns on SIGINT/SIGTERM; the demo server stops with it.
             nursery.cancel_scope.cancel()
 
@@ -116,6 +134,7 @@ async def _demo(listen: HostPort) -> None:
         host, pport = real[0], real[1]
         url_host = f"[{host}]" if ":" in host else host
         user, password = next(iter(DEMO_USERS.items()))
+        metrics = demo_app.metrics_address
         users = ", ".join(f"{u}/{p}" for u, p in DEMO_USERS.items())
         print(
             f"""
@@ -127,6 +146,11 @@ Try it:
   curl -s pop3://{user}:{password}@{url_host}:{pport}/1         # retrieve message 1
   python3 -c "import poplib; p = poplib.POP3('{host}', {pport}); p.user('{user}'); \\
 p.pass_('{password}'); print(p.stat()); print(b'\\\\n'.join(p.retr(1)[1]).decode()); p.quit()"
+  python3 -c "import poplib; p = poplib.POP3('{host}', {pport}); p.user('archive'); \\
+p.pass_('archive'); p.dele(1)"                     # refused: archive is read-only
+
+Audit records ("event": "message.retrieve", ...) appear below, between the logs.
+Metrics: curl -s http://{metrics}/metrics | grep ^popproxy_
 
 Ctrl-C stops the demo.
 """,

@@ -15,7 +15,7 @@ import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import structlog
@@ -26,6 +26,7 @@ from .config import Config, HostPort, ListenConfig
 from .events import (
     CommandSent,
     Event,
+    MessageComplete,
     SessionClosed,
     SessionOpened,
     TlsEstablished,
@@ -495,6 +496,13 @@ class _Relay:
                 await self.client_pump_done.wait()
             written = await self.proxy._write(
                 self.conn.client, self.upstream, out, self.stats, limits.send_timeout)
+            if not written:
+                # A message whose end was in this write did not surely reach
+                # the client: the audit must not call it delivered.
+                out.events = [
+                    replace(e, complete=False) if isinstance(e, MessageComplete) else e
+                    for e in out.events
+                ]
             # Observers hear of bytes after they were written.
             self.proxy._emit(self.info, out.events)
             if not written:
