@@ -129,6 +129,7 @@ class Proxy:
             limits.session_limits(), self.policy, client=peer,
             tls=listener.tls == "implicit", starttls=listener.tls == "starttls",
             require_tls_for_auth=listener.require_tls_for_auth,
+            resolve_uidl=self.config.audit.enabled and self.config.audit.resolve_uidl,
         )
         info = SessionInfo(secrets.token_hex(8), peer, session)
         started = trio.current_time()

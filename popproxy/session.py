@@ -123,6 +123,7 @@ class _Pending:
     local_reply: bytes | None = None  # answered by the proxy, not upstream
     not_before: float | None = None  # a delayed local reply
     wire: int = 0  # octets sent upstream
+    internal: bool = False  # the proxy's own command (UIDL n for the audit)
 
 
 class _Message:
@@ -168,6 +169,7 @@ class _Message:
 
 
 _STLS_OK = b"+OK Begin TLS negotiation\r\n"
+_NAMES_A_MESSAGE = frozenset({"RETR", "TOP", "DELE"})
 # Stands for a line that could not be parsed, in events and the FIFO.
 INVALID = Command("INVALID")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
@@ -205,6 +207,7 @@ class Session:
         tls: bool = False,
         starttls: bool = False,
         require_tls_for_auth: bool = False,
+        resolve_uidl: bool = False,
     ) -> None:
         self.limits = limits or SessionLimits()
         self.policy = policy
@@ -213,6 +216,10 @@ class Session:
         # The listener can upgrade this connection with STLS (RFC 2595).
         self.starttls = starttls
         self.require_tls_for_auth = require_tls_for_auth
+        # Ask the upstream for a message's UIDL before RETR/TOP/DELE when the
+        # client never listed it, so the audit can name the message.
+        self.resolve_uidl = resolve_uidl
+        self._uids: set[int] = set()
         self.state = State.GREETING
         self.user: str | None = None  # authenticated user, once known
         self.apop_timestamp = False
@@ -347,6 +354,8 @@ class Session:
                 if self.state is State.GREETING:
                     out.client.append(err)
                 for p in self._pending:
+                    if p.internal:
+                        continue
                     out.client.append(p.local_reply or err)
                     if p.local_reply is None:
                         self._emit_response(p, False, "SYS/TEMP", reason, len(err), True, out, now)
@@ -464,6 +473,8 @@ class Session:
                 self._barrier = p
             if p.local_reply is not None:
                 continue
+            if self.resolve_uidl and cmd.verb in _NAMES_A_MESSAGE:
+                self._inject_uidl(p, out, now)
             wire = bytes(cmd)
             out.upstream.append(wire)
             out.events.append(CommandSent(cmd, now))
@@ -481,6 +492,26 @@ class Session:
                     else None
                 )
         return moved
+
+    def _inject_uidl(self, p: _Pending, out: _Out, now: float) -> None:
+        """Send ``UIDL n`` ahead of ``p`` when message n's UIDL is unknown.
+
+        Its reply is the proxy's: consumed here, never forwarded.  It goes in
+        front of ``p`` in the FIFO, so every client reply keeps its order.
+        """
+        arg = p.command.args[0] if p.command.args else ""
+        if not arg.isdigit() or int(arg) in self._uids:
+            return
+        probe = _Pending(Command("UIDL", (arg,)), now, internal=True)
+        wire = bytes(probe.command)
+        probe.wire = len(wire)
+        self._pending.pop()  # p, appended just before
+        self._pending.append(probe)
+        self._pending.append(p)
+        out.upstream.append(wire)
+        self._inflight += 1
+        self._inflight_octets += probe.wire
+        self._uids.add(int(arg))  # asked once per message, whatever the answer
 
     def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision]:
         """The core's own checks, then policy; a None reply means forward."""
@@ -612,6 +643,16 @@ class Session:
         if status is None:
             raise UpstreamProtocolError("upstream reply is not +OK/-ERR")
         cmd = head.command
+        if head.internal:
+            # Our own UIDL n: single-line either way, and only ours to read.
+            self._pending.popleft()
+            self._inflight -= 1
+            self._inflight_octets -= head.wire
+            entry = _listing_line(status.text) if status.ok else None
+            if entry is not None:
+                out.events.append(UidsLearned((entry,)))
+            self._flush(out, now)
+            return
         if status.continuation:
             if cmd.verb == "AUTH" and cmd.args:
                 out.client.append(raw)
@@ -641,6 +682,7 @@ class Session:
         if status.ok and cmd.verb in ("UIDL", "LIST") and cmd.args:
             entry = _listing_line(status.text)
             if entry is not None and cmd.verb == "UIDL":
+                self._uids.add(entry[0])
                 out.events.append(UidsLearned((entry,)))
             elif entry is not None and entry[1].isdigit():
                 self._sizes[entry[0]] = int(entry[1])
@@ -737,6 +779,7 @@ class Session:
             out.events.append(msg.complete(True))
         if self._listing is not None:
             if self._listing.uids:
+                self._uids.update(n for n, _ in self._listing.uids)
                 out.events.append(UidsLearned(tuple(self._listing.uids)))
             self._listing = None
         ok, code, text = self._status_head

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from popproxy.app import App, build
+from popproxy.audit import AuditConfig
 from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, UpstreamConfig
 from popproxy.events import Event
 from popproxy.policy.config import PolicyConfig
@@ -49,6 +50,7 @@ async def start_proxy(
     upstream_config: UpstreamConfig | None = None,
     policy: PolicyConfig | None = None,
     listener: ListenConfig | None = None,
+    audit: AuditConfig | None = None,
 ) -> RunningProxy:
     """Run the proxy as ``popproxy run`` assembles it (``app.build``), with
     an extra observer that records every event; returns once it listens."""
@@ -57,6 +59,7 @@ async def start_proxy(
         upstream=upstream_config or UpstreamConfig(address=upstream),
         limits=limits or LimitsConfig(),
         policy=policy or PolicyConfig(),
+        audit=audit or AuditConfig(),
     )
     app = build(config)
     running = RunningProxy("127.0.0.1", 0, app.proxy, app=app)

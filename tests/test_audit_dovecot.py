@@ -233,6 +233,44 @@ async def test_uidl_learned_from_the_client_listing(
     assert len(after) == len(messages) - 1
 
 
+async def test_resolve_uidl_names_messages_the_client_never_listed(
+    nursery: trio.Nursery, dovecot: Dovecot, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """With resolve_uidl, the proxy asks ``UIDL n`` itself; the client never sees it."""
+    user, messages = mailbox
+    config = AuditConfig(enabled=True, sink="file", path=tmp_path / "audit.jsonl",
+                         resolve_uidl=True)
+    running = await start_proxy(nursery, HostPort(dovecot.host, dovecot.port), audit=config)
+    trail = attach(running, config)
+    audited = Audited(running, trail, config.path or tmp_path)
+
+    def uidls() -> dict[int, str]:
+        p = direct(dovecot, user)
+        listing = {int(n): u.decode() for n, u in (x.split() for x in p.uidl()[1])}
+        p.quit()
+        return listing
+
+    before = await trio.to_thread.run_sync(uidls)
+
+    def client() -> bytes:
+        p = poplib.POP3(audited.host, audited.port, timeout=30)
+        p.user(user)
+        p.pass_(dovecot.users[user])
+        body = joined(p.retr(3)[1])
+        p.dele(3)
+        p.quit()
+        return body
+
+    assert await trio.to_thread.run_sync(client) == messages[2]  # replies untouched
+    await audited.settle()
+    trail.close()
+    by_event = {r["event"]: r for r in audited.records() if r["event"].startswith("message.")}
+    assert by_event["message.retrieve"]["uidl"] == before[3]
+    assert by_event["message.delete.committed"]["uidl"] == before[3]
+    commands = [r["verb"] for r in audited.records() if r["event"] == "command"]
+    assert "UIDL" not in commands  # the proxy's own question is not a client command
+
+
 async def test_session_killed_before_quit_is_uncommitted(
     audited: Audited, dovecot: Dovecot, mailbox: Mailbox
 ) -> None:

@@ -424,3 +424,32 @@ class TestPolicyTimers:
         assert out.to_client == b"-ERR [SYS/PERM] too big\r\n+OK\r\n"
         assert [type(e).__name__ for e in out.events if isinstance(e, (Response,))] == [
             "Response", "Response"]
+
+
+class TestResolveUidl:
+    def test_proxy_asks_uidl_before_retr_and_keeps_it_to_itself(self) -> None:
+        from popproxy.events import UidsLearned
+
+        s = logged_in(resolve_uidl=True)
+        out = s.receive_client(b"RETR 2\r\nDELE 2\r\nNOOP\r\n", 0)
+        assert out.to_upstream == b"UIDL 2\r\nRETR 2\r\nDELE 2\r\nNOOP\r\n"  # asked once
+        out = s.receive_upstream(
+            b"+OK 2 QhdPYR:00WBw1Ph7x7\r\n+OK\r\nhi\r\n.\r\n+OK marked\r\n+OK\r\n", 1)
+        assert out.to_client == b"+OK\r\nhi\r\n.\r\n+OK marked\r\n+OK\r\n"
+        kinds_seen = [type(e).__name__ for e in out.events
+                      if isinstance(e, (UidsLearned, MessageComplete, Response))]
+        assert kinds_seen[:2] == ["UidsLearned", "MessageComplete"]
+        assert UidsLearned(((2, "QhdPYR:00WBw1Ph7x7"),)) in out.events
+        assert [r.command.verb for r in kinds(out.events, Response)] == ["RETR", "DELE", "NOOP"]  # type: ignore[attr-defined]
+
+    def test_no_probe_when_the_client_listed_uids(self) -> None:
+        s = logged_in(resolve_uidl=True)
+        s.receive_client(b"UIDL\r\n", 0)
+        s.receive_upstream(b"+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n", 0)
+        assert s.receive_client(b"RETR 2\r\n", 0).to_upstream == b"RETR 2\r\n"
+
+    def test_upstream_failure_owes_nothing_for_the_probe(self) -> None:
+        s = logged_in(resolve_uidl=True)
+        s.receive_client(b"DELE 3\r\n", 0)
+        out = s.upstream_closed(1)
+        assert out.to_client == b"-ERR [SYS/TEMP] upstream closed the connection\r\n"
