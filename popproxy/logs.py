@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -35,6 +36,8 @@ logger = structlog.get_logger("popproxy.session")
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """The only ``structlog.configure`` call in popproxy."""
+    global _debug
+    _debug = _LEVELS[level] <= logging.DEBUG
     json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -66,27 +69,59 @@ def log_observer(info: SessionInfo, event: Event) -> None:
     """One log line per session milestone; commands only at debug level.
 
     Commands are logged with ``redacted_args``: never a password, digest or
-    SASL response.
+    SASL response.  Dispatch is by exact type, since this runs for every
+    event of every session.
     """
-    if isinstance(event, SessionOpened):
-        logger.info("session.open", client=event.client)
-    elif isinstance(event, SessionClosed):
-        logger.info(
-            "session.close", user=info.user, reason=event.reason,
-            duration=round(event.duration, 6), bytes_in=event.bytes_in,
-            bytes_out=event.bytes_out, commands=event.commands,
-        )
-    elif isinstance(event, AuthResult):
-        logger.info("auth", user=event.user, mechanism=event.mechanism,
-                    outcome="ok" if event.ok else "fail", code=event.code)
-    elif isinstance(event, Greeting) and not event.ok:
+    handler = _HANDLERS.get(type(event))
+    if handler is not None:
+        handler(info, event)
+
+
+def _opened(info: SessionInfo, event: Any) -> None:
+    logger.info("session.open", client=event.client, via=event.via)
+
+
+def _closed(info: SessionInfo, event: Any) -> None:
+    logger.info(
+        "session.close", user=info.user, reason=event.reason,
+        duration=round(event.duration, 6), bytes_in=event.bytes_in,
+        bytes_out=event.bytes_out, commands=event.commands,
+    )
+
+
+def _auth(info: SessionInfo, event: Any) -> None:
+    logger.info("auth", user=event.user, mechanism=event.mechanism,
+                outcome="ok" if event.ok else "fail", code=event.code)
+
+
+def _greeting(info: SessionInfo, event: Any) -> None:
+    if not event.ok:
         logger.warning("upstream.refused", text=event.text)
-    elif isinstance(event, Unsolicited):
-        logger.info("upstream.unsolicited", ok=event.ok, code=event.code, text=event.text)
-    elif isinstance(event, ProtocolAnomaly):
-        logger.info("protocol.anomaly", side=event.side, kind=event.kind, detail=event.detail)
-    elif isinstance(event, Response):
+
+
+def _unsolicited(info: SessionInfo, event: Any) -> None:
+    logger.info("upstream.unsolicited", ok=event.ok, code=event.code, text=event.text)
+
+
+def _anomaly(info: SessionInfo, event: Any) -> None:
+    logger.info("protocol.anomaly", side=event.side, kind=event.kind, detail=event.detail)
+
+
+def _response(info: SessionInfo, event: Any) -> None:
+    if _debug:  # build the arguments only when the line will be written
         logger.debug(
             "command", verb=event.command.verb, args=list(event.command.redacted_args()),
             outcome="ok" if event.ok else "err", local=event.local, latency=event.latency,
         )
+
+
+_HANDLERS: dict[type[Event], Callable[[SessionInfo, Any], None]] = {
+    SessionOpened: _opened,
+    SessionClosed: _closed,
+    AuthResult: _auth,
+    Greeting: _greeting,
+    Unsolicited: _unsolicited,
+    ProtocolAnomaly: _anomaly,
+    Response: _response,
+}
+_debug = True  # until configure_logging says otherwise

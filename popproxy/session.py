@@ -867,15 +867,17 @@ class Session:
         return out.done()
 
 
+# "n token": a message number and a UIDL (RFC 1939 §7: 1-70 octets in
+# 0x21-0x7E) or a size; anything after the token is ignored.
+_LISTING_LINE = re.compile(rb"(\d+) ([\x21-\x7e]{1,70})(?: |$)")
+
+
 def _listing_line(line: bytes) -> tuple[int, str] | None:
     """``b"3 XYZ"`` -> (3, "XYZ") for UIDL and LIST lines; None otherwise."""
-    parts = line.split(b" ")
-    if len(parts) < 2 or not parts[0].isdigit() or not 0 < len(parts[1]) <= 70:
+    m = _LISTING_LINE.match(line)
+    if m is None:
         return None
-    token = parts[1]
-    if any(c < 0x21 or c > 0x7E for c in token):
-        return None
-    return int(parts[0]), token.decode("ascii")
+    return int(m.group(1)), m.group(2).decode("ascii")
 
 
 class _Listing:
