@@ -268,6 +268,11 @@ class ProxyProcess:
             f'address = "127.0.0.1:{self.upstream_port}"\n'
             "[limits]\n"
             f"max_sessions = {self.max_sessions}\n"
+            # A load test is one address and a few users: the built-in per-IP
+            # and per-user session caps (100 and 10) would refuse most of it.
+            "[policy.protections]\n"
+            f"max_sessions_per_ip = {self.max_sessions + 100}\n"
+            f"max_sessions_per_user = {self.max_sessions + 100}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
             'format = "json"\n'
