@@ -605,28 +605,25 @@ async def _send_quietly(
             pass
 
 
-def _peer_name(stream: Stream) -> str:
+def _endpoint(stream: Stream, which: str) -> str:
+    """"host:port" ("[v6]:port") of a socket stream's peer or local end."""
     sock = getattr(stream, "socket", None)
     try:
-        addr = sock.getpeername() if sock is not None else None
+        addr = getattr(sock, which)() if sock is not None else None
     except OSError:
         addr = None
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return "unknown"
+
+
+def _peer_name(stream: Stream) -> str:
+    return _endpoint(stream, "getpeername")
 
 
 def _local_name(stream: Stream) -> str:
-    sock = getattr(stream, "socket", None)
-    try:
-        addr = sock.getsockname() if sock is not None else None
-    except OSError:
-        addr = None
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return "unknown"
+    return _endpoint(stream, "getsockname")
 
 
 async def open_listeners(addresses: Sequence[HostPort]) -> list[trio.SocketListener]:
