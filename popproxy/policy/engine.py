@@ -114,10 +114,16 @@ class PolicyEngine:
         self.wallclock = wallclock
         self.state = state or PolicyState()
         # Keep the buckets of rules that are still there; forget the rest.
-        names = {r.name for r in config.rules if r.action == "rate_limit"}
-        self.state.buckets = {
-            name: self.state.buckets.get(name) or BucketTable() for name in names
-        }
+        tables: dict[str, BucketTable] = {}
+        for rule in config.rules:
+            if rule.action == "rate_limit" and rule.limit is not None:
+                table = self.state.buckets.get(rule.name)
+                if table is None:
+                    table = BucketTable()
+                else:
+                    table.retune(rule.limit, rule.capacity)
+                tables[rule.name] = table
+        self.state.buckets = tables
         p = config.protections
         self._allowed_verbs = STANDARD_VERBS | p.extra_commands
         # User globs compiled once into one regex per rule.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 __all__ = ["Bucket", "BucketTable", "Rate"]
@@ -58,30 +57,33 @@ class Bucket:
 
 
 class BucketTable:
-    """Buckets by key, bounded: the least recently used are forgotten first.
+    """Buckets by key, bounded: the oldest are forgotten first.
 
     Forgetting a bucket only ever gives a client a fresh, full bucket, so
-    the bound protects memory without ever denying wrongly.
+    the bound protects memory without ever denying wrongly.  The lookup is
+    a plain dict get: it runs for every matching rule of every command.
     """
 
     __slots__ = ("_buckets", "max_keys")
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+        self._buckets: dict[str, Bucket] = {}
         self.max_keys = max_keys
 
     def get(self, key: str, rate: Rate, capacity: float, now: float) -> Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = Bucket(rate.per_second, capacity, now)
-            self._buckets[key] = bucket
-            if len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
+            if len(self._buckets) >= self.max_keys:
+                del self._buckets[next(iter(self._buckets))]  # the oldest
+            bucket = self._buckets[key] = Bucket(rate.per_second, capacity, now)
+        return bucket
+
+    def retune(self, rate: Rate, capacity: float) -> None:
+        """A reload changed the rule's limit: existing buckets follow it."""
+        for bucket in self._buckets.values():
             bucket.rate = rate.per_second
             bucket.capacity = capacity
-        return bucket
+            bucket.tokens = min(bucket.tokens, capacity)
 
     def __len__(self) -> int:
         return len(self._buckets)
