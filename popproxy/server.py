@@ -24,7 +24,6 @@ import trio
 from . import proxyproto
 from .config import Config, HostPort, ListenConfig
 from .events import (
-    CommandSent,
     Event,
     MessageComplete,
     SessionClosed,
@@ -187,8 +186,8 @@ class Proxy:
                 self._emit(
                     info,
                     [*end.events,
-                     SessionClosed(reason, now - started, stats.rx, stats.tx, stats.commands,
-                                   stats.up_rx, stats.up_tx)],
+                     SessionClosed(reason, now - started, stats.rx, stats.tx,
+                                   session.commands_sent, stats.up_rx, stats.up_tx)],
                 )
 
     async def _read_proxy_header(
@@ -297,7 +296,6 @@ class Proxy:
         else:
             stats.up_rx += len(data)
             out = session.receive_upstream(data, now) if data else session.upstream_closed(now)
-        stats.commands += sum(1 for e in out.events if isinstance(e, CommandSent))
         return out
 
     async def _write(
@@ -324,7 +322,6 @@ class Proxy:
 class _Stats:
     rx: int = 0
     tx: int = 0
-    commands: int = 0
     up_rx: int = 0
     up_tx: int = 0
 
@@ -417,10 +414,20 @@ class _Relay:
                 data = bytes(await stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            async with self.lock:
+            # Take the lock without a trip through the scheduler when it is
+            # free (trio.Lock.acquire always yields once): the receive above
+            # already was this task's checkpoint.
+            lock = self.lock
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+            try:
                 if self.reason is not None:
                     return
                 await self.process(from_client, data)
+            finally:
+                lock.release()
             if not data:
                 return
 

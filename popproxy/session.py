@@ -222,6 +222,7 @@ class Session:
         self._uids: set[int] = set()
         self.state = State.GREETING
         self.user: str | None = None  # authenticated user, once known
+        self.commands_sent = 0  # client commands forwarded upstream
         self.apop_timestamp = False
         self._asserted_user: str | None = None  # from USER, before PASS succeeds
         self._client_ip = client.rsplit(":", 1)[0].strip("[]") if client else None
@@ -478,6 +479,7 @@ class Session:
             wire = bytes(cmd)
             out.upstream.append(wire)
             out.events.append(CommandSent(cmd, now))
+            self.commands_sent += 1
             p.wire = len(wire)
             self._inflight += 1
             self._inflight_octets += p.wire
