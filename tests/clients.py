@@ -56,7 +56,9 @@ CLIENT_TIMEOUT = 30.0
 
 
 def _which(name: str) -> str | None:
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/usr/local/bin", "/bin"])
+    # sbin too: daemons used as test peers (haproxy) live in /usr/sbin.
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/usr/local/bin", "/bin",
+                              "/usr/sbin", "/usr/local/sbin", "/sbin"])
     return shutil.which(name, path=search)
 
 
