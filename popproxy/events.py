@@ -162,11 +162,17 @@ class SessionOpened(Event):
 
     ``client`` is the real client: with the PROXY protocol, the address the
     trusted load balancer reported, and ``via`` the load balancer's own.
+    With implicit TLS the handshake comes first and its facts are here.
     """
 
     client: str
     at: float
     via: str | None = None
+    # On an implicit-TLS listener: the client connection's TLS (else None;
+    # an STLS upgrade later is a ``TlsEstablished`` event).
+    tls: str | None = None
+    cipher: str | None = None
+    sni: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,14 +137,22 @@ class Proxy:
         conn: _Connection | None = None
         with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
             self.active += 1
-            self._emit(info, [SessionOpened(peer, started, via)])
             try:
+                # Implicit TLS first, so that session.open can say how the
+                # client is protected (version, cipher, SNI).
+                handshake_result: TlsEstablished | TlsFailed | None = None
                 if listener.tls == "implicit":
-                    tls_client = await self._accept_tls(client, listener, info)
-                    if tls_client is None:
-                        reason = "client TLS handshake failed"
-                        return
-                    client = tls_client
+                    tls_client, handshake_result = await self._accept_tls(client, listener)
+                    if tls_client is not None:
+                        client = tls_client
+                opened = SessionOpened(peer, started, via)
+                if isinstance(handshake_result, TlsEstablished):
+                    opened = replace(opened, tls=handshake_result.version,
+                                     cipher=handshake_result.cipher, sni=handshake_result.sni)
+                self._emit(info, [opened, *([handshake_result] if handshake_result else [])])
+                if isinstance(handshake_result, TlsFailed):
+                    reason = "client TLS handshake failed"
+                    return
                 if self.active > limits.max_sessions:
                     reason = "session limit reached"
                     await _send_quietly(
@@ -228,18 +236,16 @@ class Proxy:
         return (_Prefixed(stream, rest) if rest else stream), header.client
 
     async def _accept_tls(
-        self, client: Stream, listener: ListenConfig, info: SessionInfo
-    ) -> trio.SSLStream[Stream] | None:
+        self, client: Stream, listener: ListenConfig
+    ) -> tuple[trio.SSLStream[Stream] | None, TlsEstablished | TlsFailed]:
         ssl_stream = trio.SSLStream(client, self.tls.server(listener), server_side=True)
         try:
             version, cipher, sni = await handshake(
                 ssl_stream, self.config.limits.handshake_timeout)
         except TLSHandshakeError as exc:
-            self._emit(info, [TlsFailed("client", str(exc))])
             logger.info("client.tls_failed", error=str(exc))
-            return None
-        self._emit(info, [TlsEstablished("client", version, cipher, sni)])
-        return ssl_stream
+            return None, TlsFailed("client", str(exc))
+        return ssl_stream, TlsEstablished("client", version, cipher, sni)
 
     async def _serve_session(
         self, conn: _Connection, session: Session, info: SessionInfo, stats: _Stats

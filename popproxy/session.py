@@ -249,7 +249,6 @@ class Session:
         self._capa: bytearray | None = None
         self._message: _Message | None = None
         self._listing: _Listing | None = None
-        self._status_octets = 0
         self._status_head: tuple[bool, str | None, bytes] = (True, None, b"")
         self._sasl_expected = False
         self._sasl_mech: str | None = None

@@ -7,6 +7,7 @@ trio streams.
 
 from __future__ import annotations
 
+import json
 import poplib
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ import trio
 
 from popproxy import proxyproto
 from popproxy.app import reload
+from popproxy.audit import AuditConfig, open_audit
 from popproxy.config import Config, HostPort, ListenConfig, UpstreamConfig
 from popproxy.events import (
     CommandSent,
@@ -59,11 +61,16 @@ def login_and_stat(p: poplib.POP3, user: str, password: str) -> int:
 
 
 async def test_pop3s_client_to_plaintext_dovecot(
-    nursery: trio.Nursery, dovecot: Dovecot, mailbox: Mailbox, proxy_cert: CertFiles
+    nursery: trio.Nursery, dovecot: Dovecot, mailbox: Mailbox, proxy_cert: CertFiles,
+    tmp_path: Path,
 ) -> None:
     user, messages = mailbox
     proxy = await start_proxy(nursery, HostPort(dovecot.host, dovecot.port),
                               listener=listener(proxy_cert, "implicit"))
+    audit = AuditConfig(enabled=True, sink="file", path=tmp_path / "audit.jsonl")
+    trail = open_audit(audit)
+    assert trail is not None
+    proxy.proxy.observers.append(trail.observe)
 
     def client() -> int:
         p = poplib.POP3_SSL("localhost", proxy.port, context=client_ssl_context(), timeout=20)
@@ -75,6 +82,13 @@ async def test_pop3s_client_to_plaintext_dovecot(
     assert tls.side == "client"
     assert tls.version in ("TLSv1.2", "TLSv1.3")
     assert tls.sni == "localhost"
+    # The handshake came first, so session.open knows how the client is protected.
+    (opened,) = proxy.of_type(SessionOpened)
+    assert (opened.tls, opened.sni) == (tls.version, "localhost")
+    trail.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "session.open"
+    assert records[0]["tls"] == {"version": tls.version, "cipher": tls.cipher, "sni": "localhost"}
 
 
 async def test_stls_client_to_tls_only_dovecot(

@@ -219,6 +219,8 @@ class RecordBuilder:
         rec = self._base("session.open", info, st)
         if event.via is not None:
             rec["via"] = event.via  # the trusted proxy that reported ``client``
+        if event.tls is not None:  # implicit TLS: the handshake came first
+            rec["tls"] = {"version": event.tls, "cipher": event.cipher, "sni": event.sni}
         return [rec]
 
     def _tls(self, info: SessionRef, st: _Session, event: TlsEstablished) -> list[Record]:
