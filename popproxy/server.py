@@ -1,17 +1,15 @@
-"""The trio shell: listeners, the upstream connection and the relay.
+"""The trio shell: listeners, accepting a client, opening its upstream.
 
-No protocol knowledge lives here.  For each client the relay connects to the
-upstream, then runs one reader task per direction that only moves bytes into
-a zero-size channel, and one task (``_relay``) that owns the sans-IO
-``Session`` and does every write.  Replies therefore reach the client in the
-order the session produced them, without locks, and the unbuffered channel
-gives backpressure: a slow client stops the upstream reader, not memory.
+For each connection: a PROXY header from a trusted load balancer, implicit
+TLS, the session caps and admission gates, then the upstream
+(``upstream.py``) and the relay (``relay.py``).  Shutdown (SIGTERM drain,
+SIGINT) is here too.  No protocol knowledge lives here: the sans-IO
+``Session`` has it all.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +23,6 @@ from . import proxyproto
 from .config import Config, HostPort, ListenConfig
 from .events import (
     Event,
-    MessageComplete,
     SessionClosed,
     SessionOpened,
     TlsEstablished,
@@ -34,7 +31,8 @@ from .events import (
     UpstreamFailed,
 )
 from .policy import Policy, allow_all
-from .session import Output, Session
+from .relay import RECEIVE_SIZE, Connection, Relay, Stats, send_quietly
+from .session import Session
 from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import UpstreamError, UpstreamLink, open_upstream
 
@@ -42,7 +40,6 @@ __all__ = ["Observer", "Proxy", "SessionInfo", "serve"]
 
 logger = structlog.get_logger("popproxy.server")
 
-RECEIVE_SIZE = 262144
 LINGER_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
@@ -132,9 +129,9 @@ class Proxy:
         )
         info = SessionInfo(secrets.token_hex(8), peer, session)
         started = trio.current_time()
-        stats = _Stats()
+        stats = Stats()
         reason = "internal error"
-        conn: _Connection | None = None
+        conn: Connection | None = None
         with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
             self.active += 1
             try:
@@ -155,7 +152,7 @@ class Proxy:
                     return
                 if self.active > limits.max_sessions:
                     reason = "session limit reached"
-                    await _send_quietly(
+                    await send_quietly(
                         client, b"-ERR [SYS/TEMP] too many sessions, try again later\r\n", stats
                     )
                     return
@@ -164,9 +161,9 @@ class Proxy:
                     if refusal is not None:
                         reason = refusal
                         line = f"-ERR [SYS/TEMP] {refusal}\r\n".encode()
-                        await _send_quietly(client, line, stats)
+                        await send_quietly(client, line, stats)
                         return
-                conn = _Connection(client, listener, local)
+                conn = Connection(client, listener, local)
                 reason = await self._serve_session(conn, session, info, stats)
             except BaseException as exc:
                 if not _is_cancellation(exc):
@@ -177,7 +174,7 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     out = session.fail("proxy shutting down", trio.current_time())
                     self._emit(info, out.events)
-                    await _send_quietly(conn.client if conn else client, out.to_client, stats,
+                    await send_quietly(conn.client if conn else client, out.to_client, stats,
                                         seconds=1.0)
                 raise
             finally:
@@ -248,7 +245,7 @@ class Proxy:
         return ssl_stream, TlsEstablished("client", version, cipher, sni)
 
     async def _serve_session(
-        self, conn: _Connection, session: Session, info: SessionInfo, stats: _Stats
+        self, conn: Connection, session: Session, info: SessionInfo, stats: Stats
     ) -> str:
         cfg = self.config
         begun = trio.current_time()
@@ -274,7 +271,7 @@ class Proxy:
                 why = "upstream TLS failure" if kind == "tls" else "upstream unavailable"
             out = session.fail(why, trio.current_time())
             self._emit(info, [UpstreamFailed(kind), *out.events])
-            await _send_quietly(conn.client, out.to_client, stats)
+            await send_quietly(conn.client, out.to_client, stats)
             return why
         connected = UpstreamConnected(str(cfg.upstream.address), trio.current_time() - begun)
         self._emit(info, [connected, *link.events])
@@ -288,271 +285,17 @@ class Proxy:
                 await trio.aclose_forcefully(link.stream)
 
     async def _relay(
-        self, conn: _Connection, link: UpstreamLink, session: Session, info: SessionInfo,
-        stats: _Stats,
+        self, conn: Connection, link: UpstreamLink, session: Session, info: SessionInfo,
+        stats: Stats,
     ) -> str:
-        return await _Relay(self, conn, link.stream, session, info, stats).run(link.greeting)
-
-    def _feed(
-        self, session: Session, from_client: bool, data: bytes, now: float, stats: _Stats
-    ) -> Output:
-        if from_client:
-            stats.rx += len(data)
-            out = session.receive_client(data, now) if data else session.client_closed(now)
-        else:
-            stats.up_rx += len(data)
-            out = session.receive_upstream(data, now) if data else session.upstream_closed(now)
-        return out
-
-    async def _write(
-        self, client: Stream, upstream: Stream, out: Output, stats: _Stats, seconds: float
-    ) -> bool:
-        """Write what the session produced; False if a peer is gone or stuck."""
-        # A bare CancelScope: trio.fail_after is a generator-based context
-        # manager, and this runs for every read the relay makes.
-        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
-        try:
-            with scope:
-                if out.to_upstream:
-                    await upstream.send_all(out.to_upstream)
-                    stats.up_tx += len(out.to_upstream)
-                if out.to_client:
-                    await client.send_all(out.to_client)
-                    stats.tx += len(out.to_client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return not scope.cancelled_caught
-
-
-@dataclass
-class _Stats:
-    rx: int = 0
-    tx: int = 0
-    up_rx: int = 0
-    up_tx: int = 0
-
+        relay = Relay(self.config, self.tls, self._emit, conn, link.stream, session, info, stats)
+        return await relay.run(link.greeting)
 
 def _is_cancellation(exc: BaseException) -> bool:
     """trio.Cancelled, alone or in a group of nothing but cancellations."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_cancellation(e) for e in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
-
-
-class _Connection:
-    """The client side of one session: its stream may be upgraded to TLS."""
-
-    def __init__(self, client: Stream, listener: ListenConfig, local: str) -> None:
-        self.client = client
-        self.listener = listener
-        self.local = local
-
-
-class _Relay:
-    """Moves one session's bytes: a pump per direction and a watchdog.
-
-    Each pump reads its stream and, holding the session lock, feeds the
-    sans-IO session and writes what it says, in order.  Holding the lock
-    across the writes keeps replies ordered and gives backpressure (a slow
-    client stalls the upstream pump, not memory), and unlike a channel to a
-    third task it costs no task switch per read.  The watchdog enforces the
-    idle, response and session-age limits and the policy timers; its cancel
-    scope's deadline is moved after every read, which is cheap.
-    """
-
-    def __init__(
-        self, proxy: Proxy, conn: _Connection, upstream: Stream, session: Session,
-        info: SessionInfo, stats: _Stats,
-    ) -> None:
-        self.proxy = proxy
-        self.conn = conn
-        self.upstream = upstream
-        self.session = session
-        self.info = info
-        self.stats = stats
-        self.lock = trio.Lock()
-        self.reason: str | None = None
-        self.finished = trio.Event()
-        self.timer = trio.CancelScope()
-        self.client_scope = trio.CancelScope()
-        self.client_pump_done = trio.Event()
-        self.nursery: trio.Nursery | None = None
-        now = trio.current_time()
-        self.last_client = self.last_upstream = now
-        limit = proxy.config.policy.protections.max_session_duration
-        self.ends = now + limit if limit is not None else math.inf
-
-    def finish(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.finished.set()
-
-    async def run(self, greeting: bytes) -> str:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            if greeting:
-                # Read while opening the link (STLS or XCLIENT needed it).
-                async with self.lock:
-                    await self.process(False, greeting)
-            if self.reason is None:
-                nursery.start_soon(self.pump_client, self.client_scope, self.client_pump_done)
-                nursery.start_soon(self.pump_upstream)
-                nursery.start_soon(self.watchdog)
-                await self.finished.wait()
-            nursery.cancel_scope.cancel()
-        assert self.reason is not None
-        return self.reason
-
-    async def pump_client(self, scope: trio.CancelScope, done: trio.Event) -> None:
-        try:
-            with scope:
-                await self._pump(True)
-        finally:
-            done.set()
-
-    async def pump_upstream(self) -> None:
-        await self._pump(False)
-
-    async def _pump(self, from_client: bool) -> None:
-        while self.reason is None:
-            stream = self.conn.client if from_client else self.upstream
-            try:
-                data = bytes(await stream.receive_some(RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            # Take the lock without a trip through the scheduler when it is
-            # free (trio.Lock.acquire always yields once): the receive above
-            # already was this task's checkpoint.
-            lock = self.lock
-            if lock.locked():
-                await lock.acquire()
-            else:
-                lock.acquire_nowait()
-            try:
-                if self.reason is not None:
-                    return
-                await self.process(from_client, data)
-            finally:
-                lock.release()
-            if not data:
-                return
-
-    async def process(self, from_client: bool, data: bytes) -> None:
-        """Feed the session and carry out what it says (the lock is held)."""
-        now = trio.current_time()
-        out = self.proxy._feed(self.session, from_client, data, now, self.stats)
-        if from_client:
-            self.last_client = now
-        # Upstream silence is measured from its last octet or from the
-        # moment we last asked it something, whichever is later.
-        if not from_client or out.to_upstream:
-            self.last_upstream = now
-        await self.deliver(out, from_client)
-        self.reschedule()
-
-    def next_deadline(self) -> tuple[float, str]:
-        if self.session.owes_upstream_reply:
-            deadline = self.last_upstream + self.proxy.config.upstream.response_timeout
-            why = "upstream response timeout"
-        else:
-            deadline = self.last_client + self.proxy.config.limits.idle_timeout
-            why = "idle timeout"
-        if self.ends < deadline:
-            deadline, why = self.ends, "session time limit"
-        wake = self.session.wake_at
-        if wake is not None and wake < deadline:
-            deadline, why = wake, "tick"
-        return deadline, why
-
-    def reschedule(self) -> None:
-        self.timer.deadline = self.next_deadline()[0]
-
-    async def watchdog(self) -> None:
-        while self.reason is None:
-            self.timer = trio.CancelScope(deadline=self.next_deadline()[0])
-            with self.timer:
-                await trio.sleep_forever()
-            async with self.lock:
-                if self.reason is not None:
-                    return
-                deadline, why = self.next_deadline()
-                now = trio.current_time()
-                if deadline > now:
-                    continue  # activity moved the deadline meanwhile
-                if why == "tick":
-                    out = self.session.tick(now)
-                    if out.to_upstream:
-                        self.last_upstream = now
-                    await self.deliver(out, False)
-                    continue
-                # A limit passed: tell the client why, then close.
-                if why == "upstream response timeout":
-                    out = self.session.fail(why, now)
-                    out.events.insert(0, UpstreamFailed("response_timeout"))
-                else:
-                    out = self.session.close(why, now)
-                    text = "disconnected for inactivity" if why == "idle timeout" else why
-                    out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
-                self.proxy._emit(self.info, out.events)
-                await _send_quietly(self.conn.client, out.to_client, self.stats)
-                self.finish(why)
-
-    async def deliver(self, out: Output, from_client: bool) -> None:
-        """Write an output, tell observers, upgrade to TLS if asked."""
-        limits = self.proxy.config.limits
-        while True:
-            if out.start_tls and not from_client:
-                # STLS answered while the client pump is reading: stop it
-                # *before* the +OK goes out, since what the client sends after
-                # the +OK is the TLS handshake and no plaintext reader may take
-                # it.  (When the client pump itself is here, it is not reading.)
-                self.client_scope.cancel()
-                await self.client_pump_done.wait()
-            written = await self.proxy._write(
-                self.conn.client, self.upstream, out, self.stats, limits.send_timeout)
-            if not written:
-                # A message whose end was in this write did not surely reach
-                # the client: the audit must not call it delivered.
-                out.events = [
-                    replace(e, complete=False) if isinstance(e, MessageComplete) else e
-                    for e in out.events
-                ]
-            # Observers hear of bytes after they were written.
-            self.proxy._emit(self.info, out.events)
-            if not written:
-                self.finish(out.close or "peer gone or too slow")
-                return
-            if out.close is not None:
-                self.finish(out.close)
-                return
-            if not out.start_tls:
-                return
-            if not await self.start_client_tls():
-                self.finish("client TLS handshake failed")
-                return
-            if not from_client:
-                assert self.nursery is not None
-                self.client_scope = trio.CancelScope()
-                self.client_pump_done = trio.Event()
-                self.nursery.start_soon(self.pump_client, self.client_scope,
-                                        self.client_pump_done)
-            out = self.session.tls_started(trio.current_time())
-
-    async def start_client_tls(self) -> bool:
-        """STLS (RFC 2595): the handshake on the raw client stream."""
-        conn = self.conn
-        ssl_stream = trio.SSLStream(conn.client, self.proxy.tls.server(conn.listener),
-                                    server_side=True)
-        conn.client = ssl_stream
-        try:
-            version, cipher, sni = await handshake(
-                ssl_stream, self.proxy.config.limits.handshake_timeout)
-        except TLSHandshakeError as exc:
-            self.proxy._emit(self.info, [TlsFailed("client", str(exc))])
-            logger.info("client.tls_failed", error=str(exc))
-            return False
-        self.proxy._emit(self.info, [TlsEstablished("client", version, cipher, sni)])
-        return True
 
 
 class _Prefixed(trio.abc.Stream):
@@ -601,19 +344,6 @@ async def _linger(stream: Stream) -> None:
                 if not data:
                     break
                 dropped += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-
-async def _send_quietly(
-    stream: Stream, data: bytes, stats: _Stats, seconds: float = 5.0
-) -> None:
-    if not data:
-        return
-    with trio.move_on_after(seconds):
-        try:
-            await stream.send_all(data)
-            stats.tx += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 

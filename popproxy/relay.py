@@ -1,0 +1,307 @@
+"""The relay: one session's bytes between the client and the upstream.
+
+It holds no protocol knowledge: it feeds what it reads to the sans-IO
+``Session`` and carries out the ``Output`` it gets back, in order.  The
+protocol decisions, including when to start TLS after STLS, are the
+session's; the relay only knows how to do I/O, keep time and stop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from .config import Config, ListenConfig
+from .events import Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
+from .session import Output, Session
+from .tls import TLSContexts, TLSHandshakeError, handshake
+
+if TYPE_CHECKING:
+    from .server import SessionInfo
+
+__all__ = ["RECEIVE_SIZE", "Connection", "Relay", "Stats", "send_quietly"]
+
+logger = structlog.get_logger("popproxy.relay")
+
+RECEIVE_SIZE = 262144
+Stream = trio.abc.Stream
+Emit = Callable[["SessionInfo", Sequence[Event]], None]
+
+
+@dataclass
+class Stats:
+    """Octets each way and to each side, for ``SessionClosed``."""
+
+    rx: int = 0
+    tx: int = 0
+    up_rx: int = 0
+    up_tx: int = 0
+
+
+class Connection:
+    """The client side of one session: its stream may be upgraded to TLS."""
+
+    def __init__(self, client: Stream, listener: ListenConfig, local: str) -> None:
+        self.client = client
+        self.listener = listener
+        self.local = local
+
+
+class Relay:
+    """Moves one session's bytes: a pump per direction and a watchdog.
+
+    Each pump reads its stream and, holding the session lock, feeds the
+    sans-IO session and writes what it says, in order.  Holding the lock
+    across the writes keeps replies ordered and gives backpressure (a slow
+    client stalls the upstream pump, not memory), and unlike a channel to a
+    third task it costs no task switch per read.  The watchdog enforces the
+    idle, response and session-age limits and the policy timers; its cancel
+    scope's deadline is moved after every read, which is cheap.
+    """
+
+    def __init__(
+        self, config: Config, tls: TLSContexts, emit: Emit, conn: Connection,
+        upstream: Stream, session: Session, info: SessionInfo, stats: Stats,
+    ) -> None:
+        self.config = config
+        self.tls = tls
+        self._emit = emit
+        self.conn = conn
+        self.upstream = upstream
+        self.session = session
+        self.info = info
+        self.stats = stats
+        self.lock = trio.Lock()
+        self.reason: str | None = None
+        self.finished = trio.Event()
+        self.timer = trio.CancelScope()
+        self.client_scope = trio.CancelScope()
+        self.client_pump_done = trio.Event()
+        self.nursery: trio.Nursery | None = None
+        now = trio.current_time()
+        self.last_client = self.last_upstream = now
+        limit = config.policy.protections.max_session_duration
+        self.ends = now + limit if limit is not None else math.inf
+
+    def emit(self, info: SessionInfo, events: Sequence[Event]) -> None:
+        self._emit(info, events)
+
+    def finish(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.finished.set()
+
+    async def run(self, greeting: bytes) -> str:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            if greeting:
+                # Read while opening the link (STLS or XCLIENT needed it).
+                async with self.lock:
+                    await self.process(False, greeting)
+            if self.reason is None:
+                nursery.start_soon(self.pump_client, self.client_scope, self.client_pump_done)
+                nursery.start_soon(self.pump_upstream)
+                nursery.start_soon(self.watchdog)
+                await self.finished.wait()
+            nursery.cancel_scope.cancel()
+        assert self.reason is not None
+        return self.reason
+
+    async def pump_client(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                await self._pump(True)
+        finally:
+            done.set()
+
+    async def pump_upstream(self) -> None:
+        await self._pump(False)
+
+    async def _pump(self, from_client: bool) -> None:
+        while self.reason is None:
+            stream = self.conn.client if from_client else self.upstream
+            try:
+                data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            # Take the lock without a trip through the scheduler when it is
+            # free (trio.Lock.acquire always yields once): the receive above
+            # already was this task's checkpoint.
+            lock = self.lock
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+            try:
+                if self.reason is not None:
+                    return
+                await self.process(from_client, data)
+            finally:
+                lock.release()
+            if not data:
+                return
+
+    async def process(self, from_client: bool, data: bytes) -> None:
+        """Feed the session and carry out what it says (the lock is held)."""
+        now = trio.current_time()
+        out = self.feed(self.session, from_client, data, now, self.stats)
+        if from_client:
+            self.last_client = now
+        # Upstream silence is measured from its last octet or from the
+        # moment we last asked it something, whichever is later.
+        if not from_client or out.to_upstream:
+            self.last_upstream = now
+        await self.deliver(out, from_client)
+        self.reschedule()
+
+    def next_deadline(self) -> tuple[float, str]:
+        if self.session.owes_upstream_reply:
+            deadline = self.last_upstream + self.config.upstream.response_timeout
+            why = "upstream response timeout"
+        else:
+            deadline = self.last_client + self.config.limits.idle_timeout
+            why = "idle timeout"
+        if self.ends < deadline:
+            deadline, why = self.ends, "session time limit"
+        wake = self.session.wake_at
+        if wake is not None and wake < deadline:
+            deadline, why = wake, "tick"
+        return deadline, why
+
+    def reschedule(self) -> None:
+        self.timer.deadline = self.next_deadline()[0]
+
+    async def watchdog(self) -> None:
+        while self.reason is None:
+            self.timer = trio.CancelScope(deadline=self.next_deadline()[0])
+            with self.timer:
+                await trio.sleep_forever()
+            async with self.lock:
+                if self.reason is not None:
+                    return
+                deadline, why = self.next_deadline()
+                now = trio.current_time()
+                if deadline > now:
+                    continue  # activity moved the deadline meanwhile
+                if why == "tick":
+                    out = self.session.tick(now)
+                    if out.to_upstream:
+                        self.last_upstream = now
+                    await self.deliver(out, False)
+                    continue
+                # A limit passed: tell the client why, then close.
+                if why == "upstream response timeout":
+                    out = self.session.fail(why, now)
+                    out.events.insert(0, UpstreamFailed("response_timeout"))
+                else:
+                    out = self.session.close(why, now)
+                    text = "disconnected for inactivity" if why == "idle timeout" else why
+                    out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
+                self.emit(self.info, out.events)
+                await send_quietly(self.conn.client, out.to_client, self.stats)
+                self.finish(why)
+
+    async def deliver(self, out: Output, from_client: bool) -> None:
+        """Write an output, tell observers, upgrade to TLS if asked."""
+        limits = self.config.limits
+        while True:
+            if out.start_tls and not from_client:
+                # STLS answered while the client pump is reading: stop it
+                # *before* the +OK goes out, since what the client sends after
+                # the +OK is the TLS handshake and no plaintext reader may take
+                # it.  (When the client pump itself is here, it is not reading.)
+                self.client_scope.cancel()
+                await self.client_pump_done.wait()
+            written = await self.write(
+                self.conn.client, self.upstream, out, self.stats, limits.send_timeout)
+            if not written:
+                # A message whose end was in this write did not surely reach
+                # the client: the audit must not call it delivered.
+                out.events = [
+                    replace(e, complete=False) if isinstance(e, MessageComplete) else e
+                    for e in out.events
+                ]
+            # Observers hear of bytes after they were written.
+            self.emit(self.info, out.events)
+            if not written:
+                self.finish(out.close or "peer gone or too slow")
+                return
+            if out.close is not None:
+                self.finish(out.close)
+                return
+            if not out.start_tls:
+                return
+            if not await self.start_client_tls():
+                self.finish("client TLS handshake failed")
+                return
+            if not from_client:
+                assert self.nursery is not None
+                self.client_scope = trio.CancelScope()
+                self.client_pump_done = trio.Event()
+                self.nursery.start_soon(self.pump_client, self.client_scope,
+                                        self.client_pump_done)
+            out = self.session.tls_started(trio.current_time())
+
+    async def start_client_tls(self) -> bool:
+        """STLS (RFC 2595): the handshake on the raw client stream."""
+        conn = self.conn
+        ssl_stream = trio.SSLStream(conn.client, self.tls.server(conn.listener),
+                                    server_side=True)
+        conn.client = ssl_stream
+        try:
+            version, cipher, sni = await handshake(
+                ssl_stream, self.config.limits.handshake_timeout)
+        except TLSHandshakeError as exc:
+            self.emit(self.info, [TlsFailed("client", str(exc))])
+            logger.info("client.tls_failed", error=str(exc))
+            return False
+        self.emit(self.info, [TlsEstablished("client", version, cipher, sni)])
+        return True
+
+    def feed(
+        self, session: Session, from_client: bool, data: bytes, now: float, stats: Stats
+    ) -> Output:
+        if from_client:
+            stats.rx += len(data)
+            out = session.receive_client(data, now) if data else session.client_closed(now)
+        else:
+            stats.up_rx += len(data)
+            out = session.receive_upstream(data, now) if data else session.upstream_closed(now)
+        return out
+
+    async def write(
+        self, client: Stream, upstream: Stream, out: Output, stats: Stats, seconds: float
+    ) -> bool:
+        """Write what the session produced; False if a peer is gone or stuck."""
+        # A bare CancelScope: trio.fail_after is a generator-based context
+        # manager, and this runs for every read the relay makes.
+        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+        try:
+            with scope:
+                if out.to_upstream:
+                    await upstream.send_all(out.to_upstream)
+                    stats.up_tx += len(out.to_upstream)
+                if out.to_client:
+                    await client.send_all(out.to_client)
+                    stats.tx += len(out.to_client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return not scope.cancelled_caught
+
+
+async def send_quietly(
+    stream: Stream, data: bytes, stats: Stats, seconds: float = 5.0
+) -> None:
+    if not data:
+        return
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_all(data)
+            stats.tx += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
