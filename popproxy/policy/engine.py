@@ -132,7 +132,8 @@ class PolicyEngine:
             for r in config.rules if r.match.users is not None
         }
         self._last_ip: tuple[str | None, IPAddress | None] = (None, None)
-        self._candidate_cache: dict[tuple[object, ...], tuple[Rule, ...]] = {}
+        self._candidate_cache: dict[
+            tuple[object, ...], tuple[tuple[Rule, Bucket | None], ...]] = {}
         self._wall_at: float | None = None
         self._wall_now = dt.datetime.min
 
@@ -181,7 +182,7 @@ class PolicyEngine:
 
         when: dt.datetime | None = None
         limited: list[Bucket] = []
-        for rule in self._candidates(facts, verb):
+        for rule, bucket in self._candidates(facts, verb, now):
             window = rule.match.time
             if window is not None:
                 if when is None:
@@ -200,13 +201,11 @@ class PolicyEngine:
                 if result is not None:
                     return result
                 continue
-            key = self._bucket_key(rule, facts)
-            if key is None:
-                continue
+            if bucket is None:
+                continue  # no key to count by (e.g. per user, before login)
             assert rule.limit is not None
-            bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
-            cost = 0.0 if rule.limit.octets else 1.0
-            wait = bucket.wait_time(now, cost)
+            octets = rule.limit.octets
+            wait = bucket.wait_time(now, 0.0 if octets else 1.0)
             if wait > 0:
                 if rule.on_limit == "delay" and wait <= rule.max_delay:
                     result = self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
@@ -220,26 +219,39 @@ class PolicyEngine:
                     result = self._enforce(deny, notes, "rate_limit")
                 if result is not None:
                     return result
-            if not rule.limit.octets:
+            if not octets:
                 limited.append(bucket)
         # Tokens are taken only once the command is allowed by every rule.
         for bucket in limited:
             bucket.take(now)
         return Allow(tuple(notes)) if notes else ALLOW
 
-    def _candidates(self, facts: Facts, verb: str) -> tuple[Rule, ...]:
-        """The rules whose match holds for this session and verb, time aside.
+    def _candidates(
+        self, facts: Facts, verb: str, now: float
+    ) -> tuple[tuple[Rule, Bucket | None], ...]:
+        """The rules whose match holds for this session and verb, time aside,
+        each with its token bucket (rate limits) resolved.
 
-        Everything but the time window is fixed for a session state, so the
-        answer is remembered (bounded) instead of testing every rule on every
-        command.
+        Everything but the time window is fixed for a session state, and the
+        bucket key (user, address) is part of that state, so the answer is
+        remembered (bounded) instead of testing every rule on every command.
         """
         key = (verb, facts.user, facts.login_user, facts.tls,
                facts.client_ip or _ip(facts.client))
         hit = self._candidate_cache.get(key)
         if hit is None:
-            hit = tuple(r for r in self.config.rules
-                        if self._matches(r.match, facts, verb, None, static=True))
+            entries: list[tuple[Rule, Bucket | None]] = []
+            for r in self.config.rules:
+                if not self._matches(r.match, facts, verb, None, static=True):
+                    continue
+                bucket = None
+                if r.action == "rate_limit" and r.limit is not None:
+                    bucket_key = self._bucket_key(r, facts)
+                    if bucket_key is not None:
+                        bucket = self.state.buckets[r.name].get(
+                            bucket_key, r.limit, r.capacity, now)
+                entries.append((r, bucket))
+            hit = tuple(entries)
             if len(self._candidate_cache) >= 4096:
                 self._candidate_cache.clear()
             self._candidate_cache[key] = hit
