@@ -70,9 +70,10 @@ def build(config: Config, registry: CollectorRegistry | None = None) -> App:
 def reload(app: App, load: Callable[[], Config]) -> bool:
     """Swap in a new configuration; on any error keep the old one.
 
-    Reloadable: policy (rules, mode, protections) and limits for new
-    sessions.  Rate-limit state survives for rules whose name did not
-    change.  Listen and upstream addresses need a restart.
+    Reloadable: policy (rules, mode, protections), limits and listener
+    settings (certificates are read again) for new sessions and commands.
+    Rate-limit state survives for rules whose name did not change.  Listen
+    and upstream addresses, [audit] and [metrics] need a restart.
     """
     old = app.proxy.config
     try:
@@ -88,6 +89,13 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
         logger.warning("config.reload_partial",
                        detail="listen and upstream addresses change after a restart")
         new = replace(new, upstream=replace(new.upstream, address=old.upstream.address))
+    if new.audit != old.audit or new.metrics != old.metrics:
+        # The audit trail tracks every live session (marks, retrievals) to
+        # write its records; swapping it under them would lose that, so
+        # audit and metrics settings change at the next restart.
+        logger.warning("config.reload_partial",
+                       detail="[audit] and [metrics] changes take effect after a restart")
+        new = replace(new, audit=old.audit, metrics=old.metrics)
     app.policy.current = app.policy.current.reloaded(new.policy)
     _announce_rules(app.metrics, new)
     app.proxy.config = new
