@@ -89,7 +89,8 @@ def parse_address(value: object, key: str) -> HostPort:
         host, sep, port = text.rpartition(":")
         if ":" in host:
             raise ConfigError(f"{key}: write IPv6 addresses in brackets, as \"[::1]:110\"")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not (
+            0 <= int(port) <= 65535):
         raise ConfigError(f"{key}: expected \"host:port\" with a port 0-65535, got {value!r}")
     return HostPort(host, int(port))
 

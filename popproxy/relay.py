@@ -125,10 +125,11 @@ class Relay:
     async def _pump(self, from_client: bool) -> None:
         while self.reason is None:
             stream = self.conn.client if from_client else self.upstream
+            broken = False
             try:
                 data = bytes(await stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+                data, broken = b"", True
             # Take the lock without a trip through the scheduler when it is
             # free (trio.Lock.acquire always yields once): the receive above
             # already was this task's checkpoint.
@@ -140,16 +141,16 @@ class Relay:
             try:
                 if self.reason is not None:
                     return
-                await self.process(from_client, data)
+                await self.process(from_client, data, broken)
             finally:
                 lock.release()
             if not data:
                 return
 
-    async def process(self, from_client: bool, data: bytes) -> None:
+    async def process(self, from_client: bool, data: bytes, broken: bool = False) -> None:
         """Feed the session and carry out what it says (the lock is held)."""
         now = trio.current_time()
-        out = self.feed(self.session, from_client, data, now, self.stats)
+        out = self.feed(self.session, from_client, data, now, self.stats, broken)
         if from_client:
             self.last_client = now
         # Upstream silence is measured from its last octet or from the
@@ -199,9 +200,11 @@ class Relay:
                     out = self.session.fail(why, now)
                     out.events.insert(0, UpstreamFailed("response_timeout"))
                 else:
+                    mid_reply = self.session.mid_reply
                     out = self.session.close(why, now)
-                    text = "disconnected for inactivity" if why == "idle timeout" else why
-                    out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
+                    if not mid_reply:  # never a line inside a message body
+                        text = "disconnected for inactivity" if why == "idle timeout" else why
+                        out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
                 self.emit(self.info, out.events)
                 await send_quietly(self.conn.client, out.to_client, self.stats)
                 self.finish(why)
@@ -264,11 +267,17 @@ class Relay:
         return True
 
     def feed(
-        self, session: Session, from_client: bool, data: bytes, now: float, stats: Stats
+        self, session: Session, from_client: bool, data: bytes, now: float, stats: Stats,
+        broken: bool = False,
     ) -> Output:
         if from_client:
             stats.rx += len(data)
-            out = session.receive_client(data, now) if data else session.client_closed(now)
+            if data:
+                out = session.receive_client(data, now)
+            elif broken:
+                out = session.client_gone(now)
+            else:  # EOF: a half-close still gets its replies
+                out = session.client_closed(now)
         else:
             stats.up_rx += len(data)
             out = session.receive_upstream(data, now) if data else session.upstream_closed(now)

@@ -166,9 +166,14 @@ class Proxy:
                 conn = Connection(client, listener, local)
                 reason = await self._serve_session(conn, session, info, stats)
             except BaseException as exc:
-                if not _is_cancellation(exc):
+                if _is_bug(exc):
+                    # A bug met by one session ends that session, never the
+                    # proxy: re-raising would cancel every other session.
+                    reason = "internal error"
                     logger.exception("session.crashed")
-                    raise
+                    return
+                if not _is_cancellation(exc):
+                    raise  # KeyboardInterrupt, SystemExit
                 # Shutdown (drain deadline, SIGINT): say so where a reply is owed.
                 reason = "shutdown"
                 with trio.CancelScope(shield=True):
@@ -290,6 +295,16 @@ class Proxy:
     ) -> str:
         relay = Relay(self.config, self.tls, self._emit, conn, link.stream, session, info, stats)
         return await relay.run(link.greeting)
+
+def _is_bug(exc: BaseException) -> bool:
+    """An ordinary exception (perhaps grouped, perhaps beside cancellations
+    it caused), as opposed to a shutdown or an interrupt."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(exc.exceptions)
+        return any(_is_bug(e) for e in leaves) and all(
+            _is_bug(e) or _is_cancellation(e) for e in leaves)
+    return isinstance(exc, Exception)
+
 
 def _is_cancellation(exc: BaseException) -> bool:
     """trio.Cancelled, alone or in a group of nothing but cancellations."""

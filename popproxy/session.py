@@ -52,6 +52,7 @@ from .pop3 import (
     PipelineOverflow,
     UpstreamProtocolError,
     is_multiline,
+    message_number,
     parse_command,
     parse_status,
 )
@@ -153,8 +154,7 @@ class _Message:
                 self.headers_done = True
 
     def complete(self, whole: bool) -> MessageComplete:
-        arg = self.command.args[0] if self.command.args else ""
-        number = int(arg) if arg.isdigit() else None
+        number = message_number(self.command.args[0]) if self.command.args else None
         return MessageComplete(
             self.command, number, self.octets, self.sha.hexdigest(), self.message_id(), whole
         )
@@ -254,6 +254,7 @@ class Session:
         self._sasl_mech: str | None = None
         self._sasl_user: str | None = None
         self._sasl_responses = 0
+        self._client_eof = False  # half-closed: answer what was sent, then end
         self._closed = False
 
     # ------------------------------------------------------------------
@@ -278,7 +279,8 @@ class Session:
             # Fatal: what was already produced still goes out, then the
             # error line, then the connection closes.
             out.events.append(ProtocolAnomaly("client", type(exc).__name__, str(exc)))
-            out.client.append(exc.reply)
+            if not self.mid_reply:  # never an -ERR inside a message body
+                out.client.append(exc.reply)
             self._end_with(out, "client protocol error", now)
         return out.done()
 
@@ -289,6 +291,7 @@ class Session:
             return out.done()
         try:
             self._receive_upstream(data, out, now)
+            self._end_if_drained(out, now)
         except UpstreamProtocolError as exc:
             out.events.append(ProtocolAnomaly("upstream", type(exc).__name__, str(exc)))
             out.events.append(UpstreamFailed("protocol"))
@@ -322,8 +325,33 @@ class Session:
         self._progress(out, now)
 
     def client_closed(self, now: float) -> Output:
-        """The client went away (EOF or error): abandon everything."""
+        """The client sent EOF.
+
+        A client may half-close right after its last command (``printf ... |
+        nc``): what it sent is carried out and answered, then the session
+        ends.  With nothing owed it ends at once; so it does when the client
+        stopped in the middle of a message (it is not reading: the message is
+        recorded as cut short) or of an AUTH exchange (nothing can go on).
+        """
+        out = _Out()
+        if self._closed:
+            return out.done()
+        auth = self._barrier is not None and self._barrier.command.verb == "AUTH"
+        if self.mid_reply or self._sasl_expected or auth:
+            return self.close("client closed", now)
+        self._client_eof = True
+        self._progress(out, now)
+        self._end_if_drained(out, now)
+        return out.done()
+
+    def client_gone(self, now: float) -> Output:
+        """The client connection broke: abandon everything."""
         return self.close("client closed", now)
+
+    def _end_if_drained(self, out: _Out, now: float) -> None:
+        if (self._client_eof and not self._closed and not self._pending
+                and not self._queue and self._body is None):
+            self._end_with(out, "client closed", now)
 
     def close(self, reason: str, now: float) -> Output:
         """End the session without another word to either side.
@@ -349,7 +377,7 @@ class Session:
         """
         out = _Out()
         if not self._closed:
-            if self._body is None:
+            if not self.mid_reply:
                 err = b"-ERR [SYS/TEMP] " + reason.encode() + b"\r\n"
                 if self.state is State.GREETING:
                     out.client.append(err)
@@ -364,6 +392,13 @@ class Session:
             out.events.extend(end.events)
         out.close = reason
         return out.done()
+
+    @property
+    def mid_reply(self) -> bool:
+        """Part of a multi-line reply has gone to the client: a line from the
+        proxy now would land inside it.  (CAPA is held back for rewriting,
+        and a refused RETR's body is dropped: neither counts.)"""
+        return self._body is not None and self._capa is None and not self._swallow
 
     @property
     def owes_upstream_reply(self) -> bool:
@@ -469,7 +504,10 @@ class Session:
             if isinstance(decision, Deny) and decision.delay > 0:
                 p.not_before = now + decision.delay
             self._pending.append(p)
-            if cmd.verb in _BARRIERS or (cmd.verb == "AUTH" and cmd.args):
+            # A refusal held back (a tarpit) is a barrier too: nothing behind
+            # it is sent upstream, whose reply would have to wait behind it.
+            if (cmd.verb in _BARRIERS or (cmd.verb == "AUTH" and cmd.args)
+                    or p.not_before is not None):
                 self._barrier = p
             if p.local_reply is not None:
                 continue
@@ -500,10 +538,10 @@ class Session:
         Its reply is the proxy's: consumed here, never forwarded.  It goes in
         front of ``p`` in the FIFO, so every client reply keeps its order.
         """
-        arg = p.command.args[0] if p.command.args else ""
-        if not arg.isdigit() or int(arg) in self._uids:
+        number = message_number(p.command.args[0]) if p.command.args else None
+        if number is None or number in self._uids:
             return
-        probe = _Pending(Command("UIDL", (arg,)), now, internal=True)
+        probe = _Pending(Command("UIDL", (str(number),)), now, internal=True)
         wire = bytes(probe.command)
         probe.wire = len(wire)
         self._pending.pop()  # p, appended just before
@@ -512,7 +550,7 @@ class Session:
         out.upstream.append(wire)
         self._inflight += 1
         self._inflight_octets += probe.wire
-        self._uids.add(int(arg))  # asked once per message, whatever the answer
+        self._uids.add(number)  # asked once per message, whatever the answer
 
     def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision]:
         """The core's own checks, then policy; a None reply means forward."""
@@ -769,7 +807,8 @@ class Session:
         if self._capa is not None:
             capa = _rewrite_capa(
                 bytes(self._capa),
-                offer_stls=self.starttls and not self.tls,
+                offer_stls=self.starttls and not self.tls
+                and self.state is State.AUTHORIZATION,
                 hide_user=self.require_tls_for_auth and not self.tls,
             )
             self._capa = None

@@ -77,7 +77,7 @@ async def _command(lines: _Lines, command: bytes) -> bytes:
 
 def _split_address(client: str) -> tuple[str, int]:
     host, _, port = client.rpartition(":")
-    return host.strip("[]"), int(port) if port.isdigit() else 0
+    return host.strip("[]"), int(port) if port.isascii() and port.isdigit() else 0
 
 
 async def open_upstream(

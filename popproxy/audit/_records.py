@@ -34,7 +34,7 @@ from ..events import (
     UpstreamConnected,
     UpstreamFailed,
 )
-from ..pop3 import Command
+from ..pop3 import Command, message_number
 from .config import MESSAGE_VERBS, AuditConfig
 
 __all__ = ["Record", "RecordBuilder", "SessionRef", "close_reason", "rfc3339"]
@@ -105,7 +105,7 @@ def _clean(text: str) -> str:
 
 def _number(cmd: Command) -> int | None:
     arg = cmd.args[0] if cmd.args else ""
-    return int(arg) if arg.isdigit() else None
+    return message_number(arg)
 
 
 def _seconds(value: float) -> float:
@@ -331,8 +331,9 @@ class RecordBuilder:
         verb = event.command.verb
         rec["command"] = verb
         rec["msg"] = event.msg
-        if verb == "TOP" and len(event.command.args) > 1 and event.command.args[1].isdigit():
-            rec["lines"] = int(event.command.args[1])
+        lines = message_number(event.command.args[1]) if len(event.command.args) > 1 else None
+        if verb == "TOP" and lines is not None:
+            rec["lines"] = lines
         rec["uidl"] = st.uids.get(event.msg) if event.msg is not None else None
         rec["octets"] = event.octets
         rec["sha256"] = event.sha256

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..events import AuthResult, Event, Response
-from ..pop3 import Command
+from ..pop3 import Command, message_number
 from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
 from .config import STANDARD_VERBS, Match, PolicyConfig, Rule
 from .ratelimit import Bucket, BucketTable
@@ -173,8 +173,8 @@ class PolicyEngine:
                     return result
 
         if verb == "RETR" and p.max_message_size is not None and command.args:
-            arg = command.args[0]
-            size = facts.sizes.get(int(arg)) if arg.isdigit() else None
+            number = message_number(command.args[0])
+            size = facts.sizes.get(number) if number is not None else None
             if size is not None and size > p.max_message_size:
                 result = self._enforce(self._too_large(), notes, "deny")
                 if result is not None:

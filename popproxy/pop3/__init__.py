@@ -8,6 +8,7 @@ function of the bytes it is given, so it is tested with byte strings alone
 from ._command import SECRET_VERBS as SECRET_VERBS
 from ._command import Command as Command
 from ._command import LineReader as LineReader
+from ._command import message_number as message_number
 from ._command import parse_command as parse_command
 from ._errors import ClientProtocolError as ClientProtocolError
 from ._errors import LineTooLong as LineTooLong
@@ -34,6 +35,7 @@ __all__ = [
     "Status",
     "UpstreamProtocolError",
     "is_multiline",
+    "message_number",
     "parse_command",
     "parse_status",
     "stuff",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._errors import LineTooLong, MalformedLine
 
-__all__ = ["SECRET_VERBS", "Command", "LineReader", "parse_command"]
+__all__ = ["SECRET_VERBS", "Command", "LineReader", "message_number", "parse_command"]
 
 # Verbs whose arguments carry secrets: PASS (the password, spaces included),
 # APOP (the digest is offline-crackable MD5) and AUTH (a SASL initial
@@ -50,6 +50,14 @@ class Command:
     __str__ = __repr__
 
 
+def message_number(arg: str) -> int | None:
+    """A message number argument as an int; None unless it is ASCII digits.
+
+    (``str.isdigit`` is true for "²" and "①", which ``int`` refuses.)
+    """
+    return int(arg) if arg.isascii() and arg.isdigit() else None
+
+
 def parse_command(line: bytes) -> Command:
     """Parse one command line without its line terminator.
 
@@ -74,7 +82,9 @@ def parse_command(line: bytes) -> Command:
             f"{verb} arguments are not valid UTF-8",
             reply=b"-ERR command arguments are not valid UTF-8\r\n",
         ) from None
-    return Command(verb, tuple(text.split()))
+    # Arguments are separated by spaces (RFC 1939 §3); other whitespace
+    # (tabs, NBSP, U+2028, ...) is part of an argument and passes unchanged.
+    return Command(verb, tuple(arg for arg in text.split(" ") if arg))
 
 
 class LineReader:
@@ -130,7 +140,10 @@ class LineReader:
         # The prefix check for the longer AUTH limit only runs for long lines.
         if size > (limit if limit is not None else self.limit):
             cap = limit if limit is not None else self._limit_for(start)
-            if end >= 0 and buf[end - 1] == 0x0D:
+            # The CR of the terminator is not part of the line, whether or
+            # not its LF has arrived yet.
+            last = end - 1 if end >= 0 else len(buf) - 1
+            if last >= start and buf[last] == 0x0D:
                 size -= 1
             if size > cap:
                 raise LineTooLong(f"line longer than {cap} octets")
