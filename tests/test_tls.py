@@ -156,6 +156,8 @@ async def test_wrong_upstream_certificate_is_refused(
         assert await s.receive_some(4096) == b"-ERR [SYS/TEMP] upstream TLS failure\r\n"
     await proxy.wait_for(SessionClosed)
     assert proxy.of_type(UpstreamFailed) == [UpstreamFailed("tls")]
+    registry = proxy.app.metrics.registry
+    assert registry.get_sample_value("popproxy_upstream_errors_total", {"reason": "tls"}) == 1
 
 
 async def test_plaintext_login_refused_when_tls_required(
