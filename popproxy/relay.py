@@ -200,11 +200,7 @@ class Relay:
                     out = self.session.fail(why, now)
                     out.events.insert(0, UpstreamFailed("response_timeout"))
                 else:
-                    mid_reply = self.session.mid_reply
-                    out = self.session.close(why, now)
-                    if not mid_reply:  # never a line inside a message body
-                        text = "disconnected for inactivity" if why == "idle timeout" else why
-                        out.to_client = f"-ERR [SYS/TEMP] {text}\r\n".encode()
+                    out = self.session.expire(why, now)
                 self.emit(self.info, out.events)
                 await send_quietly(self.conn.client, out.to_client, self.stats)
                 self.finish(why)

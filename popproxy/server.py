@@ -150,19 +150,19 @@ class Proxy:
                 if isinstance(handshake_result, TlsFailed):
                     reason = "client TLS handshake failed"
                     return
+                # Every gate is asked, even after a refusal: some count
+                # sessions, and SessionClosed un-counts them all.
+                refusals = [admit(peer) for admit in self.admission]
+                refusal: str | None = next((r for r in refusals if r is not None), None)
                 if self.active > limits.max_sessions:
-                    reason = "session limit reached"
-                    await send_quietly(
-                        client, b"-ERR [SYS/TEMP] too many sessions, try again later\r\n", stats
-                    )
+                    refusal = "too many sessions, try again later"
+                if refusal is not None:
+                    reason = ("session limit reached" if self.active > limits.max_sessions
+                              else refusal)
+                    out = session.refuse(refusal, trio.current_time())
+                    self._emit(info, out.events)
+                    await send_quietly(client, out.to_client, stats)
                     return
-                for admit in self.admission:
-                    refusal = admit(peer)
-                    if refusal is not None:
-                        reason = refusal
-                        line = f"-ERR [SYS/TEMP] {refusal}\r\n".encode()
-                        await send_quietly(client, line, stats)
-                        return
                 conn = Connection(client, listener, local)
                 reason = await self._serve_session(conn, session, info, stats)
             except BaseException as exc:

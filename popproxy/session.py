@@ -344,6 +344,26 @@ class Session:
         self._end_if_drained(out, now)
         return out.done()
 
+    def expire(self, why: str, now: float) -> Output:
+        """A limit of the relay's passed (idle, session age): say so and end.
+
+        The notice is ``-ERR [SYS/TEMP] <why>``, unless a message body is
+        being written, where any line from the proxy would corrupt it.
+        """
+        mid_reply = self.mid_reply
+        out = self.close(why, now)
+        if not mid_reply:
+            text = "disconnected for inactivity" if why == "idle timeout" else why
+            out.to_client = b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n"
+        return out
+
+    def refuse(self, why: str, now: float) -> Output:
+        """Turn the client away before anything else: the line to send instead
+        of a greeting (session caps, admission gates)."""
+        out = self.close(why, now)
+        out.to_client = b"-ERR [SYS/TEMP] " + why.encode() + b"\r\n"
+        return out
+
     def client_gone(self, now: float) -> Output:
         """The client connection broke: abandon everything."""
         return self.close("client closed", now)
