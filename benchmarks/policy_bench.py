@@ -49,6 +49,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -101,6 +103,9 @@ class Settings:
 class Arm:
     name: str
     proxy: ProxyProcess
+    # Single-process mode: the [policy] text this arm runs with, switched in
+    # by rewriting the file and sending SIGHUP before each of its blocks.
+    policy_text: str | None = None
     noop_p50_us: list[float] = field(default_factory=list)  # per round
     noop_p99_us: list[float] = field(default_factory=list)
     noop_all_us: list[float] = field(default_factory=list)
@@ -273,6 +278,26 @@ def retr_once(proxy: ProxyProcess, scratch: bytearray, meter: CpuMeter | None) -
     return octets / seconds / 1e6, octets
 
 
+def switch_to(arm: Arm) -> None:
+    """In single-process mode, make ``arm``'s rule set the live one (SIGHUP)."""
+    proxy = arm.proxy
+    if arm.policy_text is None or proxy.extra_config == arm.policy_text:
+        return
+    proxy.extra_config = arm.policy_text
+    proxy.config_path.write_text(proxy.config_text())
+    os.kill(proxy.pid, signal.SIGHUP)
+    want_rules = bool(arm.policy_text)
+    deadline = time.monotonic() + 10.0
+    while True:  # an external process's reload: poll its effect, bounded
+        noop, rset = probe(proxy)
+        live = noop.startswith(b"-ERR [SYS/PERM] probe") and b"rate limit" in rset
+        if live == want_rules:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the reload to '{arm.name}' did not take effect")
+        time.sleep(0.02)
+
+
 def measure(s: Settings, arms: tuple[Arm, Arm], notes: list[str]) -> None:
     scratch = bytearray(1 << 20)
     want = s.size_mib * MIB
@@ -287,11 +312,13 @@ def measure(s: Settings, arms: tuple[Arm, Arm], notes: list[str]) -> None:
         for r in range(s.rounds):
             order = arms if r % 2 == 0 else arms[::-1]
             for arm in order:
+                switch_to(arm)
                 lat = noop_block(conns[arm.name], s.noop_block, arm.noop_cpu)
                 arm.noop_p50_us.append(percentile(lat, 50))
                 arm.noop_p99_us.append(percentile(lat, 99))
                 arm.noop_all_us += lat
             for arm in order[::-1]:
+                switch_to(arm)
                 for _ in range(s.retrs):
                     mbps, octets = retr_once(arm.proxy, scratch, arm.retr_cpu)
                     if octets < want:
@@ -445,7 +472,30 @@ def start_arms(
     return base, rules
 
 
-def run(s: Settings, launcher: str = "auto") -> tuple[Arm, Arm, list[str]]:
+def start_single(
+    stack: contextlib.ExitStack, workdir: Path, upstream_port: int, notes: list[str],
+) -> tuple[Arm, Arm]:
+    """One proxy process; the two arms differ only by the rule set, switched
+    with SIGHUP before each block, so process placement and warm caches are
+    the same for both."""
+    d = workdir / "single"
+    d.mkdir()
+    proxy = ProxyProcess(upstream_port, d, max_sessions=100, extra_config=rules_config(),
+                         launcher=CLI_LAUNCHER)
+    problem = proxy.check_config()
+    if problem:
+        raise RuntimeError(f"popproxy check-config refused the 50-rule config: {problem}")
+    stack.callback(proxy.stop)
+    proxy.start()
+    log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}; rule sets switched by SIGHUP")
+    notes.append("one proxy process (popproxy run); the rule set switched by SIGHUP "
+                 "before each block and confirmed with the probe user")
+    base = Arm("no rules", proxy, policy_text="")
+    rules = Arm("50 rules", proxy, policy_text=rules_config())
+    return base, rules
+
+
+def run(s: Settings, launcher: str = "auto", single: bool = True) -> tuple[Arm, Arm, list[str]]:
     reason = ensure_dovecot()
     if reason is not None:
         raise RuntimeError(f"benchmark needs Dovecot: {reason}")
@@ -460,7 +510,10 @@ def run(s: Settings, launcher: str = "auto") -> tuple[Arm, Arm, list[str]]:
         dovecot.deliver(NOOP_USER, SAMPLE_MESSAGES[0])
         dovecot.deliver(PROBE_USER, SAMPLE_MESSAGES[0])
         log(f"Dovecot on 127.0.0.1:{dovecot.port} (started in {dovecot.startup_seconds:.2f}s)")
-        base, rules = start_arms(stack, workdir, dovecot.port, launcher, notes)
+        if single:
+            base, rules = start_single(stack, workdir, dovecot.port, notes)
+        else:
+            base, rules = start_arms(stack, workdir, dovecot.port, launcher, notes)
         measure(s, (base, rules), notes)
         for arm in (base, rules):
             arm.proxy.check_alive()
@@ -479,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--launcher", choices=("auto", "cli", "app"), default="auto",
                     help="how the proxies start: `popproxy run -c FILE` (cli), "
                     "popproxy.app.run (app), or cli unless it ignores the rules (auto)")
+    ap.add_argument("--two-processes", action="store_true",
+                    help="one proxy process per arm (default: one process, the rule set "
+                    "switched by SIGHUP)")
     ap.add_argument("--print-rules", action="store_true",
                     help="print the 50-rule [policy] section and exit")
     args = ap.parse_args(argv)
@@ -489,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with _sigterm_as_interrupt():
-            base, rules, notes = run(s, args.launcher)
+            base, rules, notes = run(s, args.launcher, single=not args.two_processes)
     except KeyboardInterrupt:
         print("interrupted; Dovecot and the proxies were stopped", file=sys.stderr)
         return 130
