@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ..events import AuthResult, Event, Response
 from ..pop3 import Command, message_number
 from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
-from .config import STANDARD_VERBS, Match, PolicyConfig, Rule
+from .config import STANDARD_VERBS, Match, PolicyConfig, Rule, TimeWindow
 from .ratelimit import Bucket, BucketTable
 
 __all__ = ["BUILTIN_RULE_NAMES", "PolicyEngine", "PolicyState", "SwitchablePolicy"]
@@ -136,6 +136,7 @@ class PolicyEngine:
             tuple[object, ...], tuple[tuple[Rule, Bucket | None], ...]] = {}
         self._wall_at: float | None = None
         self._wall_now = dt.datetime.min
+        self._window_results: dict[TimeWindow, bool] = {}
 
     def reloaded(self, config: PolicyConfig) -> PolicyEngine:
         """A new engine for ``config`` that keeps this one's state."""
@@ -187,7 +188,7 @@ class PolicyEngine:
             if window is not None:
                 if when is None:
                     when = self._wall(now)
-                if not window.contains(when):
+                if not self._in_window(window, when):
                     continue
             if rule.action == "allow":
                 notes.append(Note(rule.name, "allow", not self.monitor))
@@ -223,7 +224,7 @@ class PolicyEngine:
                 limited.append(bucket)
         # Tokens are taken only once the command is allowed by every rule.
         for bucket in limited:
-            bucket.take(now)
+            bucket.spend()
         return Allow(tuple(notes)) if notes else ALLOW
 
     def _candidates(
@@ -312,7 +313,15 @@ class PolicyEngine:
         if self._wall_at is None or not 0 <= now - self._wall_at < 1.0:
             self._wall_at = now
             self._wall_now = self.wallclock()
+            self._window_results.clear()
         return self._wall_now
+
+    def _in_window(self, window: TimeWindow, when: dt.datetime) -> bool:
+        """``window.contains(when)``, worked out once per wall-clock reading."""
+        hit = self._window_results.get(window)
+        if hit is None:
+            hit = self._window_results[window] = window.contains(when)
+        return hit
 
     @staticmethod
     def _bucket_key(rule: Rule, facts: Facts) -> str | None:

@@ -42,8 +42,13 @@ class Bucket:
             self.updated = now
 
     def wait_time(self, now: float, cost: float = 1.0) -> float:
-        """Seconds until ``cost`` tokens are available (0: available now)."""
-        self._refill(now)
+        """Seconds until ``cost`` tokens are available (0: available now).
+
+        Refills first, so ``spend`` may follow at the same ``now``.
+        """
+        if now > self.updated:  # _refill, inlined: this runs for every command
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
         need = min(cost, self.capacity) if cost > 0 else 0.0
         # The epsilon absorbs float error: a refill computed to land exactly
         # on a token must not come out a hair short.
@@ -53,6 +58,10 @@ class Bucket:
 
     def take(self, now: float, cost: float = 1.0) -> None:
         self._refill(now)
+        self.tokens -= cost
+
+    def spend(self, cost: float = 1.0) -> None:
+        """Take tokens right after ``wait_time`` said they are there."""
         self.tokens -= cost
 
 
