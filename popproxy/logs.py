@@ -124,4 +124,4 @@ _HANDLERS: dict[type[Event], Callable[[SessionInfo, Any], None]] = {
     ProtocolAnomaly: _anomaly,
     Response: _response,
 }
-_debug = True  # until configure_logging says otherwise
+_debug = False  # configure_logging turns it on for level = "debug"
