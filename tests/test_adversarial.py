@@ -85,33 +85,30 @@ def auth_results(events: list[Event]) -> list[AuthResult]:
     return [e for e in events if isinstance(e, AuthResult)]
 
 
-def feed_upstream_pieces(s: Session, pieces: list[bytes], now: float = 1) -> Output:
-    """Feed upstream bytes in the given pieces; merge the outputs."""
+def feed_pieces(
+    s: Session, pieces: list[bytes], now: float = 1, *, client: bool = False
+) -> Output:
+    """Feed bytes from one side in the given pieces; merge the outputs."""
+    receive = s.receive_client if client else s.receive_upstream
     to_client = b""
     to_upstream = b""
     events: list[Event] = []
     close: str | None = None
     for piece in pieces:
-        out = s.receive_upstream(piece, now)
+        out = receive(piece, now)
         to_client += out.to_client
         to_upstream += out.to_upstream
         events += out.events
         close = close or out.close
     return Output(to_client, to_upstream, events, close)
+
+
+def feed_upstream_pieces(s: Session, pieces: list[bytes], now: float = 1) -> Output:
+    return feed_pieces(s, pieces, now)
 
 
 def feed_client_pieces(s: Session, pieces: list[bytes], now: float = 1) -> Output:
-    to_client = b""
-    to_upstream = b""
-    events: list[Event] = []
-    close: str | None = None
-    for piece in pieces:
-        out = s.receive_client(piece, now)
-        to_client += out.to_client
-        to_upstream += out.to_upstream
-        events += out.events
-        close = close or out.close
-    return Output(to_client, to_upstream, events, close)
+    return feed_pieces(s, pieces, now, client=True)
 
 
 def split_at(data: bytes, *cuts: int) -> list[bytes]:

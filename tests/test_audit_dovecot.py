@@ -95,6 +95,14 @@ def direct(dovecot: Dovecot, user: str) -> poplib.POP3:
     return p
 
 
+def direct_uidls(dovecot: Dovecot, user: str) -> dict[int, str]:
+    """Message number -> UIDL, asked of Dovecot directly."""
+    p = direct(dovecot, user)
+    listing = {int(n): u.decode() for n, u in (x.split() for x in p.uidl()[1])}
+    p.quit()
+    return listing
+
+
 def joined(lines: list[bytes]) -> bytes:
     """poplib's unstuffed lines back into the message octets."""
     return b"".join(line + b"\r\n" for line in lines)
@@ -205,13 +213,7 @@ async def test_uidl_learned_from_the_client_listing(
     """UIDLs come from the client's UIDL reply and match Dovecot's, also when committed."""
     user, messages = mailbox
 
-    def uidls() -> dict[int, str]:
-        p = direct(dovecot, user)
-        listing = {int(n): u.decode() for n, u in (x.split() for x in p.uidl()[1])}
-        p.quit()
-        return listing
-
-    before = await trio.to_thread.run_sync(uidls)
+    before = await trio.to_thread.run_sync(direct_uidls, dovecot, user)
 
     def client() -> None:
         p = poplib.POP3(audited.host, audited.port, timeout=30)
@@ -228,7 +230,7 @@ async def test_uidl_learned_from_the_client_listing(
     assert by_event["message.retrieve"]["uidl"] == before[2]
     assert by_event["message.delete.marked"]["uidl"] == before[2]
     assert by_event["message.delete.committed"]["uidl"] == before[2]
-    after = await trio.to_thread.run_sync(uidls)
+    after = await trio.to_thread.run_sync(direct_uidls, dovecot, user)
     assert before[2] not in after.values()
     assert len(after) == len(messages) - 1
 
@@ -244,13 +246,7 @@ async def test_resolve_uidl_names_messages_the_client_never_listed(
     trail = attach(running, config)
     audited = Audited(running, trail, config.path or tmp_path)
 
-    def uidls() -> dict[int, str]:
-        p = direct(dovecot, user)
-        listing = {int(n): u.decode() for n, u in (x.split() for x in p.uidl()[1])}
-        p.quit()
-        return listing
-
-    before = await trio.to_thread.run_sync(uidls)
+    before = await trio.to_thread.run_sync(direct_uidls, dovecot, user)
 
     def client() -> bytes:
         p = poplib.POP3(audited.host, audited.port, timeout=30)
