@@ -20,6 +20,22 @@ TERM = b"\r\n.\r\n"
 _RECV = 1 << 16
 
 
+
+def take_multiline(buf: bytearray, start: int = 0) -> bytes | None:
+    """Cut a ``+OK`` multi-line reply, terminator included, off ``buf``;
+    None while it is incomplete (search from ``start``)."""
+    # The status line's CRLF starts the terminator of an empty body.
+    i = buf.find(TERM, start)
+    if i >= 0:
+        out = bytes(buf[: i + 5])
+        del buf[: i + 5]
+        if not out.startswith(b"+OK"):
+            raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
+        return out
+    if buf[:1] == b"-" and b"\r\n" in buf:
+        raise ProtocolFailure(f"expected +OK, got {bytes(buf[:200])!r}")
+    return None
+
 class ProtocolFailure(RuntimeError):
     """The server answered something other than what the benchmark expects."""
 
@@ -80,19 +96,10 @@ class Conn:
     def multiline(self) -> bytes:
         """A ``+OK`` status line and its body, terminator included."""
         start = 0
-        while True:
-            # The status line's CRLF starts the terminator of an empty body.
-            i = self.buf.find(TERM, start)
-            if i >= 0:
-                out = bytes(self.buf[: i + 5])
-                del self.buf[: i + 5]
-                if not out.startswith(b"+OK"):
-                    raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
-                return out
-            if self.buf[:1] == b"-" and b"\r\n" in self.buf:
-                raise ProtocolFailure(f"expected +OK, got {self.line()[:200]!r}")
+        while (out := take_multiline(self.buf, start)) is None:
             start = max(0, len(self.buf) - 4)
             self._fill()
+        return out
 
     # ------------------------------------------------------------- commands
 
@@ -195,18 +202,10 @@ class AsyncConn:
 
     async def multiline(self) -> bytes:
         start = 0
-        while True:
-            i = self.buf.find(TERM, start)
-            if i >= 0:
-                out = bytes(self.buf[: i + 5])
-                del self.buf[: i + 5]
-                if not out.startswith(b"+OK"):
-                    raise ProtocolFailure(f"expected +OK, got {out[:200]!r}")
-                return out
-            if self.buf[:1] == b"-" and b"\r\n" in self.buf:
-                raise ProtocolFailure(f"expected +OK, got {bytes(self.buf[:200])!r}")
+        while (out := take_multiline(self.buf, start)) is None:
             start = max(0, len(self.buf) - 4)
             await self._fill()
+        return out
 
     async def cmd(self, text: str) -> bytes:
         await self.stream.send_all(text.encode() + b"\r\n")
