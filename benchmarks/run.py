@@ -66,6 +66,7 @@ import trio
 
 from benchmarks._client import AsyncConn, Conn, ProtocolFailure
 from benchmarks._procs import (
+    CLI_LAUNCHER,
     CpuMeter,
     ProxyProcess,
     RssSampler,
@@ -798,6 +799,7 @@ def run(
     *,
     dovecot_performance: bool = True,
     profile_dir: Path | None = None,
+    cprofile: Path | None = None,
 ) -> tuple[dict[str, Any], list[Row], list[str]]:
     reason = ensure_dovecot()
     if reason is not None:
@@ -828,7 +830,10 @@ def run(
         t0 = time.monotonic()
         _setup_mail(dovecot, settings, conc_users)
         log(f"delivered test mail in {time.monotonic() - t0:.1f}s")
-        proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max(1000, settings.idle_sessions))
+        launcher = CLI_LAUNCHER if cprofile is None else (
+            "-m", "cProfile", "-o", str(cprofile.resolve()), *CLI_LAUNCHER)
+        proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max(1000, settings.idle_sessions),
+                             launcher=launcher)
         stack.callback(proxy.stop)
         proxy.start()
         rss = proc_status_kib(proxy.pid)
@@ -922,6 +927,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="sample the proxy with py-spy during each scenario; folded stacks "
                     "and a summary per scenario go to DIR (skews the figures)")
+    ap.add_argument("--cprofile", metavar="FILE", type=Path,
+                    help="run the proxy under cProfile and write its stats to FILE when it "
+                    "stops (deterministic, and slower than py-spy: figures are skewed)")
     args = ap.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = [x for x in only if x not in SCENARIOS]
@@ -935,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
             results, rows, notes = run(
                 settings, only, dovecot_performance=not args.dovecot_default_processes,
-                profile_dir=args.profile,
+                profile_dir=args.profile, cprofile=args.cprofile,
             )
     except KeyboardInterrupt:
         print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from . import sockio
 from .config import Config, ListenConfig
 from .events import Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
 from .session import Output, Session
@@ -127,7 +128,7 @@ class Relay:
             stream = self.conn.client if from_client else self.upstream
             broken = False
             try:
-                data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                data = await sockio.receive(stream, RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data, broken = b"", True
             # Take the lock without a trip through the scheduler when it is
@@ -175,7 +176,13 @@ class Relay:
         return deadline, why
 
     def reschedule(self) -> None:
-        self.timer.deadline = self.next_deadline()[0]
+        # Only ever bring the watchdog's wake-up forward.  Activity mostly
+        # pushes the deadline later, and moving a cancel scope's deadline
+        # costs trio a heap update per read; a watchdog that wakes early
+        # finds the deadline moved, and sleeps again (once per timeout).
+        deadline = self.next_deadline()[0]
+        if deadline < self.timer.deadline:
+            self.timer.deadline = deadline
 
     async def watchdog(self) -> None:
         while self.reason is None:
@@ -283,20 +290,19 @@ class Relay:
         self, client: Stream, upstream: Stream, out: Output, stats: Stats, seconds: float
     ) -> bool:
         """Write what the session produced; False if a peer is gone or stuck."""
-        # A bare CancelScope: trio.fail_after is a generator-based context
-        # manager, and this runs for every read the relay makes.
-        scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+        deadline = trio.current_time() + seconds
         try:
-            with scope:
-                if out.to_upstream:
-                    await upstream.send_all(out.to_upstream)
-                    stats.up_tx += len(out.to_upstream)
-                if out.to_client:
-                    await client.send_all(out.to_client)
-                    stats.tx += len(out.to_client)
+            if out.to_upstream:
+                if not await sockio.send_all(upstream, out.to_upstream, deadline):
+                    return False
+                stats.up_tx += len(out.to_upstream)
+            if out.to_client:
+                if not await sockio.send_all(client, out.to_client, deadline):
+                    return False
+                stats.tx += len(out.to_client)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        return not scope.cancelled_caught
+        return True
 
 
 async def send_quietly(
