@@ -63,7 +63,7 @@ class Settings:
     size_mib: int = 20
     retrs: int = 2  # per round and arm
     clients: int = 8
-    sessions: int = 25  # per client, per round and arm
+    sessions: int = 50  # per client, per round and arm: rounds of about a second
     fsync: str = "session"
     commands: str = "all"
 

@@ -369,3 +369,25 @@ async def test_shutdown_answers_owed_replies(
     await trio.testing.wait_all_tasks_blocked()
     (closed,) = [e for e in events if isinstance(e, SessionClosed)]
     assert closed.reason == "shutdown"
+
+
+@pytest.mark.parametrize("host", ["::1", "localhost"])
+async def test_upstream_by_ipv6_literal_and_by_name(nursery: trio.Nursery, host: str) -> None:
+    # An address literal is connected to directly; a name is resolved.
+    from popproxy.demo import MailStore, serve_demo
+
+    bind = "::1" if host == "::1" else "127.0.0.1"
+    try:
+        listeners = await nursery.start(serve_demo, MailStore.load_samples(), bind, 0)
+    except OSError as exc:  # pragma: no cover - a host without IPv6 loopback
+        pytest.skip(f"cannot listen on {bind}: {exc}")
+    port = listeners[0].socket.getsockname()[1]
+    running = await start_proxy(nursery, HostPort(host, port))
+    with trio.fail_after(10):
+        stream = await connect(running)
+        async with stream:
+            greeting = await receive_until(stream, b"\r\n")
+            assert greeting.startswith(b"+OK")
+            await stream.send_all(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nQUIT\r\n")
+            replies = await read_all(stream)
+    assert replies.count(b"+OK") == 4

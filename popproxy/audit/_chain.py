@@ -38,6 +38,7 @@ GENESIS = "0" * 64
 _TAIL_LIMIT = 1 << 20  # how far back from the end of a file to look for a record
 
 
+_SHA256 = hashlib.sha256()
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -81,7 +82,9 @@ class ChainHead:
         record["seq"] = self.seq + 1
         record["prev"] = self.hash
         body = canonical(record)
-        digest = hashlib.sha256(body).hexdigest()
+        h = _SHA256.copy()  # cheaper than a new hashlib.sha256() (an OpenSSL fetch)
+        h.update(body)
+        digest = h.hexdigest()
         record["hash"] = digest
         self.seq += 1
         self.hash = digest
