@@ -2,21 +2,25 @@
 
     python -m benchmarks.floor [--count 20000]
 
-Puts four relays in front of one Dovecot and measures NOOP round trips (as
-scenario 2 of ``benchmarks.run``) direct and through each, interleaved in
-blocks, with each relay process's CPU time per NOOP:
+Puts minimal relays in front of one Dovecot and measures NOOP round trips
+(as scenario 2 of ``benchmarks.run``) direct and through each, interleaved
+in blocks, with each relay process's CPU time per NOOP:
 
 - ``selectors``: a plain ``selectors`` loop, about the least a Python
   process can do per forwarded chunk;
 - ``trio-pump``: trio, one task per direction doing receive_some/send_all;
-- ``trio-channel``: popproxy's relay shape without the protocol (a reader
-  task per side, a zero-size memory channel, one task doing every write);
+- ``trio-sockio``: the same pumps on ``popproxy.sockio`` (one pass of
+  trio's run loop per chunk instead of two): the least trio allows;
+- ``trio-channel``: a reader task per side, a zero-size memory channel and
+  one task doing every write (the relay shape DESIGN.md first described);
 - ``popproxy``: the real proxy (``python -m popproxy run``).
 
 The gaps between the lines split the proxy's overhead into the cost of a
-second process on the path, of trio, of the channel hop and of the POP3
-session logic.  Relays run as ``python -m benchmarks.floor --relay MODE
-LISTEN_PORT UPSTREAM_PORT``.
+second process on the path, of trio, and of the POP3 session logic.  Relays
+run as ``python -m benchmarks.floor --relay MODE LISTEN_PORT
+UPSTREAM_PORT``, or with ``--relay-config MODE FILE`` taking both ports from
+a popproxy configuration file: that is how ``python -m benchmarks.run
+--relay MODE`` puts one in the proxy's place for every scenario.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,9 +41,10 @@ import trio
 
 from benchmarks._client import Conn
 from benchmarks._procs import REPO_ROOT, ProxyProcess, free_port, proc_cpu_seconds
+from popproxy import sockio
 from tests.dovecot import Dovecot, ensure_dovecot
 
-RELAYS = ("selectors", "trio-pump", "trio-channel")
+RELAYS = ("selectors", "trio-pump", "trio-sockio", "trio-channel")
 _CHUNK = 65536
 
 
@@ -65,26 +71,36 @@ def _selectors_relay(listen_port: int, upstream_port: int) -> None:
                 continue
             src: socket.socket = key.fileobj  # type: ignore[assignment]
             dst: socket.socket = key.data
+            if src.fileno() < 0:
+                continue  # closed with its peer earlier in this batch of events
             try:
                 data = src.recv(_CHUNK)
             except OSError:
                 data = b""
+            if data:
+                dst.setblocking(True)
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    data = b""
+                finally:
+                    dst.setblocking(False)
             if not data:
-                sel.unregister(src)
-                sel.unregister(dst)
-                src.close()
-                dst.close()
-                continue
-            dst.setblocking(True)
-            try:
-                dst.sendall(data)
-            finally:
-                dst.setblocking(False)
+                for s in (src, dst):
+                    if s.fileno() >= 0:
+                        sel.unregister(s)
+                        s.close()
 
 
 async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
     while data := await src.receive_some(_CHUNK):
         await dst.send_all(data)
+
+
+async def _sockio_pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+    while data := await sockio.receive(src, _CHUNK):
+        if not await sockio.send_all(dst, data, trio.current_time() + 60.0):
+            return
 
 
 async def _reader(
@@ -103,9 +119,10 @@ async def _trio_relay(mode: str, listen_port: int, upstream_port: int) -> None:
     async def handle(client: trio.SocketStream) -> None:
         upstream = await trio.open_tcp_stream("127.0.0.1", upstream_port)
         async with upstream, client, trio.open_nursery() as nursery:
-            if mode == "trio-pump":
-                nursery.start_soon(_pump, client, upstream)
-                nursery.start_soon(_pump, upstream, client)
+            if mode in ("trio-pump", "trio-sockio"):
+                pump = _pump if mode == "trio-pump" else _sockio_pump
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
                 return
             send, receive = trio.open_memory_channel[tuple[bool, bytes]](0)
             nursery.start_soon(_reader, client, True, send.clone())
@@ -222,6 +239,15 @@ def measure(count: int, block: int) -> str:
     return "\n".join(lines)
 
 
+def _config_ports(path: Path) -> tuple[int, int]:
+    """The listening and the upstream port of a popproxy configuration file."""
+    with path.open("rb") as f:
+        config = tomllib.load(f)
+    listen = config["listen"]["address"]
+    upstream = config["upstream"]["address"]
+    return int(listen.rsplit(":", 1)[1]), int(upstream.rsplit(":", 1)[1])
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -235,9 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=1_000, help="NOOPs per interleaved block")
     ap.add_argument("--relay", nargs=3, metavar=("MODE", "LISTEN_PORT", "UPSTREAM_PORT"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--relay-config", nargs=2, metavar=("MODE", "FILE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.relay:
-        mode, listen, upstream = args.relay
+    if args.relay or args.relay_config:
+        if args.relay:
+            mode, listen, upstream = args.relay
+        else:
+            mode, path = args.relay_config
+            listen, upstream = _config_ports(Path(path))
         if mode not in RELAYS:
             ap.error(f"unknown relay {mode!r}")
         run_relay(mode, int(listen), int(upstream))

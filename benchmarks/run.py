@@ -76,6 +76,7 @@ from benchmarks._procs import (
     reset_peak_rss,
 )
 from benchmarks._profile import record, summarize
+from benchmarks.floor import RELAYS
 from tests.dovecot import SAMPLE_MESSAGES, Dovecot, dovecot_binary, ensure_dovecot
 
 MIB = 1 << 20
@@ -800,6 +801,7 @@ def run(
     dovecot_performance: bool = True,
     profile_dir: Path | None = None,
     cprofile: Path | None = None,
+    relay: str | None = None,
 ) -> tuple[dict[str, Any], list[Row], list[str]]:
     reason = ensure_dovecot()
     if reason is not None:
@@ -832,6 +834,8 @@ def run(
         log(f"delivered test mail in {time.monotonic() - t0:.1f}s")
         launcher = CLI_LAUNCHER if cprofile is None else (
             "-m", "cProfile", "-o", str(cprofile.resolve()), *CLI_LAUNCHER)
+        if relay is not None:  # a minimal relay in the proxy's place
+            launcher = ("-m", "benchmarks.floor", "--relay-config", relay)
         proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max(1000, settings.idle_sessions),
                              launcher=launcher)
         stack.callback(proxy.stop)
@@ -930,6 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cprofile", metavar="FILE", type=Path,
                     help="run the proxy under cProfile and write its stats to FILE when it "
                     "stops (deterministic, and slower than py-spy: figures are skewed)")
+    ap.add_argument("--relay", choices=RELAYS,
+                    help="measure a minimal relay from benchmarks.floor in the proxy's place "
+                    "(what any extra hop costs; the idle scenario then means little)")
     args = ap.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = [x for x in only if x not in SCENARIOS]
@@ -943,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
             results, rows, notes = run(
                 settings, only, dovecot_performance=not args.dovecot_default_processes,
-                profile_dir=args.profile, cprofile=args.cprofile,
+                profile_dir=args.profile, cprofile=args.cprofile, relay=args.relay,
             )
     except KeyboardInterrupt:
         print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)
@@ -959,7 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     mode = "quick" if args.quick else "full"
     environment = results["environment"]
-    print(f"\n## popproxy benchmark ({mode}; {environment.get('cpus')} CPUs; Dovecot "
+    subject = "popproxy" if args.relay is None else f"the {args.relay} relay (no POP3 logic)"
+    print(f"\n## {subject} benchmark ({mode}; {environment.get('cpus')} CPUs; Dovecot "
           f"{environment.get('dovecot', '?')} in {results['dovecot_mode']} mode; "
           f"run took {elapsed:.0f}s)\n")
     print(render_table(rows))
