@@ -43,6 +43,9 @@ BUILTIN_RULE_NAMES = (
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
 _RETRIEVE = frozenset({"RETR", "TOP"})
+# Kinds of candidate rule, for the per-command loop in ``decide``.
+_ALLOW, _DENY, _LIMIT, _OCTETS = range(4)
+_Candidate = tuple[int, Rule, Bucket | None, TimeWindow | None]
 # RFC 2449/3206 codes that say the credentials were not the problem.
 _NOT_CREDENTIAL_FAILURES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"})
 Wallclock = Callable[[], dt.datetime]
@@ -132,8 +135,7 @@ class PolicyEngine:
             for r in config.rules if r.match.users is not None
         }
         self._last_ip: tuple[str | None, IPAddress | None] = (None, None)
-        self._candidate_cache: dict[
-            tuple[object, ...], tuple[tuple[Rule, Bucket | None], ...]] = {}
+        self._candidate_cache: dict[tuple[object, ...], tuple[_Candidate, ...]] = {}
         self._wall_at: float | None = None
         self._wall_now = dt.datetime.min
         self._window_results: dict[TimeWindow, bool] = {}
@@ -183,75 +185,87 @@ class PolicyEngine:
 
         when: dt.datetime | None = None
         limited: list[Bucket] = []
-        for rule, bucket in self._candidates(facts, verb, now):
-            window = rule.match.time
+        for kind, rule, bucket, window in self._candidates(facts, verb, now):
             if window is not None:
                 if when is None:
                     when = self._wall(now)
                 if not self._in_window(window, when):
                     continue
-            if rule.action == "allow":
+            if kind == _LIMIT:
+                # A command limit takes a token if every rule allows; an
+                # octet budget (cost 0) only asks not to be overdrawn.
+                assert bucket is not None
+                if bucket.wait_time(now, 1.0) == 0.0:
+                    limited.append(bucket)
+                    continue
+            elif kind == _OCTETS:
+                assert bucket is not None
+                if bucket.wait_time(now, 0.0) == 0.0:
+                    continue
+            elif kind == _ALLOW:
                 notes.append(Note(rule.name, "allow", not self.monitor))
                 if not self.monitor:
                     break
                 continue
-            if rule.action == "deny":
+            else:  # _DENY
                 message = (rule.message or "denied by policy").encode("utf-8", "replace")
                 deny = Deny(b"-ERR [SYS/PERM] " + message + b"\r\n", rule.name)
                 result = self._enforce(deny, notes, "deny")
                 if result is not None:
                     return result
                 continue
-            if bucket is None:
-                continue  # no key to count by (e.g. per user, before login)
-            assert rule.limit is not None
-            octets = rule.limit.octets
-            wait = bucket.wait_time(now, 0.0 if octets else 1.0)
-            if wait > 0:
-                if rule.on_limit == "delay" and wait <= rule.max_delay:
-                    result = self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
-                else:
-                    seconds = max(1, round(wait))
-                    deny = Deny(
-                        f"-ERR [SYS/TEMP] rate limit exceeded, try again in {seconds}s\r\n"
-                        .encode(),
-                        rule.name,
-                    )
-                    result = self._enforce(deny, notes, "rate_limit")
-                if result is not None:
-                    return result
-            if not octets:
-                limited.append(bucket)
+            # Over the limit.
+            assert bucket is not None
+            wait = bucket.wait_time(now, 0.0 if kind == _OCTETS else 1.0)
+            if rule.on_limit == "delay" and wait <= rule.max_delay:
+                result = self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
+            else:
+                seconds = max(1, round(wait))
+                deny = Deny(
+                    f"-ERR [SYS/TEMP] rate limit exceeded, try again in {seconds}s\r\n"
+                    .encode(),
+                    rule.name,
+                )
+                result = self._enforce(deny, notes, "rate_limit")
+            if result is not None:
+                return result
+            if kind == _LIMIT:
+                limited.append(bucket)  # monitor mode: counted as if allowed
         # Tokens are taken only once the command is allowed by every rule.
-        for bucket in limited:
-            bucket.spend()
+        for b in limited:
+            b.spend()
         return Allow(tuple(notes)) if notes else ALLOW
 
-    def _candidates(
-        self, facts: Facts, verb: str, now: float
-    ) -> tuple[tuple[Rule, Bucket | None], ...]:
+    def _candidates(self, facts: Facts, verb: str, now: float) -> tuple[_Candidate, ...]:
         """The rules whose match holds for this session and verb, time aside,
         each with its token bucket (rate limits) resolved.
 
         Everything but the time window is fixed for a session state, and the
         bucket key (user, address) is part of that state, so the answer is
         remembered (bounded) instead of testing every rule on every command.
+        Each comes as (kind, rule, bucket, time window), the fields the
+        per-command loop needs, so that it looks nothing else up; a rate
+        limit with nothing to count by (per user, before login) is left out.
         """
         key = (verb, facts.user, facts.login_user, facts.tls,
                facts.client_ip or _ip(facts.client))
         hit = self._candidate_cache.get(key)
         if hit is None:
-            entries: list[tuple[Rule, Bucket | None]] = []
+            entries: list[_Candidate] = []
             for r in self.config.rules:
                 if not self._matches(r.match, facts, verb, None, static=True):
                     continue
                 bucket = None
-                if r.action == "rate_limit" and r.limit is not None:
+                if r.action == "rate_limit":
                     bucket_key = self._bucket_key(r, facts)
-                    if bucket_key is not None:
-                        bucket = self.state.buckets[r.name].get(
-                            bucket_key, r.limit, r.capacity, now)
-                entries.append((r, bucket))
+                    if r.limit is None or bucket_key is None:
+                        continue
+                    bucket = self.state.buckets[r.name].get(
+                        bucket_key, r.limit, r.capacity, now)
+                    kind = _OCTETS if r.limit.octets else _LIMIT
+                else:
+                    kind = _ALLOW if r.action == "allow" else _DENY
+                entries.append((kind, r, bucket, r.match.time))
             hit = tuple(entries)
             if len(self._candidate_cache) >= 4096:
                 self._candidate_cache.clear()
