@@ -21,7 +21,7 @@ from functools import partial
 import structlog
 import trio
 
-from . import proxyproto
+from . import proxyproto, sockio
 from .config import Config, HostPort, ListenConfig
 from .events import (
     Event,
@@ -202,7 +202,7 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     if reason == "client protocol error":
                         await _linger(stream)
-                    await trio.aclose_forcefully(stream)
+                    await sockio.close(stream)
                 now = trio.current_time()
                 # Whatever ended the session, the core reports what was cut
                 # short (a RETR in flight) before the session is closed.
@@ -301,7 +301,7 @@ class Proxy:
                 # Closing without QUIT: the upstream discards marked
                 # deletions (RFC 1939 §6), exactly what the client asked for
                 # by not saying QUIT.
-                await trio.aclose_forcefully(link.stream)
+                await sockio.close(link.stream)
 
     async def _relay(
         self, conn: Connection, link: UpstreamLink, session: Session, info: SessionInfo,

@@ -25,7 +25,7 @@ import os
 
 import trio
 
-__all__ = ["receive", "send_all"]
+__all__ = ["close", "receive", "send_all"]
 
 Stream = trio.abc.Stream
 
@@ -87,3 +87,17 @@ async def send_all(
             raise _broken(exc) from None
         view = view[sent:]
     return True
+
+
+async def close(stream: Stream) -> None:
+    """Close at once, never raising for a peer that is already gone.
+
+    A plain socket is closed right here: ``trio.aclose_forcefully`` would
+    run the stream's ``aclose`` inside a cancelled scope, whose checkpoint
+    raises and catches a ``Cancelled``; on a proxy that opens and closes two
+    sockets per session that is a measurable share of its CPU.
+    """
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return
+    await trio.aclose_forcefully(stream)

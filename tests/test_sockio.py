@@ -104,3 +104,16 @@ async def test_other_streams_use_their_own_methods() -> None:
     # A stream that never drains hits the deadline there too.
     left2, _right2 = trio.testing.lockstep_stream_pair()
     assert not await sockio.send_all(left2, b"x", trio.current_time() + 0.05)
+
+
+async def test_close() -> None:
+    a, b = await tcp_pair()
+    await sockio.close(a)
+    assert a.socket.fileno() == -1
+    assert await sockio.receive(b, 10) == b""  # the peer sees EOF
+    await sockio.close(a)  # twice is harmless
+    left, right = trio.testing.memory_stream_pair()
+    await sockio.close(left)
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"x")
+    await b.aclose()
