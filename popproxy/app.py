@@ -23,7 +23,7 @@ from .events import Event, SessionClosed
 from .logs import log_observer
 from .metrics import Metrics, serve_metrics
 from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
-from .server import Proxy, SessionInfo, serve
+from .server import Proxy, SessionInfo, listens_to, serve
 from .tls import TLSContexts
 
 __all__ = ["App", "build", "reload", "run"]
@@ -60,6 +60,7 @@ def build(config: Config, registry: CollectorRegistry | None = None) -> App:
     proxy.observers.append(metrics.observe)
     proxy.admission.append(lambda peer: policy.current.admit_client(peer))
 
+    @listens_to(SessionClosed)
     def session_counts(info: SessionInfo, event: Event) -> None:
         if isinstance(event, SessionClosed):
             policy.current.session_ended(info.client, info.user)

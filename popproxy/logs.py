@@ -24,7 +24,7 @@ from .events import (
     SessionOpened,
     Unsolicited,
 )
-from .server import SessionInfo
+from .server import SessionInfo, listens_to
 
 __all__ = ["configure_logging", "log_observer"]
 
@@ -124,4 +124,5 @@ _HANDLERS: dict[type[Event], Callable[[SessionInfo, Any], None]] = {
     ProtocolAnomaly: _anomaly,
     Response: _response,
 }
+listens_to(*_HANDLERS)(log_observer)
 _debug = False  # configure_logging turns it on for level = "debug"

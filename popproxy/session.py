@@ -434,7 +434,9 @@ class Session:
             self._parse(out)
             moved = self._dispatch(out, now)
             moved |= self._flush(out, now)
-            if not moved:
+            # Another round can only move something if a command waits in
+            # the queue or a whole line waits in the buffer.
+            if not moved or (not self._queue and not self._lines.has_line()):
                 return
 
     def _parse(self, out: _Out) -> None:

@@ -391,3 +391,39 @@ async def test_upstream_by_ipv6_literal_and_by_name(nursery: trio.Nursery, host:
             await stream.send_all(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nQUIT\r\n")
             replies = await read_all(stream)
     assert replies.count(b"+OK") == 4
+
+
+def test_observers_hear_only_what_they_listen_to() -> None:
+    from popproxy.events import Greeting, SessionClosed
+    from popproxy.server import SessionInfo, listens_to
+
+    proxy = Proxy(Config(upstream=UpstreamConfig(address=HostPort("127.0.0.1", 1))))
+    heard: dict[str, list[str]] = {"all": [], "closed": [], "late": []}
+
+    def everything(info: SessionInfo, event: object) -> None:
+        heard["all"].append(type(event).__name__)
+
+    @listens_to(SessionClosed)
+    def closed(info: SessionInfo, event: object) -> None:
+        heard["closed"].append(type(event).__name__)
+
+    class Owner:
+        event_types = frozenset({Greeting})
+
+        def observe(self, info: SessionInfo, event: object) -> None:
+            heard["late"].append(type(event).__name__)
+
+    proxy.observers += [everything, closed]
+    info = SessionInfo("s1", "127.0.0.1:1", None)  # type: ignore[arg-type]
+    events = [Greeting(True, "ready", False), SessionClosed("quit", 0.1, 1, 2, 3, 4, 5)]
+    proxy._emit(info, events)
+    assert heard == {"all": ["Greeting", "SessionClosed"], "closed": ["SessionClosed"],
+                     "late": []}
+    # Routes follow the list: an observer added later (by bound method,
+    # with the types on its object) and one removed.
+    proxy.observers.append(Owner().observe)
+    proxy.observers.remove(everything)
+    proxy._emit(info, events)
+    assert heard["all"] == ["Greeting", "SessionClosed"]
+    assert heard["closed"] == ["SessionClosed", "SessionClosed"]
+    assert heard["late"] == ["Greeting"]

@@ -117,6 +117,10 @@ class LineReader:
     def buffered(self) -> int:
         return len(self._buf) - self._start
 
+    def has_line(self) -> bool:
+        """Whether a whole line (up to its LF) is buffered."""
+        return self._buf.find(b"\n", self._start) >= 0
+
     def discard(self) -> int:
         """Drop everything buffered; return how many octets were dropped."""
         dropped = self.buffered
