@@ -212,3 +212,17 @@ class TestVerify:
         assert result.notes == ["the chain starts at seq 21 (c:1): records 1..20 are not in "
                                 "the files given"]
         assert not verify_files(later, from_start=True).ok
+
+
+@pytest.mark.parametrize("record", [
+    {"b": 1, "a": "x", "ts": "2026-11-27T00:00:00.000001Z"},
+    {"user": "jürgen", "args": ["1", "<redacted>"], "latency": 0.000123, "code": None,
+     "ok": True, "n": -5, "big": 1e300, "tiny": 1e-07},
+    {"headers": {"Subject": "h\u00e9llo \u2028 \"q\" \\ \t", "From": None}, "z": [], "y": {}},
+    {"ctrl": "\x00\x1f\x7f", "emoji": "\U0001f600"},
+])
+def test_canonical_is_json_dumps(record: dict[str, object]) -> None:
+    # The published definition (docs/audit.md), byte for byte.
+    assert canonical(record) == json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")

@@ -7,6 +7,7 @@ these tests also pin down how the builder reads the core's event order.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -448,3 +449,21 @@ class TestSessionAndPolicy:
         assert [r["event"] for r in closing] == ["message.delete.uncommitted", "session.close"]
         assert closing[1]["reason"] == "shutdown"
         assert run.builder.open_sessions == 0
+
+
+def test_fast_timestamp_matches_rfc3339(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as _time
+
+    from popproxy.audit._records import rfc3339, utcnow_rfc3339
+
+    for ns in (1_795_000_000_000_001_000, 1_795_000_000_999_999_999, 1_795_000_001_000_000_000,
+               1_795_000_000_000_000_000):
+        monkeypatch.setattr(_time, "time_ns", lambda ns=ns: ns)
+        expected = rfc3339(datetime.fromtimestamp(ns // 10**9, UTC)
+                           + timedelta(microseconds=ns % 10**9 // 1000))
+        assert utcnow_rfc3339() == expected
+    monkeypatch.undo()
+    stamp = utcnow_rfc3339()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 5

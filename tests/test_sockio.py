@@ -112,7 +112,7 @@ async def test_close() -> None:
     assert a.socket.fileno() == -1
     assert await sockio.receive(b, 10) == b""  # the peer sees EOF
     await sockio.close(a)  # twice is harmless
-    left, right = trio.testing.memory_stream_pair()
+    left, _right = trio.testing.memory_stream_pair()
     await sockio.close(left)
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"x")

@@ -13,6 +13,7 @@ reads SASL lines, PASS or APOP arguments.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -58,6 +59,25 @@ class SessionRef(Protocol):
     def client(self) -> str: ...
 
 
+def utcnow() -> datetime:
+    """The real clock (the default; tests inject their own)."""
+    return datetime.now(UTC)
+
+
+_second_prefix: list[Any] = [-1, ""]  # the last whole second seen, formatted
+
+
+def utcnow_rfc3339() -> str:
+    """``rfc3339(utcnow())`` without a datetime: every record needs one, and
+    the date and time of day change only once a second."""
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    cache = _second_prefix
+    if second != cache[0]:
+        cache[0] = second
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{cache[1]}.{ns // 1000:06d}Z"
+
+
 def rfc3339(t: datetime) -> str:
     """``2026-11-27T14:24:03.000123Z``: UTC, always with microseconds.
 
@@ -96,6 +116,8 @@ def close_reason(raw: str, upstream_failed: bool = False) -> str:
 
 def _clean(text: str) -> str:
     """``text`` as valid UTF-8 (a client's undecodable bytes become U+FFFD)."""
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -151,10 +173,12 @@ class RecordBuilder:
     """Turns one proxy's session events into audit records."""
 
     def __init__(
-        self, config: AuditConfig, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self, config: AuditConfig, now: Callable[[], datetime] = utcnow
     ) -> None:
         self.config = config
         self.now = now
+        self._stamp: Callable[[], str] = (
+            utcnow_rfc3339 if now is utcnow else lambda: rfc3339(now()))
         self._sessions: dict[str, _Session] = {}
         self._headers = tuple((name, name.lower().encode("ascii")) for name in config.headers)
         self._handlers: dict[type[Event], Callable[[SessionRef, _Session, Any], list[Record]]] = {
@@ -208,7 +232,7 @@ class RecordBuilder:
 
     def _base(self, name: str, info: SessionRef, st: _Session | None,
               user: str | None = None) -> Record:
-        rec: Record = {"ts": rfc3339(self.now()), "event": name, "session": info.id}
+        rec: Record = {"ts": self._stamp(), "event": name, "session": info.id}
         who = user if user is not None else (st.user if st is not None else None)
         if who is not None:
             rec["user"] = who

@@ -25,24 +25,20 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
 from ._chain import ChainHead, canonical, read_head
-from ._records import Record, RecordBuilder, SessionRef, rfc3339
+from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
 from ._sinks import FileSink, Sink, StreamSink
 from .config import AuditConfig
 
 __all__ = ["AuditTrail", "open_audit"]
 
 logger = structlog.get_logger("popproxy.audit")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _noop() -> None:
@@ -128,25 +124,12 @@ class _SinkLogger:
     msg = info
 
 
-class _Unwrap:
-    """Processor, first: the record itself, as the builder made it.
+class _Render:
+    """The processor: the record's line (canonical JSON, chained when on).
 
     A record travels as one keyword (``record=``) rather than as keywords of
-    its own, so structlog does not copy it field by field.
-    """
-
-    __slots__ = ()
-
-    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        record: EventDict = event_dict["record"]
-        return record
-
-
-class _Render:
-    """Processor, last: the record's line (canonical JSON, chained when on).
-
-    A record is dropped here, before it takes a place in the chain, when a
-    sink's queue is full.
+    its own, so structlog does not copy it field by field; it is dropped
+    here, before it takes a place in the chain, when a sink's queue is full.
     """
 
     __slots__ = ("_trail",)
@@ -155,13 +138,14 @@ class _Render:
         self._trail = trail
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> bytes:
+        record: EventDict = event_dict["record"]
         trail = self._trail
         if trail._queued and any(w.full for w in trail._writers):
-            trail._lost(event_dict)
+            trail._lost(record)
             raise structlog.DropEvent
         if trail.head is not None:
-            return trail.head.link(event_dict)
-        return canonical(event_dict)
+            return trail.head.link(record)
+        return canonical(record)
 
 
 class AuditTrail:
@@ -179,7 +163,7 @@ class AuditTrail:
         *,
         head: ChainHead | None = None,
         metrics: object = None,
-        now: Callable[[], datetime] = _utcnow,
+        now: Callable[[], datetime] = utcnow,
         max_pending_lines: int = 100_000,
         max_pending_bytes: int = 64 << 20,
     ) -> None:
@@ -199,7 +183,7 @@ class AuditTrail:
         self._closed = False
         self._log = structlog.wrap_logger(
             _SinkLogger(self),
-            processors=[_Unwrap(), _Render(self)],
+            processors=[_Render(self)],
             wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
             context_class=dict,
             cache_logger_on_first_use=False,
@@ -252,7 +236,11 @@ class AuditTrail:
 
     def _count_written(self) -> None:
         """Count the records that have now reached every sink."""
-        done = min(w.written for w in self._writers) if self._writers else 0
+        writers = self._writers
+        if len(writers) == 1:
+            done = writers[0].written
+        else:
+            done = min(w.written for w in writers) if writers else 0
         while self._counted < done:
             self._counted += 1
             self._count_record()
@@ -324,7 +312,7 @@ class AuditTrail:
 
 
 def open_audit(config: AuditConfig, metrics: object = None, *,
-               now: Callable[[], datetime] = _utcnow) -> AuditTrail | None:
+               now: Callable[[], datetime] = utcnow) -> AuditTrail | None:
     """The trail ``config`` asks for; None when the audit is off.
 
     A file that cannot be opened yet is not an error here: the trail starts
