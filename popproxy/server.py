@@ -9,14 +9,13 @@ SIGINT) is here too.  No protocol knowledge lives here: the sans-IO
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import TypeVar
 
 import structlog
@@ -89,6 +88,8 @@ def _hears(observer: Observer, kind: type[Event]) -> bool:
         owner = getattr(observer, "__self__", None)
         kinds = getattr(owner, "event_types", None)
     return kinds is None or kind in kinds
+
+
 ConnectUpstream = Callable[[], Awaitable[Stream]]
 
 
@@ -358,7 +359,7 @@ def _is_bug(exc: BaseException) -> bool:
     return isinstance(exc, Exception)
 
 
-@functools.lru_cache(maxsize=16)
+@lru_cache(maxsize=16)
 def _ip_family(host: str) -> int | None:
     """AF_INET or AF_INET6 for an address literal, None for a name."""
     try:
