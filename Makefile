@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.floor
 	$(BIN)/python -m benchmarks.policy_bench
 	$(BIN)/python -m benchmarks.tls_bench
 	$(BIN)/python -m benchmarks.metrics_bench
