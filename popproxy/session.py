@@ -183,6 +183,8 @@ _AUTH_ONLY = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS", "UTF8"})
 _NEVER_FORWARDED = frozenset({"XCLIENT", "XOIP", "PROXY"})
 # Dispatch barriers: the reply decides the state later commands run in.
 _BARRIERS = frozenset({"PASS", "APOP", "QUIT", "STLS"})
+# Forwarded commands that name who is logging in.
+_LOGIN_NAMING = frozenset({"USER", "AUTH"})
 _SASL_LINE = re.compile(rb"[A-Za-z0-9+/=]*|\*")
 
 
@@ -509,6 +511,7 @@ class Session:
                 moved = True
                 continue
             cmd = item
+            verb = cmd.verb
             reply, decision = self._judge(cmd, now)
             if isinstance(decision, Delay):
                 # Held back: it keeps its place at the head of the queue, and
@@ -521,38 +524,44 @@ class Session:
                 return moved
             self._held_until = None
             moved = True
-            self._note(decision.notes, cmd, out)
+            if decision.notes:
+                self._note(decision.notes, cmd, out)
             p = _Pending(cmd, now, reply)
             if isinstance(decision, Deny) and decision.delay > 0:
                 p.not_before = now + decision.delay
             self._pending.append(p)
             # A refusal held back (a tarpit) is a barrier too: nothing behind
             # it is sent upstream, whose reply would have to wait behind it.
-            if (cmd.verb in _BARRIERS or (cmd.verb == "AUTH" and cmd.args)
+            if (verb in _BARRIERS or (verb == "AUTH" and cmd.args)
                     or p.not_before is not None):
                 self._barrier = p
-            if p.local_reply is not None:
+            if reply is not None:
                 continue
-            if self.resolve_uidl and cmd.verb in _NAMES_A_MESSAGE:
+            if self.resolve_uidl and verb in _NAMES_A_MESSAGE:
                 self._inject_uidl(p, out, now)
             wire = bytes(cmd)
             out.upstream.append(wire)
             out.events.append(CommandSent(cmd, now))
             self.commands_sent += 1
-            p.wire = len(wire)
+            p.wire = size = len(wire)
             self._inflight += 1
-            self._inflight_octets += p.wire
-            if cmd.verb == "USER" and cmd.args:
-                self._asserted_user = cmd.args[0]
-            elif cmd.verb == "AUTH" and cmd.args:
-                self._sasl_mech = cmd.args[0].upper()
-                self._sasl_responses = 1 if len(cmd.args) > 1 else 0
-                self._sasl_user = (
-                    _sasl_user(self._sasl_mech, cmd.args[1].encode("ascii", "replace"))
-                    if len(cmd.args) > 1
-                    else None
-                )
+            self._inflight_octets += size
+            if verb in _LOGIN_NAMING and cmd.args:
+                self._learn_login(cmd)
         return moved
+
+    def _learn_login(self, cmd: Command) -> None:
+        """Who a USER or AUTH command says is logging in (for policy and audit)."""
+        if cmd.verb == "USER":
+            self._asserted_user = cmd.args[0]
+            return
+        self._sasl_mech = cmd.args[0].upper()
+        self._sasl_responses = 1 if len(cmd.args) > 1 else 0
+        self._sasl_user = (
+            _sasl_user(self._sasl_mech, cmd.args[1].encode("ascii", "replace"))
+            if len(cmd.args) > 1
+            else None
+        )
 
     def _inject_uidl(self, p: _Pending, out: _Out, now: float) -> None:
         """Send ``UIDL n`` ahead of ``p`` when message n's UIDL is unknown.
