@@ -11,10 +11,12 @@ import contextlib
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-__all__ = ["TERM", "AsyncConn", "Conn", "ProtocolFailure"]
+__all__ = ["TERM", "AsyncConn", "ClientErrors", "Conn", "ProtocolFailure", "full_session",
+           "session_round"]
 
 TERM = b"\r\n.\r\n"
 _RECV = 1 << 16
@@ -223,3 +225,60 @@ class AsyncConn:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
+
+
+# What a load-generating client survives and counts as an error.
+ClientErrors = (OSError, ProtocolFailure, trio.BrokenResourceError, trio.TooSlowError)
+
+
+async def full_session(
+    host: str, port: int, user: str, password: str, *,
+    tls: ssl.SSLContext | None = None, uidl: bool = True,
+) -> None:
+    """One session as the benchmarks count it: login, STAT, UIDL, RETR 1, QUIT."""
+    conn = await AsyncConn.open(host, port, tls=tls)
+    try:
+        await conn.login(user, password)
+        await conn.cmd("STAT")
+        if uidl:
+            await conn.cmd_multi("UIDL")
+        await conn.cmd_multi("RETR 1")
+        await conn.cmd("QUIT")
+    finally:
+        await conn.aclose()
+
+
+async def session_round(
+    clients: Sequence[tuple[str, Callable[[], Awaitable[None]]]], seconds: float,
+) -> tuple[int, list[str]]:
+    """Each (label, session) client runs its session back to back for
+    ``seconds``; returns the sessions completed in time and the errors.
+
+    Bounded: a session has 15 s, a client at most 100,000 sessions, the
+    round ``seconds`` + 30 s.
+    """
+    deadline = trio.current_time() + seconds
+    done = 0
+    errors: list[str] = []
+
+    async def client(label: str, session: Callable[[], Awaitable[None]]) -> None:
+        nonlocal done
+        for _ in range(100_000):  # the deadline ends it long before
+            if trio.current_time() >= deadline:
+                return
+            try:
+                with trio.fail_after(15.0):
+                    await session()
+            except ClientErrors as exc:
+                if len(errors) < 1000:
+                    errors.append(f"{label}: {exc!r}")
+                await trio.sleep(0.01)
+                continue
+            if trio.current_time() <= deadline:
+                done += 1
+
+    with trio.move_on_after(seconds + 30.0):
+        async with trio.open_nursery() as nursery:
+            for label, session in clients:
+                nursery.start_soon(client, label, session)
+    return done, errors

@@ -45,7 +45,7 @@ from typing import Any
 import structlog
 import trio
 
-from benchmarks._client import AsyncConn, Conn
+from benchmarks._client import Conn, full_session
 from benchmarks._procs import REPO_ROOT, dovecot_extra_config
 from popproxy.audit import AuditConfig, AuditTrail, open_audit, verify_files
 from popproxy.audit._chain import rotated_files
@@ -108,15 +108,7 @@ async def client_sessions(port: int, user: str, password: str, clients: int,
                           sessions: int) -> dict[str, float]:
     async def one_client() -> None:
         for _ in range(sessions):
-            conn = await AsyncConn.open("127.0.0.1", port)
-            try:
-                await conn.login(user, password)
-                await conn.cmd("STAT")
-                await conn.cmd_multi("UIDL")
-                await conn.cmd_multi("RETR 1")
-                await conn.cmd("QUIT")
-            finally:
-                await conn.aclose()
+            await full_session("127.0.0.1", port, user, password)
 
     t0 = time.perf_counter()
     with trio.fail_after(300):

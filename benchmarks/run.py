@@ -58,13 +58,21 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import trio
 
-from benchmarks._client import AsyncConn, Conn, ProtocolFailure
+from benchmarks._client import (
+    AsyncConn,
+    ClientErrors,
+    Conn,
+    ProtocolFailure,
+    full_session,
+    session_round,
+)
 from benchmarks._procs import (
     CLI_LAUNCHER,
     CpuMeter,
@@ -82,7 +90,6 @@ from tests.dovecot import SAMPLE_MESSAGES, Dovecot, dovecot_binary, ensure_dovec
 MIB = 1 << 20
 SLOW_STEP = 0.035  # seconds; a 40 ms delayed-ACK stall is above it
 SESSION_STEPS = ("greeting", "USER", "PASS", "STAT", "UIDL", "RETR 1", "QUIT")
-ClientErrors = (OSError, ProtocolFailure, trio.BrokenResourceError, trio.TooSlowError)
 
 
 # --------------------------------------------------------------------------
@@ -491,37 +498,11 @@ async def _concurrent_round(
     t: Target, users: Sequence[tuple[str, str]], seconds: float
 ) -> tuple[int, list[str]]:
     """Sessions completed within ``seconds`` by len(users) clients; errors."""
-    deadline = trio.current_time() + seconds
-    done = 0
-    errors: list[str] = []
-
-    async def client(user: str, password: str) -> None:
-        nonlocal done
-        while trio.current_time() < deadline:
-            try:
-                with trio.fail_after(15.0):
-                    conn = await AsyncConn.open(t.host, t.port)
-                    try:
-                        await conn.login(user, password)
-                        await conn.cmd("STAT")
-                        await conn.cmd_multi("UIDL")
-                        await conn.cmd_multi("RETR 1")
-                        await conn.cmd("QUIT")
-                    finally:
-                        await conn.aclose()
-            except ClientErrors as exc:
-                if len(errors) < 1000:
-                    errors.append(f"{user}: {exc!r}")
-                await trio.sleep(0.01)
-                continue
-            if trio.current_time() <= deadline:
-                done += 1
-
-    with trio.move_on_after(seconds + 30.0):
-        async with trio.open_nursery() as nursery:
-            for user, password in users:
-                nursery.start_soon(client, user, password)
-    return done, errors
+    return await session_round(
+        [(user, partial(full_session, t.host, t.port, user, password))
+         for user, password in users],
+        seconds,
+    )
 
 
 def bench_concurrent(env: Env) -> None:

@@ -51,13 +51,20 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 import trustme
 
-from benchmarks._client import AsyncConn, Conn, ProtocolFailure
+from benchmarks._client import (
+    ClientErrors,
+    Conn,
+    ProtocolFailure,
+    full_session,
+    session_round,
+)
 from benchmarks._procs import (
     APP_RUN_LAUNCHER,
     CLI_LAUNCHER,
@@ -66,7 +73,6 @@ from benchmarks._procs import (
     dovecot_extra_config,
 )
 from benchmarks.run import (
-    ClientErrors,
     _sigterm_as_interrupt,
     fmt,
     log,
@@ -269,39 +275,12 @@ async def _concurrent_round(
     env: Env, t: Target, users: Sequence[str], seconds: float
 ) -> tuple[int, list[str]]:
     """Sessions completed within ``seconds`` by one client per user; errors."""
-    deadline = trio.current_time() + seconds
-    done = 0
-    errors: list[str] = []
-
-    async def client(user: str) -> None:
-        nonlocal done
-        password = env.users[user]
-        for _ in range(100_000):  # bounded; the deadline ends it long before
-            if trio.current_time() >= deadline:
-                return
-            try:
-                with trio.fail_after(15.0):
-                    conn = await AsyncConn.open(HOST, t.port, tls=env.context)
-                    try:
-                        await conn.login(user, password)
-                        await conn.cmd("STAT")
-                        await conn.cmd_multi("RETR 1")
-                        await conn.cmd("QUIT")
-                    finally:
-                        await conn.aclose()
-            except ClientErrors as exc:
-                if len(errors) < 1000:
-                    errors.append(f"{t.name} {user}: {exc!r}")
-                await trio.sleep(0.01)
-                continue
-            if trio.current_time() <= deadline:
-                done += 1
-
-    with trio.move_on_after(seconds + 30.0):
-        async with trio.open_nursery() as nursery:
-            for user in users:
-                nursery.start_soon(client, user)
-    return done, errors
+    return await session_round(
+        [(f"{t.name} {user}", partial(full_session, HOST, t.port, user, env.users[user],
+                                      tls=env.context, uidl=False))
+         for user in users],
+        seconds,
+    )
 
 
 def bench_concurrent(env: Env) -> None:
