@@ -15,6 +15,7 @@ star import gets the fixtures but not the end-of-run banner hook).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, NoReturn
@@ -89,22 +90,31 @@ def dovecot_available() -> None:
         _unavailable(reason)
 
 
-@pytest.fixture(scope="session")
-def dovecot(dovecot_available: None) -> Iterator[Dovecot]:
-    """A running private Dovecot POP3 server, shared by the whole session."""
+@contextlib.contextmanager
+def running_dovecot(make: Callable[[], Dovecot], what: str = "") -> Iterator[Dovecot]:
+    """``make()`` started, and stopped afterwards.  When it cannot be set up
+    or started, the test is skipped (failed under CI=true) with a reason
+    that ends in ``what`` (e.g. " with TLS")."""
     try:
-        server = Dovecot()
+        server = make()
     except (DovecotError, OSError) as exc:
-        _unavailable(f"Dovecot is installed but could not be set up: {exc}")
+        _unavailable(f"Dovecot is installed but could not be set up{what}: {exc}")
     try:
         server.start()
     except (DovecotError, OSError) as exc:
         server.stop()
-        _unavailable(f"Dovecot is installed but could not be started: {exc}")
+        _unavailable(f"Dovecot is installed but could not be started{what}: {exc}")
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot(dovecot_available: None) -> Iterator[Dovecot]:
+    """A running private Dovecot POP3 server, shared by the whole session."""
+    with running_dovecot(Dovecot) as server:
+        yield server
 
 
 @pytest.fixture

@@ -54,8 +54,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.dovecot import Dovecot, DovecotError
-from tests.dovecot_fixtures import _unavailable
+from tests.dovecot import Dovecot
+from tests.dovecot_fixtures import _unavailable, running_dovecot
 
 __all__ = [
     "OTHER_CA_IDENTITIES",
@@ -280,19 +280,11 @@ def start_dovecot(cert: CertFiles, **options: Any) -> Iterator[Dovecot]:
     reason = _unusable_host(host)
     if reason is not None:
         _unavailable(f"no address for a TLS Dovecot: {reason}")
-    try:
-        server = Dovecot(ssl_cert=cert.cert, ssl_key=cert.key, verify_ca=cert.ca, **options)
-    except (DovecotError, OSError) as exc:
-        _unavailable(f"Dovecot is installed but could not be set up with TLS: {exc}")
-    try:
-        server.start()
-    except (DovecotError, OSError) as exc:
-        server.stop()
-        _unavailable(f"Dovecot is installed but could not be started with TLS: {exc}")
-    try:
+    with running_dovecot(
+        lambda: Dovecot(ssl_cert=cert.cert, ssl_key=cert.key, verify_ca=cert.ca, **options),
+        " with TLS",
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # --------------------------------------------------------------------------
