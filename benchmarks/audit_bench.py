@@ -160,35 +160,40 @@ async def bench(dovecot: Dovecot, audit_path: Path, s: Settings) -> tuple[Arm, A
                                    hash_chain=True, fsync=s.fsync, commands=s.commands))
     assert trail is not None
     try:
-        async with trio.open_nursery() as nursery:
-            off = Arm("off", await start(nursery, upstream, None))
-            on = Arm("on", await start(nursery, upstream, trail))
-            big_pw, small_pw = dovecot.users["alice"], dovecot.users["bob"]
-            for arm in (off, on):  # warm up: Dovecot's caches, our code paths
-                await in_client("retr", arm.port, "alice", big_pw, 1)
-                await in_client("sessions", arm.port, "bob", small_pw, s.clients, 2)
-            gc.freeze()  # as popproxy.app.run does once the proxy is built
-            for r in range(s.rounds):
-                for arm in (off, on) if r % 2 == 0 else (on, off):
-                    cpu = time.process_time()
-                    got = await in_client("retr", arm.port, "alice", big_pw, s.retrs)
-                    cpu = time.process_time() - cpu
-                    arm.retr_mb_s.append(got["octets"] / got["seconds"] / 1e6)
-                    arm.retr_cpu_s_per_mib.append(cpu / (got["octets"] / MIB))
-                for arm in (on, off) if r % 2 == 0 else (off, on):
-                    cpu = time.process_time()
-                    got = await in_client("sessions", arm.port, "bob", small_pw,
-                                          s.clients, s.sessions)
-                    cpu = time.process_time() - cpu
-                    arm.sessions_s.append(got["sessions"] / got["seconds"])
-                    arm.cpu_ms_per_session.append(cpu / got["sessions"] * 1000)
-                print(f"round {r + 1}/{s.rounds}: RETR MB/s off {off.retr_mb_s[-1]:.1f} "
-                      f"on {on.retr_mb_s[-1]:.1f}; sessions/s off {off.sessions_s[-1]:.1f} "
-                      f"on {on.sessions_s[-1]:.1f}", file=sys.stderr, flush=True)
-            nursery.cancel_scope.cancel()
+        with trail.batched():  # as popproxy.app.run runs the trail
+            async with trio.open_nursery() as nursery:
+                off = Arm("off", await start(nursery, upstream, None))
+                on = Arm("on", await start(nursery, upstream, trail))
+                await rounds(dovecot, s, off, on)
+                nursery.cancel_scope.cancel()
     finally:
         trail.close()
     return off, on
+
+
+async def rounds(dovecot: Dovecot, s: Settings, off: Arm, on: Arm) -> None:
+    big_pw, small_pw = dovecot.users["alice"], dovecot.users["bob"]
+    for arm in (off, on):  # warm up: Dovecot's caches, our code paths
+        await in_client("retr", arm.port, "alice", big_pw, 1)
+        await in_client("sessions", arm.port, "bob", small_pw, s.clients, 2)
+    gc.freeze()  # as popproxy.app.run does once the proxy is built
+    for r in range(s.rounds):
+        for arm in (off, on) if r % 2 == 0 else (on, off):
+            cpu = time.process_time()
+            got = await in_client("retr", arm.port, "alice", big_pw, s.retrs)
+            cpu = time.process_time() - cpu
+            arm.retr_mb_s.append(got["octets"] / got["seconds"] / 1e6)
+            arm.retr_cpu_s_per_mib.append(cpu / (got["octets"] / MIB))
+        for arm in (on, off) if r % 2 == 0 else (off, on):
+            cpu = time.process_time()
+            got = await in_client("sessions", arm.port, "bob", small_pw,
+                                  s.clients, s.sessions)
+            cpu = time.process_time() - cpu
+            arm.sessions_s.append(got["sessions"] / got["seconds"])
+            arm.cpu_ms_per_session.append(cpu / got["sessions"] * 1000)
+        print(f"round {r + 1}/{s.rounds}: RETR MB/s off {off.retr_mb_s[-1]:.1f} "
+              f"on {on.retr_mb_s[-1]:.1f}; sessions/s off {off.sessions_s[-1]:.1f} "
+              f"on {on.sessions_s[-1]:.1f}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

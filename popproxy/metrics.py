@@ -590,9 +590,9 @@ class Metrics:
     # ------------------------------------------------------------------
     # For the rest of popproxy
 
-    def audit_record(self) -> None:
-        """An audit record was written (called by the audit trail)."""
-        self.audit_records.inc()
+    def audit_record(self, n: int = 1) -> None:
+        """``n`` audit records were written (called by the audit trail)."""
+        self.audit_records.inc(n)
 
     def audit_error(self) -> None:
         """An audit record could not be written (called by the audit trail)."""

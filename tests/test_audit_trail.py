@@ -14,9 +14,18 @@ from typing import Any
 
 import pytest
 import structlog
+import trio
 from prometheus_client import CollectorRegistry
 
-from popproxy.audit import AuditConfig, AuditTrail, ChainHead, _sinks, open_audit, verify_files
+from popproxy.audit import (
+    AuditConfig,
+    AuditTrail,
+    ChainHead,
+    _sinks,
+    _trail,
+    open_audit,
+    verify_files,
+)
 from popproxy.audit._chain import line, read_head, rotated_files
 from popproxy.audit._sinks import FileSink
 from popproxy.events import SessionClosed, SessionOpened
@@ -47,6 +56,7 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+        self.writes = 0
         self.broken = False
         self.syncs = 0
         self.soon = 0
@@ -55,7 +65,8 @@ class MemorySink:
     def write(self, data: bytes) -> None:
         if self.broken:
             raise OSError(errno.ENOSPC, "No space left on device")
-        self.lines.append(data)
+        self.writes += 1
+        self.lines += data.splitlines(keepends=True)
 
     def sync(self) -> None:
         self.syncs += 1
@@ -80,8 +91,8 @@ class Counts:
         self.records = 0
         self.errors = 0
 
-    def audit_record(self) -> None:
-        self.records += 1
+    def audit_record(self, n: int = 1) -> None:
+        self.records += n
 
     def audit_error(self) -> None:
         self.errors += 1
@@ -206,6 +217,105 @@ class TestDurability:
         sink.close()  # finishes the waiting request
         assert len(calls) == 2  # ten requests, one fsync
         assert threading.get_ident() not in calls
+
+
+class TestBatching:
+    """Inside ``batched()`` records wait for the end of the run loop's pass."""
+
+    async def test_records_of_one_pass_go_out_in_one_write(self) -> None:
+        """Nothing is written until the loop is about to wait; then one write, in order."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        with trail.batched():
+            for sid in "abc":
+                trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
+            assert sink.writes == 0
+            await trio.lowlevel.checkpoint()  # the pass ends: trio's I/O wait comes first
+            assert sink.writes == 1
+            assert [r["session"] for r in sink.records()] == ["a", "b", "c"]
+        assert verify_files([("m", sink.data())]).ok
+
+    async def test_session_close_flushes_at_once(self) -> None:
+        """A session's records are written when it closes, without waiting for the pass."""
+        sink = MemorySink()
+        trail = trail_with(sink, fsync="session")
+        with trail.batched():
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+            assert sink.writes == 0
+            trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
+            assert (sink.writes, sink.soon) == (1, 1)
+            assert [r["event"] for r in sink.records()] == ["session.open", "session.close"]
+
+    async def test_fsync_always_does_not_wait(self) -> None:
+        """``fsync = "always"``: each record is written and synced as it is made."""
+        sink = MemorySink()
+        trail = trail_with(sink, fsync="always")
+        with trail.batched():
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+            assert (sink.writes, sink.syncs) == (1, 1)
+
+    async def test_a_long_pass_is_cut_into_batches(self) -> None:
+        """At most ``BATCH_LIMIT`` records wait, however long the pass."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        with trail.batched():
+            for i in range(_trail.BATCH_LIMIT * 2 + 1):
+                trail.observe(Info(f"s{i}"), SessionOpened("192.0.2.7:40000", 0.0))
+            assert (sink.writes, len(sink.lines)) == (2, _trail.BATCH_LIMIT * 2)
+        assert (sink.writes, len(sink.lines)) == (3, _trail.BATCH_LIMIT * 2 + 1)
+
+    async def test_leaving_writes_what_waits_and_unhooks(self) -> None:
+        """On the way out the batch is written; after it records go out at once again."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        with trail.batched():
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+        assert sink.writes == 1
+        trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
+        assert sink.writes == 2
+        await trio.lowlevel.checkpoint()  # no hook left to call
+        assert sink.writes == 2
+
+    async def test_a_failing_flush_is_reported_and_the_hook_stays(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug while rendering is logged and counted; the next pass still writes."""
+        sink = MemorySink()
+        counts = Counts()
+        trail = trail_with(sink, counts)
+        assert trail.head is not None
+        real = trail.head.link
+        monkeypatch.setattr(trail.head, "link", lambda record: 1 / 0)
+        with trail.batched():
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+            with structlog.testing.capture_logs() as logs:
+                await trio.lowlevel.checkpoint()
+            assert logs == [{"event": "audit.flush_failed", "error_type": "ZeroDivisionError",
+                             "log_level": "error"}]
+            assert counts.errors == 1
+            monkeypatch.setattr(trail.head, "link", real)
+            trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
+            await trio.lowlevel.checkpoint()
+            assert [r["session"] for r in sink.records()] == ["b"]
+
+    async def test_queue_limit_counts_the_lines_of_a_batch(self) -> None:
+        """While a sink fails, a batch is cut at the queue limit: the rest is dropped."""
+        sink = MemorySink()
+        trail = AuditTrail(AuditConfig(enabled=True), [sink], head=ChainHead(),
+                           now=FakeClock(), max_pending_lines=3)
+        sink.broken = True
+        trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))  # queued: 1
+        with trail.batched():
+            for sid in "bcde":
+                trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
+            await trio.lowlevel.checkpoint()  # b and c join the queue, d and e are lost
+        sink.broken = False
+        trail.observe(Info("f"), SessionOpened("192.0.2.7:40000", 0.0))
+        records = sink.records()
+        assert [r["event"] for r in records] == [
+            "session.open", "session.open", "session.open", "audit.lost", "session.open"]
+        assert records[3]["records"] == 2
+        assert verify_files([("m", sink.data())]).ok
 
 
 class TestFailures:

@@ -1,7 +1,7 @@
 """Where audit lines go: an append-only file (with rotation) and/or stdout.
 
-A sink's ``write`` takes one complete line (newline included) and either
-writes all of it or raises ``OSError``.  Failures are handled one level up
+A sink's ``write`` takes complete lines (newlines included), one or a
+batch, and either writes all of them or raises ``OSError``.  Failures are handled one level up
 (``_trail.Writer``): lines are queued, the failure is logged and counted,
 and the queue is written out in order once the sink works again.
 """
@@ -34,7 +34,7 @@ class Sink(Protocol):
     def name(self) -> str: ...
 
     def write(self, data: bytes) -> None:
-        """Write one whole line, or raise ``OSError`` having written none of it."""
+        """Write whole lines, or raise ``OSError`` having written none of them."""
 
     def sync(self) -> None:
         """Make what was written durable now (``fsync``); may raise ``OSError``."""
@@ -46,7 +46,7 @@ class Sink(Protocol):
 
 
 class StreamSink:
-    """Lines to a binary stream (stdout by default), flushed after each line."""
+    """Lines to a binary stream (stdout by default), flushed after each write."""
 
     def __init__(self, stream: BinaryIO | None = None, name: str = "stdout") -> None:
         self._stream = stream
@@ -100,8 +100,9 @@ class FileSink:
     A rotated file is renamed to ``<path>.<UTC time>`` (names sort in time
     order) and a new ``path`` is started; the hash chain simply continues in
     it.  The file is opened with ``O_APPEND`` and written with one
-    ``write(2)`` per line, unbuffered, so a record is in the kernel as soon
-    as ``write`` returns.
+    ``write(2)`` per batch of lines, unbuffered, so the records are in the
+    kernel as soon as ``write`` returns.  A batch is rotated as a whole, so a
+    file may end up to one batch over ``rotate_size``.
 
     ``sync_soon`` (group commit): the fsync runs in a thread of the sink's
     own, so the event loop never waits for the disk.  A request when the
