@@ -218,6 +218,37 @@ class TestDurability:
         assert len(calls) == 2  # ten requests, one fsync
         assert threading.get_ident() not in calls
 
+    def test_a_waiting_fsync_follows_the_file_to_its_rotation(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A request for a new file (after rotation) replaces one for the old file."""
+        synced: list[int] = []
+        running = threading.Event()
+        release = threading.Event()
+        real = _sinks._fsync_and_close
+
+        def fsync(fd: int) -> OSError | None:
+            synced.append(os.fstat(fd).st_ino)
+            running.set()
+            assert release.wait(10)
+            return real(fd)
+
+        monkeypatch.setattr(_sinks, "_fsync_and_close", fsync)
+        path = tmp_path / "a.jsonl"
+        sink = FileSink(path, rotate_size=20, now=FakeClock())
+        sink.write(b'{"n":0}\n')
+        sink.sync_soon()
+        assert running.wait(10)
+        sink.write(b'{"n":1}\n')
+        sink.sync_soon()  # waits, for the first file
+        sink.write(b'{"n":2,"pad":"xxxx"}\n')  # over 20 bytes: a new file
+        assert sink.rotations == 1
+        sink.sync_soon()  # must cover the new file
+        release.set()
+        sink.close()
+        assert synced[-1] == path.stat().st_ino
+        assert len(synced) == 2
+
 
 class TestBatching:
     """Inside ``batched()`` records wait for the end of the run loop's pass."""
@@ -235,16 +266,20 @@ class TestBatching:
             assert [r["session"] for r in sink.records()] == ["a", "b", "c"]
         assert verify_files([("m", sink.data())]).ok
 
-    async def test_session_close_flushes_at_once(self) -> None:
-        """A session's records are written when it closes, without waiting for the pass."""
+    async def test_session_close_is_written_and_synced_in_its_pass(self) -> None:
+        """A session's close ends its records: written with the pass, then synced."""
         sink = MemorySink()
         trail = trail_with(sink, fsync="session")
         with trail.batched():
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
-            assert sink.writes == 0
             trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
+            assert (sink.writes, sink.soon) == (0, 0)
+            await trio.lowlevel.checkpoint()
             assert (sink.writes, sink.soon) == (1, 1)
             assert [r["event"] for r in sink.records()] == ["session.open", "session.close"]
+            trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
+            await trio.lowlevel.checkpoint()
+            assert (sink.writes, sink.soon) == (2, 1)  # no close in it: no sync
 
     async def test_fsync_always_does_not_wait(self) -> None:
         """``fsync = "always"``: each record is written and synced as it is made."""

@@ -134,6 +134,7 @@ class FileSink:
         self._syncer: _Syncer | None = None
         self._rotate_failed = False
         self.rotations = 0
+        self.opened = 0  # files opened so far (a new one after rotation or an error)
 
     @property
     def name(self) -> str:
@@ -155,6 +156,7 @@ class FileSink:
             raise
         self._fd = fd
         self.size = size
+        self.opened += 1
         return fd
 
     def write(self, data: bytes) -> None:
@@ -225,7 +227,7 @@ class FileSink:
             return
         if self._syncer is None:
             self._syncer = _Syncer(self)
-        self._syncer.request(os.dup(self._fd))
+        self._syncer.request(self._fd, self.opened)
 
     def _report(self, exc: OSError | None) -> None:
         if exc is not None:
@@ -245,8 +247,9 @@ class _Syncer:
 
     ``request`` hands over a duplicate of the file descriptor (the sink may
     close or rotate its own meanwhile) and returns at once; a request made
-    while an fsync runs replaces any older one still waiting, and is served
-    no sooner than ``sync_spacing`` after the start of the previous fsync.
+    while another waits is already covered by it, and a waiting request is
+    served no sooner than ``sync_spacing`` after the start of the previous
+    fsync.
     A plain thread and a condition variable cost the event loop a few
     microseconds per request, far less than a ``trio.to_thread`` round trip.
     """
@@ -255,17 +258,25 @@ class _Syncer:
         self._sink = sink
         self._cond = threading.Condition()
         self._fd: int | None = None  # the request waiting, as a descriptor to sync
+        self._opened = 0  # which of the sink's files it is
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="popproxy-audit-fsync",
                                         daemon=True)
         self._thread.start()
 
-    def request(self, fd: int) -> None:
+    def request(self, fd: int, opened: int) -> None:
+        """Ask for an fsync of ``fd`` (duplicated here), the sink's ``opened``-th
+        file, soon."""
         with self._cond:
-            old, self._fd = self._fd, fd
+            old = self._fd
+            if old is not None and self._opened == opened:
+                # A request for the same file waits: its fsync starts later
+                # and covers all written by then.  Under load most end here.
+                return
+            self._fd, self._opened = os.dup(fd), opened
             self._cond.notify()
         if old is not None:
-            os.close(old)  # the newer descriptor covers everything the old one did
+            os.close(old)  # an older file: rotation synced it when it ended
 
     def stop(self) -> None:
         """Finish a waiting request, then end the thread."""

@@ -16,7 +16,8 @@ loop's pass (the moment before trio waits for I/O again) and writes them
 together: under load one pass handles many sessions, and rendering and
 writing ten records in a row costs far less than one at a time between the
 relay's own work.  Either way a record is in the kernel before the proxy
-waits for anything else, and a ``session.close`` record flushes at once.
+waits for anything else: a session's records are flushed when it closes,
+in the same pass.
 ``fsync = "always"`` syncs after every record, ``"session"`` after each
 ``session.close`` record (in the file sink's own thread, coalesced) and at
 ``close()``, ``"never"`` leaves it to the kernel.
@@ -231,6 +232,8 @@ class AuditTrail:
         self._dropped = 0
         self._dropped_since: str | None = None
         self._closed = False
+        # Proxy._emit calls the observer only for the events the builder uses.
+        self.event_types = self.builder.event_types
         self._log = structlog.wrap_logger(
             _SinkLogger(self),
             processors=[_Render(self)],
@@ -260,9 +263,9 @@ class AuditTrail:
         end of the loop's pass inside ``batched()``."""
         batch = self._batch
         batch.append(record)
-        if record["event"] == "session.close":
-            self._sync_due = self._fsync_session
-        elif self._deferred and not self._fsync_always and len(batch) < BATCH_LIMIT:
+        if self._fsync_session and record["event"] == "session.close":
+            self._sync_due = True
+        if self._deferred and not self._fsync_always and len(batch) < BATCH_LIMIT:
             return
         self.flush()
 
