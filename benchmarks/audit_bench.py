@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import trio
 
 from benchmarks._client import Conn, full_session
@@ -50,6 +48,7 @@ from benchmarks._procs import REPO_ROOT, dovecot_extra_config
 from popproxy.audit import AuditConfig, AuditTrail, open_audit, verify_files
 from popproxy.audit._chain import rotated_files
 from popproxy.config import HostPort
+from popproxy.logs import configure_logging
 from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
 from tests.proxy_fixtures import start_proxy
 
@@ -210,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = (Settings.quick(args.fsync, args.commands) if args.quick
          else Settings(fsync=args.fsync, commands=args.commands))
-    # The operational logs stay on but quiet (warnings), as in both arms alike.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # The operational logs stay on but quiet, as `popproxy run` sets them up
+    # with log level "warning": alike in both arms.
+    configure_logging("warning", "json")
     reason = ensure_dovecot()
     if reason is not None:
         print(f"audit_bench: no Dovecot: {reason}", file=sys.stderr)

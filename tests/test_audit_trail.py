@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import structlog
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from popproxy.audit import (
@@ -250,18 +251,53 @@ class TestDurability:
         assert len(synced) == 2
 
 
-class TestBatching:
-    """Inside ``batched()`` records wait for the end of the run loop's pass."""
+async def idle() -> None:
+    """Return once every task is blocked, the moment trio waits for I/O.
 
-    async def test_records_of_one_pass_go_out_in_one_write(self) -> None:
-        """Nothing is written until the loop is about to wait; then one write, in order."""
+    (With no cushion at all trio would poll instead of waiting; the
+    smallest one is the same event without that shortcut.)
+    """
+    await trio.testing.wait_all_tasks_blocked(1e-9)
+
+
+class Ticks:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestBatching:
+    """Inside ``batched()`` records wait while the event loop is busy."""
+
+    async def test_a_busy_loop_holds_records_until_they_are_old(self) -> None:
+        """While tasks are ready to run, records wait up to ``BATCH_WAIT`` seconds."""
+        sink = MemorySink()
+        ticks = Ticks()
+        trail = AuditTrail(AuditConfig(enabled=True), [sink], head=ChainHead(),
+                           now=FakeClock(), clock=ticks)
+        with trail.batched():
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+            for _ in range(10):  # this task stays ready: the loop never goes idle
+                await trio.lowlevel.checkpoint()
+            assert sink.writes == 0
+            ticks.now += _trail.BATCH_WAIT
+            await trio.lowlevel.checkpoint()
+            assert sink.writes == 1
+            assert [r["session"] for r in sink.records()] == ["a"]
+
+    async def test_records_go_out_together_when_the_loop_is_idle(self) -> None:
+        """Nothing is written while this task runs; then one write, in order."""
         sink = MemorySink()
         trail = trail_with(sink)
         with trail.batched():
             for sid in "abc":
                 trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
             assert sink.writes == 0
-            await trio.lowlevel.checkpoint()  # the pass ends: trio's I/O wait comes first
+            await idle()  # nothing left to run: trio is about to wait for I/O
             assert sink.writes == 1
             assert [r["session"] for r in sink.records()] == ["a", "b", "c"]
         assert verify_files([("m", sink.data())]).ok
@@ -274,11 +310,11 @@ class TestBatching:
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
             assert (sink.writes, sink.soon) == (0, 0)
-            await trio.lowlevel.checkpoint()
+            await idle()
             assert (sink.writes, sink.soon) == (1, 1)
             assert [r["event"] for r in sink.records()] == ["session.open", "session.close"]
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
-            await trio.lowlevel.checkpoint()
+            await idle()
             assert (sink.writes, sink.soon) == (2, 1)  # no close in it: no sync
 
     async def test_fsync_always_does_not_wait(self) -> None:
@@ -289,8 +325,8 @@ class TestBatching:
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             assert (sink.writes, sink.syncs) == (1, 1)
 
-    async def test_a_long_pass_is_cut_into_batches(self) -> None:
-        """At most ``BATCH_LIMIT`` records wait, however long the pass."""
+    async def test_a_long_busy_spell_is_cut_into_batches(self) -> None:
+        """At most ``BATCH_LIMIT`` records wait, however long the loop stays busy."""
         sink = MemorySink()
         trail = trail_with(sink)
         with trail.batched():
@@ -308,7 +344,7 @@ class TestBatching:
         assert sink.writes == 1
         trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
         assert sink.writes == 2
-        await trio.lowlevel.checkpoint()  # no hook left to call
+        await idle()  # no hook left to call
         assert sink.writes == 2
 
     async def test_a_failing_flush_is_reported_and_the_hook_stays(
@@ -324,13 +360,13 @@ class TestBatching:
         with trail.batched():
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             with structlog.testing.capture_logs() as logs:
-                await trio.lowlevel.checkpoint()
+                await idle()
             assert logs == [{"event": "audit.flush_failed", "error_type": "ZeroDivisionError",
                              "log_level": "error"}]
             assert counts.errors == 1
             monkeypatch.setattr(trail.head, "link", real)
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
-            await trio.lowlevel.checkpoint()
+            await idle()
             assert [r["session"] for r in sink.records()] == ["b"]
 
     async def test_queue_limit_counts_the_lines_of_a_batch(self) -> None:
@@ -343,7 +379,7 @@ class TestBatching:
         with trail.batched():
             for sid in "bcde":
                 trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
-            await trio.lowlevel.checkpoint()  # b and c join the queue, d and e are lost
+            await idle()  # b and c join the queue, d and e are lost
         sink.broken = False
         trail.observe(Info("f"), SessionOpened("192.0.2.7:40000", 0.0))
         records = sink.records()

@@ -184,6 +184,7 @@ class RecordBuilder:
         self._stamp: Callable[[], str] = (
             utcnow_rfc3339 if now is utcnow else lambda: rfc3339(now()))
         self._sessions: dict[str, _Session] = {}
+        self._all_commands = config.commands == "all"
         self._headers = tuple((name, name.lower().encode("ascii")) for name in config.headers)
         self._handlers: dict[type[Event], Callable[[SessionRef, _Session, Any], list[Record]]] = {
             SessionOpened: self._opened,
@@ -237,12 +238,13 @@ class RecordBuilder:
 
     def _base(self, name: str, info: SessionRef, st: _Session | None,
               user: str | None = None) -> Record:
-        rec: Record = {"ts": self._stamp(), "event": name, "session": info.id}
+        # One dict display, sized for the fields records add after these.
         who = user if user is not None else (st.user if st is not None else None)
-        if who is not None:
-            rec["user"] = who
-        rec["client"] = info.client
-        return rec
+        if who is None:
+            return {"ts": self._stamp(), "event": name, "session": info.id,
+                    "client": info.client}
+        return {"ts": self._stamp(), "event": name, "session": info.id, "user": who,
+                "client": info.client}
 
     def _opened(self, info: SessionRef, st: _Session, event: SessionOpened) -> list[Record]:
         rec = self._base("session.open", info, st)
@@ -292,11 +294,16 @@ class RecordBuilder:
     def _response(self, info: SessionRef, st: _Session, event: Response) -> list[Record]:
         cmd = event.command
         records: list[Record] = []
-        outcome = self._outcome(st, event)
-        if self.config.commands == "all" or cmd.verb in MESSAGE_VERBS:
+        if st.denied:
+            outcome = self._outcome(st, event)
+        else:  # the usual case: no policy decision waits for its reply
+            outcome = "ok" if event.ok else "err" if not event.local else (
+                "denied" if event.code != "SYS/TEMP" else "err")
+        if self._all_commands or cmd.verb in MESSAGE_VERBS:
             rec = self._base("command", info, st)
             rec["verb"] = cmd.verb
-            rec["args"] = [_clean(a) for a in cmd.redacted_args()]
+            args = cmd.redacted_args()
+            rec["args"] = [_clean(a) for a in args] if args else []
             rec["outcome"] = outcome
             if event.code is not None:
                 rec["code"] = event.code

@@ -11,13 +11,14 @@ nor sees it.
 Durability and failures.  Records are written in order, each batch with
 one ``write(2)`` per sink.  Outside an event loop, or with ``fsync =
 "always"``, a batch is what one event made, written at once.  Inside a trio
-run, ``AuditTrail.batched()`` lets records wait for the end of the run
-loop's pass (the moment before trio waits for I/O again) and writes them
-together: under load one pass handles many sessions, and rendering and
-writing ten records in a row costs far less than one at a time between the
-relay's own work.  Either way a record is in the kernel before the proxy
-waits for anything else: a session's records are flushed when it closes,
-in the same pass.
+run, ``AuditTrail.batched()`` lets records wait while the loop has tasks
+ready to run, and writes them when trio is about to wait for I/O with
+nothing else to do, or once they are ``BATCH_LIMIT`` records or
+``BATCH_WAIT`` seconds old.  The audit's work then fills the moments the
+proxy would spend idle instead of delaying the next client's reply, and
+rendering and writing many records in a row costs less than one at a time
+between the relay's own work.  A record is therefore in the kernel within
+10 ms of being made, and as soon as the proxy is idle.
 ``fsync = "always"`` syncs after every record, ``"session"`` after each
 ``session.close`` record (in the file sink's own thread, coalesced) and at
 ``close()``, ``"never"`` leaves it to the kernel.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -181,19 +183,25 @@ class _Render:
         return (b"\n".join(lines), count), {}
 
 
-# Records that wait for the end of the loop pass at most, in number.
-BATCH_LIMIT = 128
+# How long records may wait while the event loop is busy: in number, in seconds.
+BATCH_LIMIT = 64
+BATCH_WAIT = 0.01
 
 
-class _FlushAtIOWait(trio.abc.Instrument):
-    """Writes the trail's waiting records just before trio waits for I/O."""
+class _FlushWhenIdle(trio.abc.Instrument):
+    """Writes the trail's waiting records when trio is about to wait for I/O
+    with nothing left to run, or when they have waited long enough."""
 
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail
 
     def before_io_wait(self, timeout: float) -> None:
-        if self._trail._batch:
-            self._trail.flush()
+        trail = self._trail
+        batch = trail._batch
+        # timeout > 0: no task is ready to run, so the write delays nobody.
+        if batch and (timeout > 0 or len(batch) >= BATCH_LIMIT
+                      or trail._clock() - trail._batch_since >= BATCH_WAIT):
+            trail.flush()
 
 
 class AuditTrail:
@@ -214,6 +222,7 @@ class AuditTrail:
         now: Callable[[], datetime] = utcnow,
         max_pending_lines: int = 100_000,
         max_pending_bytes: int = 64 << 20,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.head = head if config.hash_chain else None
@@ -226,6 +235,8 @@ class AuditTrail:
         self._fsync_always = config.fsync == "always"
         self._fsync_session = config.fsync == "session"
         self._batch: list[Record] = []  # made, not yet written
+        self._clock = clock
+        self._batch_since = 0.0  # when the first record of the batch was made
         self._deferred = False  # inside batched(): the batch waits for the loop's pass
         self._sync_due = False  # a session.close is in the batch (fsync = "session")
         self._counted = 0
@@ -259,13 +270,15 @@ class AuditTrail:
             self._count_error()
 
     def record(self, record: Record) -> None:
-        """Add one record; it is written (in the order given) now, or at the
-        end of the loop's pass inside ``batched()``."""
+        """Add one record; it is written (in the order given) now, or inside
+        ``batched()`` when the event loop has a moment."""
         batch = self._batch
         batch.append(record)
         if self._fsync_session and record["event"] == "session.close":
             self._sync_due = True
         if self._deferred and not self._fsync_always and len(batch) < BATCH_LIMIT:
+            if len(batch) == 1:
+                self._batch_since = self._clock()
             return
         self.flush()
 
@@ -301,10 +314,10 @@ class AuditTrail:
 
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
-        """Inside a trio run: let records wait for the end of the run loop's
-        pass, and write each pass's records together (see the module
-        docstring).  What is waiting is written on the way out."""
-        hook = _FlushAtIOWait(self)
+        """Inside a trio run: let records wait while the event loop is busy
+        and write them together (see the module docstring).  What is waiting
+        is written on the way out."""
+        hook = _FlushWhenIdle(self)
         trio.lowlevel.add_instrument(hook)
         self._deferred = True
         try:
