@@ -60,7 +60,7 @@ BAR = 0.10
 class Settings:
     rounds: int = 25  # a round's on/off ratio varies by +-8 % on a busy 2-core VM
     size_mib: int = 20
-    retrs: int = 2  # per round and arm
+    retrs: int = 5  # per round and arm: 100 MiB, a quarter of a second
     clients: int = 8
     sessions: int = 50  # per client, per round and arm: rounds of about a second
     fsync: str = "session"

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import structlog
 import trio
+import trio.testing
 from prometheus_client import generate_latest
 
 from popproxy.audit import AuditConfig, AuditTrail, open_audit
@@ -57,9 +58,13 @@ class Audited:
         return self.running.port
 
     async def settle(self, sessions: int = 1) -> None:
-        """Wait until the proxy has closed ``sessions`` sessions (and audited them)."""
+        """Wait until the proxy has closed ``sessions`` sessions and, idle, has
+        written their records."""
         with trio.fail_after(20):
             await self.running.wait_for(SessionClosed, sessions)
+            # The trail writes when trio has nothing left to run (see
+            # AuditTrail.batched): the moment every task is blocked.
+            await trio.testing.wait_all_tasks_blocked(1e-9)
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_bytes().splitlines()]
@@ -84,7 +89,8 @@ async def audited(
     running = await start_proxy(nursery, HostPort(dovecot.host, dovecot.port))
     path = tmp_path / "audit.jsonl"
     trail = attach(running, AuditConfig(enabled=True, sink="file", path=path, fail_closed=True))
-    yield Audited(running, trail, path)
+    with trail.batched():  # as app.run runs it
+        yield Audited(running, trail, path)
     trail.close()
 
 
