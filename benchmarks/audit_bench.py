@@ -148,7 +148,7 @@ async def start(nursery: trio.Nursery, upstream: HostPort, trail: AuditTrail | N
     # The fixture's own observer keeps every event (message data too): not here.
     running.proxy.observers.remove(running.observe)
     if trail is not None:
-        running.proxy.observers.append(trail.observe)
+        running.proxy.observers.insert(0, trail.observe)
         running.proxy.admission.append(lambda peer: trail.refusal())
     return running.port
 

@@ -126,7 +126,9 @@ async def run(
     app = app or build(config, registry)
     trail = open_audit(config.audit, app.metrics)
     if trail is not None:
-        app.proxy.observers.append(trail.observe)
+        # First: a session's records are written before the other observers
+        # (logs, metrics) report it closed.
+        app.proxy.observers.insert(0, trail.observe)
         app.proxy.admission.append(lambda peer: trail.refusal())
     # Everything built so far lives as long as the process: keep it out of
     # the cyclic garbage collector's scans, which otherwise grow with it and

@@ -302,18 +302,19 @@ class TestBatching:
             assert [r["session"] for r in sink.records()] == ["a", "b", "c"]
         assert verify_files([("m", sink.data())]).ok
 
-    async def test_session_close_is_written_and_synced_in_its_pass(self) -> None:
-        """A session's close ends its records: written with the pass, then synced."""
+    async def test_session_close_writes_at_once(self) -> None:
+        """A session's close writes what waits, without waiting for an idle loop."""
         sink = MemorySink()
         trail = trail_with(sink, fsync="session")
         with trail.batched():
+            trail.observe(Info("b"), SessionOpened("192.0.2.7:40001", 0.0))
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
-            trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
             assert (sink.writes, sink.soon) == (0, 0)
-            await idle()
+            trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
             assert (sink.writes, sink.soon) == (1, 1)
-            assert [r["event"] for r in sink.records()] == ["session.open", "session.close"]
-            trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
+            assert [(r["event"], r["session"]) for r in sink.records()] == [
+                ("session.open", "b"), ("session.open", "a"), ("session.close", "a")]
+            trail.observe(Info("c"), SessionOpened("192.0.2.7:40002", 0.0))
             await idle()
             assert (sink.writes, sink.soon) == (2, 1)  # no close in it: no sync
 

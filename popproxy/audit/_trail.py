@@ -18,7 +18,9 @@ nothing else to do, or once they are ``BATCH_LIMIT`` records or
 proxy would spend idle instead of delaying the next client's reply, and
 rendering and writing many records in a row costs less than one at a time
 between the relay's own work.  A record is therefore in the kernel within
-10 ms of being made, and as soon as the proxy is idle.
+10 ms of being made, as soon as the proxy is idle, and before its session
+is reported closed: a ``session.close`` record is written at once, with
+everything that waits.
 ``fsync = "always"`` syncs after every record, ``"session"`` after each
 ``session.close`` record (in the file sink's own thread, coalesced) and at
 ``close()``, ``"never"`` leaves it to the kernel.
@@ -274,8 +276,12 @@ class AuditTrail:
         ``batched()`` when the event loop has a moment."""
         batch = self._batch
         batch.append(record)
-        if self._fsync_session and record["event"] == "session.close":
-            self._sync_due = True
+        if record["event"] == "session.close":
+            # A session's records are written before the session is reported
+            # closed (the trail observes first; logs and metrics follow).
+            self._sync_due |= self._fsync_session
+            self.flush()
+            return
         if self._deferred and not self._fsync_always and len(batch) < BATCH_LIMIT:
             if len(batch) == 1:
                 self._batch_since = self._clock()
