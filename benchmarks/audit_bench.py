@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.audit_bench             # about two minutes
+    python -m benchmarks.audit_bench             # about three minutes
     python -m benchmarks.audit_bench --quick     # a smoke run
     python -m benchmarks.audit_bench --fsync always --json audit.json
 
@@ -13,10 +13,11 @@ one with the audit trail as ``popproxy run`` configures it
 (``sink = "file"``, ``hash_chain = true``, ``fsync = "session"`` unless
 ``--fsync``; the file is in a temporary directory on the local disk).  The
 clients run in a separate process (``--client ...``), so they do not share
-this interpreter with the proxies.  Rounds are interleaved (off/on, then
-on/off, ...) so that machine noise hits both alike; the figures are medians
-over rounds, their ratio is the verdict ("paired": the median of the
-per-round ratios, shown too).
+this interpreter with the proxies.  Each round measures the arms in two
+halves each, in the order off/on/on/off (then on/off/off/on, ...), so that
+machine noise and drift hit both alike; the figures are medians over
+rounds, their ratio is the verdict ("paired": the median of the per-round
+ratios, shown too).
 
 1. RETR throughput: one logged-in session RETRs a large message repeatedly.
 2. Session rate: concurrent clients doing full sessions (USER, PASS, STAT,
@@ -60,9 +61,9 @@ BAR = 0.10
 class Settings:
     rounds: int = 25  # a round's on/off ratio varies by +-8 % on a busy 2-core VM
     size_mib: int = 20
-    retrs: int = 5  # per round and arm: 100 MiB, a quarter of a second
+    retrs: int = 3  # per half round and arm: 120 MiB a round, about a third of a second
     clients: int = 8
-    sessions: int = 50  # per client, per round and arm: rounds of about a second
+    sessions: int = 25  # per client, half round and arm: about a second a round
     fsync: str = "session"
     commands: str = "all"
 
@@ -177,19 +178,35 @@ async def rounds(dovecot: Dovecot, s: Settings, off: Arm, on: Arm) -> None:
         await in_client("sessions", arm.port, "bob", small_pw, s.clients, 2)
     gc.freeze()  # as popproxy.app.run does once the proxy is built
     for r in range(s.rounds):
-        for arm in (off, on) if r % 2 == 0 else (on, off):
+        # Each arm's share of a round comes in two halves, in the order
+        # A B B A (B A A B in the next round): a drift of the machine's speed
+        # during the round then weighs on both arms alike.
+        first, second = (off, on) if r % 2 == 0 else (on, off)
+        order = (first, second, second, first)
+        retr: dict[str, list[float]] = {"off": [0.0, 0.0, 0.0], "on": [0.0, 0.0, 0.0]}
+        for arm in order:
             cpu = time.process_time()
             got = await in_client("retr", arm.port, "alice", big_pw, s.retrs)
-            cpu = time.process_time() - cpu
-            arm.retr_mb_s.append(got["octets"] / got["seconds"] / 1e6)
-            arm.retr_cpu_s_per_mib.append(cpu / (got["octets"] / MIB))
-        for arm in (on, off) if r % 2 == 0 else (off, on):
+            acc = retr[arm.name]
+            acc[0] += got["octets"]
+            acc[1] += got["seconds"]
+            acc[2] += time.process_time() - cpu
+        sess: dict[str, list[float]] = {"off": [0.0, 0.0, 0.0], "on": [0.0, 0.0, 0.0]}
+        for arm in reversed(order):
             cpu = time.process_time()
             got = await in_client("sessions", arm.port, "bob", small_pw,
                                   s.clients, s.sessions)
-            cpu = time.process_time() - cpu
-            arm.sessions_s.append(got["sessions"] / got["seconds"])
-            arm.cpu_ms_per_session.append(cpu / got["sessions"] * 1000)
+            acc = sess[arm.name]
+            acc[0] += got["sessions"]
+            acc[1] += got["seconds"]
+            acc[2] += time.process_time() - cpu
+        for arm in (off, on):
+            octets, seconds, cpu = retr[arm.name]
+            arm.retr_mb_s.append(octets / seconds / 1e6)
+            arm.retr_cpu_s_per_mib.append(cpu / (octets / MIB))
+            sessions, seconds, cpu = sess[arm.name]
+            arm.sessions_s.append(sessions / seconds)
+            arm.cpu_ms_per_session.append(cpu / sessions * 1000)
         print(f"round {r + 1}/{s.rounds}: RETR MB/s off {off.retr_mb_s[-1]:.1f} "
               f"on {on.retr_mb_s[-1]:.1f}; sessions/s off {off.sessions_s[-1]:.1f} "
               f"on {on.sessions_s[-1]:.1f}", file=sys.stderr, flush=True)
@@ -255,9 +272,9 @@ def summarize(s: Settings, off: Arm, on: Arm, verified: bool, records: int,
     ]
     lines = [
         f"audit on = file sink, hash chain, fsync {s.fsync}, commands {s.commands}; "
-        f"{s.rounds} interleaved rounds, "
-        f"medians; RETR {s.size_mib} MiB x {s.retrs}; sessions {s.clients} clients x "
-        f"{s.sessions}",
+        f"{s.rounds} rounds of off/on/on/off halves, "
+        f"medians; RETR {s.size_mib} MiB x {s.retrs} per half; sessions {s.clients} clients "
+        f"x {s.sessions} per half",
         f"{'':28}{'audit off':>12}{'audit on':>12}{'on/off':>10}{'paired':>8}  bar (on/off)",
     ]
     for name, a, b, ratio, pair in rows:
