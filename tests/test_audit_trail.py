@@ -7,7 +7,7 @@ import json
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,25 @@ class MemorySink:
 
     def data(self) -> bytes:
         return b"".join(self.lines)
+
+
+class StuckFsync:
+    """Stands in for the sink's fsync: notes ``note(fd)`` for each call and
+    holds it "on the disk" until ``release`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, note: Callable[[int], int]) -> None:
+        self.calls: list[int] = []
+        self.running = threading.Event()
+        self.release = threading.Event()
+        real = _sinks._fsync_and_close
+
+        def fsync(fd: int) -> OSError | None:
+            self.calls.append(note(fd))
+            self.running.set()
+            assert self.release.wait(10)
+            return real(fd)
+
+        monkeypatch.setattr(_sinks, "_fsync_and_close", fsync)
 
 
 class Counts:
@@ -194,61 +213,39 @@ class TestDurability:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """``sync_soon`` never waits for the disk; requests made during an fsync share one."""
-        calls: list[int] = []
-        running = threading.Event()
-        release = threading.Event()
-        real = _sinks._fsync_and_close
-
-        def fsync(fd: int) -> OSError | None:
-            calls.append(threading.get_ident())
-            running.set()
-            assert release.wait(10)
-            return real(fd)
-
-        monkeypatch.setattr(_sinks, "_fsync_and_close", fsync)
+        stuck = StuckFsync(monkeypatch, lambda fd: threading.get_ident())
         sink = FileSink(tmp_path / "a.jsonl", now=FakeClock())
         sink.write(b'{"n":0}\n')
         sink.sync_soon()
-        assert running.wait(10)  # the first fsync is stuck "on the disk" ...
+        assert stuck.running.wait(10)  # the first fsync is stuck "on the disk" ...
         for i in range(1, 11):
             sink.write(b'{"n":%d}\n' % i)
             sink.sync_soon()  # ... and these return at once
-        assert len(calls) == 1
-        release.set()
+        assert len(stuck.calls) == 1
+        stuck.release.set()
         sink.close()  # finishes the waiting request
-        assert len(calls) == 2  # ten requests, one fsync
-        assert threading.get_ident() not in calls
+        assert len(stuck.calls) == 2  # ten requests, one fsync
+        assert threading.get_ident() not in stuck.calls
 
     def test_a_waiting_fsync_follows_the_file_to_its_rotation(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A request for a new file (after rotation) replaces one for the old file."""
-        synced: list[int] = []
-        running = threading.Event()
-        release = threading.Event()
-        real = _sinks._fsync_and_close
-
-        def fsync(fd: int) -> OSError | None:
-            synced.append(os.fstat(fd).st_ino)
-            running.set()
-            assert release.wait(10)
-            return real(fd)
-
-        monkeypatch.setattr(_sinks, "_fsync_and_close", fsync)
+        stuck = StuckFsync(monkeypatch, lambda fd: os.fstat(fd).st_ino)
         path = tmp_path / "a.jsonl"
         sink = FileSink(path, rotate_size=20, now=FakeClock())
         sink.write(b'{"n":0}\n')
         sink.sync_soon()
-        assert running.wait(10)
+        assert stuck.running.wait(10)
         sink.write(b'{"n":1}\n')
         sink.sync_soon()  # waits, for the first file
         sink.write(b'{"n":2,"pad":"xxxx"}\n')  # over 20 bytes: a new file
         assert sink.rotations == 1
         sink.sync_soon()  # must cover the new file
-        release.set()
+        stuck.release.set()
         sink.close()
-        assert synced[-1] == path.stat().st_ino
-        assert len(synced) == 2
+        assert stuck.calls[-1] == path.stat().st_ino
+        assert len(stuck.calls) == 2
 
 
 async def idle() -> None:
