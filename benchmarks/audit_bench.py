@@ -171,6 +171,20 @@ async def bench(dovecot: Dovecot, audit_path: Path, s: Settings) -> tuple[Arm, A
     return off, on
 
 
+async def halves(order: Sequence[Arm], count: str, *args: object) -> dict[str, list[float]]:
+    """Run the client ``args`` against each arm in ``order``; per arm, the sums
+    of ``count`` (octets or sessions), client seconds and this process's CPU."""
+    sums = {arm.name: [0.0, 0.0, 0.0] for arm in order}
+    for arm in order:
+        cpu = time.process_time()
+        got = await in_client(args[0], arm.port, *args[1:])
+        total = sums[arm.name]
+        total[0] += got[count]
+        total[1] += got["seconds"]
+        total[2] += time.process_time() - cpu
+    return sums
+
+
 async def rounds(dovecot: Dovecot, s: Settings, off: Arm, on: Arm) -> None:
     big_pw, small_pw = dovecot.users["alice"], dovecot.users["bob"]
     for arm in (off, on):  # warm up: Dovecot's caches, our code paths
@@ -183,23 +197,9 @@ async def rounds(dovecot: Dovecot, s: Settings, off: Arm, on: Arm) -> None:
         # during the round then weighs on both arms alike.
         first, second = (off, on) if r % 2 == 0 else (on, off)
         order = (first, second, second, first)
-        retr: dict[str, list[float]] = {"off": [0.0, 0.0, 0.0], "on": [0.0, 0.0, 0.0]}
-        for arm in order:
-            cpu = time.process_time()
-            got = await in_client("retr", arm.port, "alice", big_pw, s.retrs)
-            acc = retr[arm.name]
-            acc[0] += got["octets"]
-            acc[1] += got["seconds"]
-            acc[2] += time.process_time() - cpu
-        sess: dict[str, list[float]] = {"off": [0.0, 0.0, 0.0], "on": [0.0, 0.0, 0.0]}
-        for arm in reversed(order):
-            cpu = time.process_time()
-            got = await in_client("sessions", arm.port, "bob", small_pw,
-                                  s.clients, s.sessions)
-            acc = sess[arm.name]
-            acc[0] += got["sessions"]
-            acc[1] += got["seconds"]
-            acc[2] += time.process_time() - cpu
+        retr = await halves(order, "octets", "retr", "alice", big_pw, s.retrs)
+        sess = await halves(order[::-1], "sessions", "sessions", "bob", small_pw,
+                            s.clients, s.sessions)
         for arm in (off, on):
             octets, seconds, cpu = retr[arm.name]
             arm.retr_mb_s.append(octets / seconds / 1e6)

@@ -106,14 +106,14 @@ class ChainHead:
         return the record's line."""
         record["seq"] = self.seq + 1
         record["prev"] = self.hash
-        body = _encode(record).encode("utf-8")  # canonical(record)
+        body = canonical(record)
         h = _SHA256.copy()  # cheaper than a new hashlib.sha256() (an OpenSSL fetch)
         h.update(body)
         digest = h.hexdigest()
         record["hash"] = digest
         self.seq += 1
         self.hash = digest
-        return b"%s,\"hash\":\"%s\"}" % (body[:-1], digest.encode("ascii"))  # _with_hash
+        return _with_hash(body, digest)
 
 
 def _chained(record: object) -> ChainHead | None:

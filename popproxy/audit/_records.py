@@ -238,13 +238,12 @@ class RecordBuilder:
 
     def _base(self, name: str, info: SessionRef, st: _Session | None,
               user: str | None = None) -> Record:
-        # One dict display, sized for the fields records add after these.
+        rec: Record = {"ts": self._stamp(), "event": name, "session": info.id}
         who = user if user is not None else (st.user if st is not None else None)
-        if who is None:
-            return {"ts": self._stamp(), "event": name, "session": info.id,
-                    "client": info.client}
-        return {"ts": self._stamp(), "event": name, "session": info.id, "user": who,
-                "client": info.client}
+        if who is not None:
+            rec["user"] = who
+        rec["client"] = info.client
+        return rec
 
     def _opened(self, info: SessionRef, st: _Session, event: SessionOpened) -> list[Record]:
         rec = self._base("session.open", info, st)
@@ -294,16 +293,11 @@ class RecordBuilder:
     def _response(self, info: SessionRef, st: _Session, event: Response) -> list[Record]:
         cmd = event.command
         records: list[Record] = []
-        if st.denied:
-            outcome = self._outcome(st, event)
-        else:  # the usual case: no policy decision waits for its reply
-            outcome = "ok" if event.ok else "err" if not event.local else (
-                "denied" if event.code != "SYS/TEMP" else "err")
+        outcome = self._outcome(st, event)
         if self._all_commands or cmd.verb in MESSAGE_VERBS:
             rec = self._base("command", info, st)
             rec["verb"] = cmd.verb
-            args = cmd.redacted_args()
-            rec["args"] = [_clean(a) for a in args] if args else []
+            rec["args"] = [_clean(a) for a in cmd.redacted_args()]
             rec["outcome"] = outcome
             if event.code is not None:
                 rec["code"] = event.code

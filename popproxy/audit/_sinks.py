@@ -1,9 +1,10 @@
 """Where audit lines go: an append-only file (with rotation) and/or stdout.
 
 A sink's ``write`` takes complete lines (newlines included), one or a
-batch, and either writes all of them or raises ``OSError``.  Failures are handled one level up
-(``_trail.Writer``): lines are queued, the failure is logged and counted,
-and the queue is written out in order once the sink works again.
+batch, and either writes all of them or raises ``OSError``.  Failures are
+handled one level up (``_trail.Writer``): lines are queued, the failure is
+logged and counted, and the queue is written out in order once the sink
+works again.
 """
 
 from __future__ import annotations

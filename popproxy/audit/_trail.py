@@ -239,7 +239,7 @@ class AuditTrail:
         self._batch: list[Record] = []  # made, not yet written
         self._clock = clock
         self._batch_since = 0.0  # when the first record of the batch was made
-        self._deferred = False  # inside batched(): the batch waits for the loop's pass
+        self._deferred = False  # inside batched(): the batch may wait for an idle loop
         self._sync_due = False  # a session.close is in the batch (fsync = "session")
         self._counted = 0
         self._dropped = 0
