@@ -8,6 +8,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popproxy.audit import ChainHead, verify_files
 from popproxy.audit._chain import GENESIS, canonical, line, record_hash
@@ -226,3 +228,42 @@ def test_canonical_is_json_dumps(record: dict[str, object]) -> None:
     assert canonical(record) == json.dumps(
         record, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
+
+
+# What a record can hold: JSON values, any text but lone surrogates (the
+# builder cleans those), any finite float (the builder rounds them to the
+# microsecond; round() refuses NaN and infinities).
+_text = st.text(st.characters(exclude_categories=["Cs"]))
+_json_values = st.recursive(
+    st.none() | st.booleans() | _text
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=-1e-3, max_value=1e-3, allow_nan=False)
+    | st.integers(0, 10**12).map(lambda us: round(us * 1e-6 * 1e6) / 1e6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(_text, _json_values, max_size=14))
+def test_fast_canonical_is_json_dumps(record: dict[str, object]) -> None:
+    # canonical() takes orjson's output where it is the same bytes and the
+    # standard library's elsewhere: the two must never be told apart.
+    assert canonical(record) == json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_verify_refuses_nan_and_infinity(value: str) -> None:
+    # json.loads would take them (and orjson would write null for them):
+    # a line that holds one is not a record.
+    data = lines(text(chain(3)))
+    data[1] = data[1].replace(b'"latency":0.001', b'"latency":' + value.encode())
+    result = verify_files([("a", b"".join(data))])
+    assert not result.ok
+    assert result.problems
+    first = result.problems[0]
+    assert (first.file, first.line) == ("a", 2)
+    assert first.message.startswith("not a JSON record")

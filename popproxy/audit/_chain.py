@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 __all__ = [
     "GENESIS",
     "ChainHead",
@@ -40,6 +42,8 @@ _TAIL_LIMIT = 1 << 20  # how far back from the end of a file to look for a recor
 
 
 _SHA256 = hashlib.sha256()
+_orjson_dumps = orjson.dumps
+_SORT_KEYS = orjson.OPT_SORT_KEYS
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -67,13 +71,42 @@ def _canonical_encoder() -> Callable[[Mapping[str, Any]], str]:
 _encode = _canonical_encoder()
 
 
+def _canonical_json(record: Mapping[str, Any]) -> bytes:
+    """The definition of the canonical form, with the standard library."""
+    return _encode(record).encode("utf-8")
+
+
+# orjson writes the same bytes as json.dumps with these settings (sorted
+# keys, compact, non-ASCII as UTF-8, the same escapes and the same shortest
+# round-trip digits) at about a tenth of the cost, except for the numbers
+# that repr() writes with an exponent: below 1e-4 it writes "0.00005" or
+# "1e-7" where repr() has "5e-05" or "1e-07", and at 1e16 and above "1e+16".
+# An output with any of these three marks goes the standard way (a string
+# that holds one costs only that); so does anything orjson refuses (an int
+# over 64 bits, a key that is not a str, a lone surrogate).  Records never
+# hold NaN or infinities (orjson would write null): the builder rounds every
+# float and `round` raises on those, and verify reads lines without them.
+
+
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The canonical JSON of ``record``: what its hash is computed over.
 
     ``json.dumps(record, sort_keys=True, separators=(",", ":"),
-    ensure_ascii=False).encode("utf-8")``.
+    ensure_ascii=False).encode("utf-8")``, byte for byte (a property test
+    holds the fast path to that).
     """
-    return _encode(record).encode("utf-8")
+    try:
+        body = _orjson_dumps(record, option=_SORT_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return _canonical_json(record)
+    if b"e-" in body or b"e+" in body or b"0.0000" in body:
+        return _canonical_json(record)
+    return body
+
+
+def _not_json(name: str) -> Any:
+    """``json.loads`` takes NaN and Infinity; JSON, and so the audit, has no such thing."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _with_hash(body: bytes, digest: str) -> bytes:
@@ -285,7 +318,7 @@ def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False
         for line in _lines(data):
             where = f"{name}:{line.number}"
             try:
-                record = json.loads(line.raw)
+                record = json.loads(line.raw, parse_constant=_not_json)
             except ValueError:
                 record = None
             if not isinstance(record, dict):
