@@ -206,7 +206,10 @@ class RecordBuilder:
     @property
     def event_types(self) -> frozenset[type[Event]]:
         """The event types that can make a record or change a session's state."""
-        return frozenset(self._handlers)
+        kinds = set(self._handlers)
+        if not self._headers:
+            kinds.discard(MessageData)  # read only for the configured headers
+        return frozenset(kinds)
 
     @property
     def open_sessions(self) -> int:
