@@ -160,12 +160,12 @@ async def bench(dovecot: Dovecot, audit_path: Path, s: Settings) -> tuple[Arm, A
                                    hash_chain=True, fsync=s.fsync, commands=s.commands))
     assert trail is not None
     try:
-        with trail.batched():  # as popproxy.app.run runs the trail
-            async with trio.open_nursery() as nursery:
-                off = Arm("off", await start(nursery, upstream, None))
-                on = Arm("on", await start(nursery, upstream, trail))
-                await rounds(dovecot, s, off, on)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.write_behind)  # as popproxy.app.run runs the trail
+            off = Arm("off", await start(nursery, upstream, None))
+            on = Arm("on", await start(nursery, upstream, trail))
+            await rounds(dovecot, s, off, on)
+            nursery.cancel_scope.cancel()
     finally:
         trail.close()
     return off, on

@@ -7,7 +7,6 @@ else, so ``popproxy run``, ``popproxy demo`` and the tests run the same thing.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import signal
 from collections.abc import Callable, Sequence
@@ -135,18 +134,19 @@ async def run(
     # run every few hundred allocations on the per-command path.
     gc.freeze()
     try:
-        # Audit records wait while the event loop is busy and are written
-        # together when it is idle, within 10 ms (see popproxy.audit._trail).
-        with trail.batched() if trail is not None else contextlib.nullcontext():
-            async with trio.open_nursery() as nursery:
-                if config.metrics.address is not None:
-                    app.metrics_address = await nursery.start(
-                        serve_metrics, config.metrics, app.metrics, app.proxy)
-                if config_path is not None:
-                    path = config_path
-                    nursery.start_soon(_reload_on_sighup, app, lambda: load_config(path))
-                await serve(app.proxy, listeners, task_status=task_status)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            if trail is not None:
+                # Audit records wait up to 10 ms and are written together
+                # (see popproxy.audit._trail).
+                await nursery.start(trail.write_behind)
+            if config.metrics.address is not None:
+                app.metrics_address = await nursery.start(
+                    serve_metrics, config.metrics, app.metrics, app.proxy)
+            if config_path is not None:
+                path = config_path
+                nursery.start_soon(_reload_on_sighup, app, lambda: load_config(path))
+            await serve(app.proxy, listeners, task_status=task_status)
+            nursery.cancel_scope.cancel()
     finally:
         if trail is not None:
             trail.close()

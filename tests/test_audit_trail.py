@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -248,62 +249,71 @@ class TestDurability:
         assert len(stuck.calls) == 2
 
 
-async def idle() -> None:
-    """Return once every task is blocked, the moment trio waits for I/O.
-
-    (With no cushion at all trio would poll instead of waiting; the
-    smallest one is the same event without that shortcut.)
-    """
-    await trio.testing.wait_all_tasks_blocked(1e-9)
-
-
-class Ticks:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+@contextlib.asynccontextmanager
+async def writing_behind(trail: AuditTrail) -> AsyncIterator[None]:
+    """``trail.write_behind`` running, as ``app.run`` runs it; cancelled on the way out."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trail.write_behind)
+        yield
+        nursery.cancel_scope.cancel()
 
 
-class TestBatching:
-    """Inside ``batched()`` records wait while the event loop is busy."""
+async def elapse(clock: trio.testing.MockClock, seconds: float) -> None:
+    """Let every task run until it waits, move the mock clock on, and let
+    every task it wakes run."""
+    await trio.testing.wait_all_tasks_blocked()
+    clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
 
-    async def test_a_busy_loop_holds_records_until_they_are_old(self) -> None:
-        """While tasks are ready to run, records wait up to ``BATCH_WAIT`` seconds."""
-        sink = MemorySink()
-        ticks = Ticks()
-        trail = AuditTrail(AuditConfig(enabled=True), [sink], head=ChainHead(),
-                           now=FakeClock(), clock=ticks)
-        with trail.batched():
-            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
-            for _ in range(10):  # this task stays ready: the loop never goes idle
-                await trio.lowlevel.checkpoint()
-            assert sink.writes == 0
-            ticks.now += _trail.BATCH_WAIT
-            await trio.lowlevel.checkpoint()
-            assert sink.writes == 1
-            assert [r["session"] for r in sink.records()] == ["a"]
 
-    async def test_records_go_out_together_when_the_loop_is_idle(self) -> None:
-        """Nothing is written while this task runs; then one write, in order."""
+class TestWriteBehind:
+    """While ``write_behind`` runs, records wait up to ``BATCH_WAIT`` and go out together."""
+
+    async def test_records_wait_then_go_out_together(
+        self, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """Nothing is written before ``BATCH_WAIT``; then one write, in order."""
         sink = MemorySink()
         trail = trail_with(sink)
-        with trail.batched():
+        async with writing_behind(trail):
             for sid in "abc":
                 trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
+            await elapse(mock_clock, _trail.BATCH_WAIT * 0.9)
             assert sink.writes == 0
-            await idle()  # nothing left to run: trio is about to wait for I/O
+            await elapse(mock_clock, _trail.BATCH_WAIT * 0.2)  # and past it
             assert sink.writes == 1
             assert [r["session"] for r in sink.records()] == ["a", "b", "c"]
         assert verify_files([("m", sink.data())]).ok
 
+    async def test_no_record_waits_longer_than_batch_wait(
+        self, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """A record that joins a batch goes with it; one that starts a batch
+        after a close wrote the last one is written ``BATCH_WAIT`` after the
+        first, at the latest."""
+        sink = MemorySink()
+        trail = trail_with(sink)
+        step = _trail.BATCH_WAIT / 5
+        async with writing_behind(trail):
+            trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))  # t = 0
+            await elapse(mock_clock, step)
+            trail.observe(Info("a"), SessionClosed("quit", 1.0, 1, 1, 1))  # writes a
+            assert sink.writes == 1
+            await elapse(mock_clock, step)
+            trail.observe(Info("b"), SessionOpened("192.0.2.7:40001", 0.0))  # t = 2 steps
+            await elapse(mock_clock, step)
+            trail.observe(Info("c"), SessionOpened("192.0.2.7:40002", 0.0))  # joins b
+            await elapse(mock_clock, step * 2.5)  # t = 5.5 steps: the first timer ended
+            assert sink.writes == 2
+            assert [r["session"] for r in sink.records()][-2:] == ["b", "c"]
+            await elapse(mock_clock, _trail.BATCH_WAIT)
+            assert sink.writes == 2  # nothing waited: nothing to write
+
     async def test_session_close_writes_at_once(self) -> None:
-        """A session's close writes what waits, without waiting for an idle loop."""
+        """A session's close writes what waits, without waiting for the timer."""
         sink = MemorySink()
         trail = trail_with(sink, fsync="session")
-        with trail.batched():
+        async with writing_behind(trail):
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40001", 0.0))
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             assert (sink.writes, sink.soon) == (0, 0)
@@ -312,72 +322,72 @@ class TestBatching:
             assert [(r["event"], r["session"]) for r in sink.records()] == [
                 ("session.open", "b"), ("session.open", "a"), ("session.close", "a")]
             trail.observe(Info("c"), SessionOpened("192.0.2.7:40002", 0.0))
-            await idle()
-            assert (sink.writes, sink.soon) == (2, 1)  # no close in it: no sync
+        assert (sink.writes, sink.soon) == (2, 1)  # no close in it: no sync
 
     async def test_fsync_always_does_not_wait(self) -> None:
         """``fsync = "always"``: each record is written and synced as it is made."""
         sink = MemorySink()
         trail = trail_with(sink, fsync="always")
-        with trail.batched():
+        async with writing_behind(trail):
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             assert (sink.writes, sink.syncs) == (1, 1)
 
     async def test_a_long_busy_spell_is_cut_into_batches(self) -> None:
-        """At most ``BATCH_LIMIT`` records wait, however long the loop stays busy."""
+        """At most ``BATCH_LIMIT`` records wait, however many come at once."""
         sink = MemorySink()
         trail = trail_with(sink)
-        with trail.batched():
+        async with writing_behind(trail):
             for i in range(_trail.BATCH_LIMIT * 2 + 1):
                 trail.observe(Info(f"s{i}"), SessionOpened("192.0.2.7:40000", 0.0))
             assert (sink.writes, len(sink.lines)) == (2, _trail.BATCH_LIMIT * 2)
         assert (sink.writes, len(sink.lines)) == (3, _trail.BATCH_LIMIT * 2 + 1)
 
-    async def test_leaving_writes_what_waits_and_unhooks(self) -> None:
-        """On the way out the batch is written; after it records go out at once again."""
+    async def test_stopping_writes_what_waits_and_stops_waiting(self) -> None:
+        """When the task ends the batch is written; after it records go out at once."""
         sink = MemorySink()
         trail = trail_with(sink)
-        with trail.batched():
+        async with writing_behind(trail):
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
+            assert sink.writes == 0
         assert sink.writes == 1
         trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
         assert sink.writes == 2
-        await idle()  # no hook left to call
-        assert sink.writes == 2
 
-    async def test_a_failing_flush_is_reported_and_the_hook_stays(
-        self, monkeypatch: pytest.MonkeyPatch
+    async def test_a_failing_flush_is_reported_and_the_timer_goes_on(
+        self, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A bug while rendering is logged and counted; the next pass still writes."""
+        """A bug while rendering is logged and counted; the next batch is still written."""
         sink = MemorySink()
         counts = Counts()
         trail = trail_with(sink, counts)
         assert trail.head is not None
         real = trail.head.link
         monkeypatch.setattr(trail.head, "link", lambda record: 1 / 0)
-        with trail.batched():
+        async with writing_behind(trail):
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             with structlog.testing.capture_logs() as logs:
-                await idle()
+                await elapse(mock_clock, _trail.BATCH_WAIT)
             assert logs == [{"event": "audit.flush_failed", "error_type": "ZeroDivisionError",
                              "log_level": "error"}]
             assert counts.errors == 1
             monkeypatch.setattr(trail.head, "link", real)
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40000", 0.0))
-            await idle()
+            await elapse(mock_clock, _trail.BATCH_WAIT)
             assert [r["session"] for r in sink.records()] == ["b"]
 
-    async def test_queue_limit_counts_the_lines_of_a_batch(self) -> None:
+    async def test_queue_limit_counts_the_lines_of_a_batch(
+        self, mock_clock: trio.testing.MockClock
+    ) -> None:
         """While a sink fails, a batch is cut at the queue limit: the rest is dropped."""
         sink = MemorySink()
         trail = AuditTrail(AuditConfig(enabled=True), [sink], head=ChainHead(),
                            now=FakeClock(), max_pending_lines=3)
         sink.broken = True
         trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))  # queued: 1
-        with trail.batched():
+        async with writing_behind(trail):
             for sid in "bcde":
                 trail.observe(Info(sid), SessionOpened("192.0.2.7:40000", 0.0))
-            await idle()  # b and c join the queue, d and e are lost
+            await elapse(mock_clock, _trail.BATCH_WAIT)  # b, c join the queue; d, e lost
         sink.broken = False
         trail.observe(Info("f"), SessionOpened("192.0.2.7:40000", 0.0))
         records = sink.records()

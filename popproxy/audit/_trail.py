@@ -9,18 +9,16 @@ configuration (the operational logs, ``popproxy.logs``) neither affects it
 nor sees it.
 
 Durability and failures.  Records are written in order, each batch with
-one ``write(2)`` per sink.  Outside an event loop, or with ``fsync =
-"always"``, a batch is what one event made, written at once.  Inside a trio
-run, ``AuditTrail.batched()`` lets records wait while the loop has tasks
-ready to run, and writes them when trio is about to wait for I/O with
-nothing else to do, or once they are ``BATCH_LIMIT`` records or
-``BATCH_WAIT`` seconds old.  The audit's work then fills the moments the
-proxy would spend idle instead of delaying the next client's reply, and
-rendering and writing many records in a row costs less than one at a time
-between the relay's own work.  A record is therefore in the kernel within
-10 ms of being made, as soon as the proxy is idle, and before its session
-is reported closed: a ``session.close`` record is written at once, with
-everything that waits.
+one ``write(2)`` per sink.  Outside ``write_behind``, or with ``fsync =
+"always"``, a batch is what one event made, written at once.  While the
+``write_behind`` task runs (``app.run`` starts it), records wait in memory
+and are written together: ``BATCH_WAIT`` (10 ms) after the first of them,
+once ``BATCH_LIMIT`` wait, or when a session ends (a ``session.close``
+record is written at once, with everything that waits, so a session's
+records are in the kernel before it is reported closed).  Rendering and
+writing many records in a row costs less than one at a time between the
+relay's own work, and a timer costs the event loop one wake-up per batch:
+a trio instrument, called on every pass of the loop, cost more.
 ``fsync = "always"`` syncs after every record, ``"session"`` after each
 ``session.close`` record (in the file sink's own thread, coalesced) and at
 ``close()``, ``"never"`` leaves it to the kernel.
@@ -34,11 +32,9 @@ With ``fail_closed`` the proxy refuses new sessions while a sink is failing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import structlog
@@ -185,25 +181,9 @@ class _Render:
         return (b"\n".join(lines), count), {}
 
 
-# How long records may wait while the event loop is busy: in number, in seconds.
+# How long records may wait: in number, in seconds.
 BATCH_LIMIT = 64
 BATCH_WAIT = 0.01
-
-
-class _FlushWhenIdle(trio.abc.Instrument):
-    """Writes the trail's waiting records when trio is about to wait for I/O
-    with nothing left to run, or when they have waited long enough."""
-
-    def __init__(self, trail: AuditTrail) -> None:
-        self._trail = trail
-
-    def before_io_wait(self, timeout: float) -> None:
-        trail = self._trail
-        batch = trail._batch
-        # timeout > 0: no task is ready to run, so the write delays nobody.
-        if batch and (timeout > 0 or len(batch) >= BATCH_LIMIT
-                      or trail._clock() - trail._batch_since >= BATCH_WAIT):
-            trail.flush()
 
 
 class AuditTrail:
@@ -224,7 +204,6 @@ class AuditTrail:
         now: Callable[[], datetime] = utcnow,
         max_pending_lines: int = 100_000,
         max_pending_bytes: int = 64 << 20,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.head = head if config.hash_chain else None
@@ -237,9 +216,8 @@ class AuditTrail:
         self._fsync_always = config.fsync == "always"
         self._fsync_session = config.fsync == "session"
         self._batch: list[Record] = []  # made, not yet written
-        self._clock = clock
-        self._batch_since = 0.0  # when the first record of the batch was made
-        self._deferred = False  # inside batched(): the batch may wait for an idle loop
+        self._deferred = False  # write_behind runs: the batch may wait
+        self._due = trio.Event()  # set when a batch starts (for write_behind)
         self._sync_due = False  # a session.close is in the batch (fsync = "session")
         self._counted = 0
         self._dropped = 0
@@ -272,8 +250,8 @@ class AuditTrail:
             self._count_error()
 
     def record(self, record: Record) -> None:
-        """Add one record; it is written (in the order given) now, or inside
-        ``batched()`` when the event loop has a moment."""
+        """Add one record; it is written (in the order given) now, or, while
+        ``write_behind`` runs, within ``BATCH_WAIT``."""
         batch = self._batch
         batch.append(record)
         if record["event"] == "session.close":
@@ -284,7 +262,7 @@ class AuditTrail:
             return
         if self._deferred and not self._fsync_always and len(batch) < BATCH_LIMIT:
             if len(batch) == 1:
-                self._batch_since = self._clock()
+                self._due.set()
             return
         self.flush()
 
@@ -318,20 +296,25 @@ class AuditTrail:
             self._sync_due = False
             self._sync(now=False)
 
-    @contextlib.contextmanager
-    def batched(self) -> Iterator[None]:
-        """Inside a trio run: let records wait while the event loop is busy
-        and write them together (see the module docstring).  What is waiting
-        is written on the way out."""
-        hook = _FlushWhenIdle(self)
-        trio.lowlevel.add_instrument(hook)
+    async def write_behind(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run in the proxy's nursery: until cancelled, records wait up to
+        ``BATCH_WAIT`` and are written together (see the module docstring).
+        What waits is written on the way out."""
         self._deferred = True
         try:
-            yield
+            task_status.started()
+            while True:
+                await self._due.wait()
+                # A batch started.  Records that join it while we sleep go
+                # with it; one that starts a new batch after a session's
+                # close wrote this one sets the next event.
+                self._due = trio.Event()
+                await trio.sleep(BATCH_WAIT)
+                self.flush()
         finally:
             self._deferred = False
-            with contextlib.suppress(KeyError):
-                trio.lowlevel.remove_instrument(hook)
             self.flush()
 
     def _write(self, data: bytes, lines: int) -> None:
