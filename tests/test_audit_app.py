@@ -1,4 +1,4 @@
-"""The audit trail as ``popproxy run`` runs it: batched, and first among the observers."""
+"""The audit trail as ``popproxy run`` runs it: writing behind, first among the observers."""
 
 from __future__ import annotations
 
