@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from .addr import HostPort, parse_hostport
 
 __all__ = [
     "ConfigError",
@@ -26,15 +27,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the key's path."""
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -82,17 +74,10 @@ def parse_address(value: object, key: str) -> HostPort:
     """``"127.0.0.1:110"``, ``"[::1]:110"`` or ``"mail.example.org:110"``."""
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected \"host:port\", got {value!r}")
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        if ":" in host:
-            raise ConfigError(f"{key}: write IPv6 addresses in brackets, as \"[::1]:110\"")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not (
-            0 <= int(port) <= 65535):
-        raise ConfigError(f"{key}: expected \"host:port\" with a port 0-65535, got {value!r}")
-    return HostPort(host, int(port))
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def parse_bool(value: object, key: str) -> bool:

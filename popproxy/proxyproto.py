@@ -41,6 +41,8 @@ import struct
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from .addr import HostPort
+
 __all__ = [
     "MAX_TLV_BYTES",
     "V1_MAX_LENGTH",
@@ -107,11 +109,14 @@ class ProxyHeader:
 
     @property
     def client(self) -> str | None:
-        """The source as ``"addr:port"`` (``"[v6]:port"`` for IPv6), or None."""
+        """The source as ``"addr:port"`` (``"[v6]:port"`` for IPv6), or None.
+
+        An IPv4-mapped IPv6 source (a dual-stack load balancer's IPv4
+        client) is written in its IPv4 form (see ``addr``).
+        """
         if self.source is None:
             return None
-        host, port = self.source
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(HostPort.of(*self.source))
 
 
 def _snippet(data: bytes) -> str:

@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from . import proxyproto
+from .addr import split_hostport
 from .config import UpstreamConfig
 from .events import Event, ProtocolAnomaly, TlsEstablished
 from .pop3 import parse_status
@@ -75,11 +76,6 @@ async def _command(lines: _Lines, command: bytes) -> bytes:
     return reply
 
 
-def _split_address(client: str) -> tuple[str, int]:
-    host, _, port = client.rpartition(":")
-    return host.strip("[]"), int(port) if port.isascii() and port.isdigit() else 0
-
-
 async def open_upstream(
     cfg: UpstreamConfig,
     open_stream: Callable[[], Awaitable[Stream]],
@@ -102,7 +98,7 @@ async def open_upstream(
     link = UpstreamLink(stream)
     try:
         if cfg.forward_client in ("proxy-v1", "proxy-v2"):
-            src, dst = _split_address(client), _split_address(local)
+            src, dst = split_hostport(client), split_hostport(local)
             encode = proxyproto.encode_v1 if cfg.forward_client == "proxy-v1" else (
                 proxyproto.encode_v2)
             await stream.send_all(encode(src, dst))
@@ -134,7 +130,7 @@ async def open_upstream(
                 # answers an untrusted XCLIENT with +OK too, so only the
                 # marker proves anything.
                 if b"[XCLIENT]" in greeting:
-                    ip, port = _split_address(client)
+                    ip, port = split_hostport(client)
                     reply = await _command(
                         lines, f"XCLIENT ADDR={ip} PORT={port} SESSION={session_id}\r\n".encode())
                     if not reply.startswith(b"+OK"):
