@@ -7,12 +7,7 @@ from dataclasses import dataclass
 
 from ._errors import LineTooLong, MalformedLine
 
-__all__ = ["SECRET_VERBS", "Command", "LineReader", "message_number", "parse_command"]
-
-# Verbs whose arguments carry secrets: PASS (the password, spaces included),
-# APOP (the digest is offline-crackable MD5) and AUTH (a SASL initial
-# response).  ``Command.__repr__`` and ``redacted_args`` hide them.
-SECRET_VERBS = frozenset({"PASS", "APOP", "AUTH"})
+__all__ = ["Command", "LineReader", "message_number", "parse_command"]
 
 # RFC 1939 keywords are 3-4 letters; extensions (X-...) are longer.
 _VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,31}")
@@ -35,7 +30,11 @@ class Command:
         return line.encode("utf-8", "surrogateescape") + b"\r\n"
 
     def redacted_args(self) -> tuple[str, ...]:
-        """The arguments safe to log: secrets replaced by ``"<redacted>"``."""
+        """The arguments safe to log: secrets replaced by ``"<redacted>"``.
+
+        PASS (the password, spaces included), APOP (the digest is
+        offline-crackable MD5) and AUTH (a SASL initial response).
+        """
         if self.verb == "PASS":
             return ("<redacted>",) if self.args else ()
         if self.verb == "APOP":

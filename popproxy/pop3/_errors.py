@@ -20,14 +20,12 @@ __all__ = [
 class ProtocolError(Exception):
     """Base class: never raised directly.
 
-    ``reply`` is a complete ``-ERR ...\\r\\n`` line for the client, and
-    ``fatal`` says whether the connection must be closed after sending it.
+    ``reply`` is a complete ``-ERR ...\\r\\n`` line for the client.
     Messages never contain credential material: they are built from the
     limit that was crossed, never from the offending bytes.
     """
 
     reply: bytes = b"-ERR protocol error\r\n"
-    fatal: bool = True
 
     def __init__(self, message: str, *, reply: bytes | None = None) -> None:
         if type(self) in (ProtocolError, ClientProtocolError):

@@ -12,17 +12,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._command import Command
-
 __all__ = [
     "BodyReader",
+    "Sink",
     "Status",
-    "is_multiline",
+    "has_apop_timestamp",
     "parse_status",
     "stuff",
 ]
 
 _CODE = re.compile(rb"\[([A-Za-z0-9/-]{1,64})\]")
+_APOP_STAMP = re.compile(rb"<[^<>@\s]+@[^<>\s]+>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,11 @@ class Status:
     text: bytes
     code: str | None = None  # RFC 2449/3206 response code, e.g. "SYS/TEMP"
     continuation: bool = False
+
+
+def has_apop_timestamp(greeting: bytes) -> bool:
+    """Whether a greeting carries an APOP timestamp (RFC 1939 §7)."""
+    return _APOP_STAMP.search(greeting) is not None
 
 
 def parse_status(line: bytes) -> Status | None:
@@ -50,19 +55,6 @@ def parse_status(line: bytes) -> Status | None:
     m = _CODE.match(text)
     code = m.group(1).decode("ascii").upper() if m else None
     return Status(ok, text, code)
-
-
-def is_multiline(cmd: Command) -> bool:
-    """Whether a ``+OK`` reply to ``cmd`` is followed by a multi-line body.
-
-    RETR, TOP and CAPA always; LIST, UIDL, LANG (RFC 6856) and AUTH (the
-    non-standard mechanism list Outlook and Thunderbird ask for) only without
-    an argument.  ``-ERR`` is always a single line; unknown commands are
-    single-line.
-    """
-    if cmd.verb in ("RETR", "TOP", "CAPA"):
-        return True
-    return cmd.verb in ("LIST", "UIDL", "LANG", "AUTH") and not cmd.args
 
 
 Sink = Callable[[memoryview], object]

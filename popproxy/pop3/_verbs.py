@@ -1,0 +1,90 @@
+"""The POP3 verb vocabulary, in one place.
+
+Which verbs exist, which may come before login, which end a pipeline, which
+name a message, which reply with a multi-line body: everything the session,
+policy, audit and metrics need to know about verbs is defined here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ._command import Command
+
+__all__ = [
+    "AUTH_ONLY",
+    "BARRIERS",
+    "KNOWN_VERBS",
+    "MESSAGE_VERBS",
+    "NAMES_A_MESSAGE",
+    "NEVER_FORWARDED",
+    "PRE_AUTH",
+    "RETRIEVE",
+    "STANDARD_VERBS",
+    "completes_login",
+    "is_multiline",
+    "names_login",
+    "starts_sasl",
+]
+
+#: RFC 1939, 1225 (LAST), 2449 (CAPA), 2595 (STLS), 5034 (AUTH), 6856 (UTF8, LANG).
+STANDARD_VERBS: Final = frozenset({
+    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR",
+    "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG",
+})
+#: The verbs with a metric label of their own: the standard ones and
+#: Dovecot's XCLIENT (which only the proxy may send, so a client's is counted).
+KNOWN_VERBS: Final = (
+    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR",
+    "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG", "XCLIENT",
+)
+#: Verbs a client may send before login (RFC 1939, 2449, 2595, 5034, 6856).
+PRE_AUTH: Final = frozenset(
+    {"USER", "PASS", "APOP", "AUTH", "CAPA", "QUIT", "STLS", "UTF8", "LANG"})
+#: Standard verbs that only make sense before login.
+AUTH_ONLY: Final = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS", "UTF8"})
+#: Only the proxy may tell the upstream who the client is (field notes 1.10).
+NEVER_FORWARDED: Final = frozenset({"XCLIENT", "XOIP", "PROXY"})
+#: Dispatch barriers: the reply decides the state later commands run in
+#: (AUTH with an argument too: see ``starts_sasl``).
+BARRIERS: Final = frozenset({"PASS", "APOP", "QUIT", "STLS"})
+#: Verbs whose first argument is a message number.
+NAMES_A_MESSAGE: Final = frozenset({"RETR", "TOP", "DELE"})
+#: Verbs that read a message (in whole or in part).
+RETRIEVE: Final = frozenset({"RETR", "TOP"})
+#: The verbs that read, list or delete messages (field notes §4: STAT, LIST
+#: and UIDL are metadata access, TOP a partial read, RETR a full read;
+#: RFC 1225's LAST reveals what was read): the audit's ``commands = "messages"``.
+MESSAGE_VERBS: Final = frozenset({"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "LAST"})
+
+
+def starts_sasl(cmd: Command) -> bool:
+    """``AUTH mechanism ...``: a SASL exchange (RFC 5034).
+
+    A bare ``AUTH`` is not one: it asks for the mechanism list.
+    """
+    return cmd.verb == "AUTH" and bool(cmd.args)
+
+
+def completes_login(cmd: Command) -> bool:
+    """The reply to this command says whether the client is logged in."""
+    return cmd.verb in ("PASS", "APOP") or (cmd.verb == "AUTH" and bool(cmd.args))
+
+
+def names_login(cmd: Command) -> bool:
+    """The command names who is logging in (USER name, AUTH mechanism ...)."""
+    return cmd.verb in ("USER", "AUTH") and bool(cmd.args)
+
+
+def is_multiline(cmd: Command) -> bool:
+    """Whether a ``+OK`` reply to ``cmd`` is followed by a multi-line body.
+
+    RETR, TOP and CAPA always; LIST, UIDL, LANG (RFC 6856) and AUTH (the
+    non-standard mechanism list Outlook and Thunderbird ask for) only without
+    an argument.  ``-ERR`` is always a single line; unknown commands are
+    single-line.
+    """
+    if cmd.verb in ("RETR", "TOP", "CAPA"):
+        return True
+    return cmd.verb in ("LIST", "UIDL", "LANG", "AUTH") and not cmd.args
