@@ -1,26 +1,39 @@
 """What a session tells its observers (audit, metrics, logs).
 
-Plain frozen values, emitted by the sans-IO session in the order things
+Plain frozen values, emitted by the sans-IO session (and, for the
+connection's own milestones, by the trio shell) in the order things
 happened.  Observers read them after the bytes they describe were written;
-they never steer the data path.  No event carries a password, an APOP digest
-or SASL data: commands are represented by ``Command``, whose ``repr`` and
-``redacted_args`` hide secret arguments.
+they never steer the data path.  Each fact is stated once, here, as a type:
+how a session ended (``EndReason``, with the metric outcome and the audit's
+reason word in one table), how a command's reply came out (``Outcome``),
+a message's header section (``MessageComplete.headers``), the fate of
+deletion marks (``Deletions``).  Observers read these facts and keep no
+shadow state to re-derive them.
+
+No event carries a password, an APOP digest or SASL data: commands are
+represented by ``Command``, whose ``repr`` and ``redacted_args`` hide
+secret arguments.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
-from .pop3 import Command
+from .pop3 import Command, State
 
 __all__ = [
+    "DELETE_PHASES",
+    "SESSION_OUTCOMES",
     "AuthResult",
     "CommandSent",
+    "Deletions",
+    "EndReason",
     "Event",
     "Greeting",
     "MessageComplete",
-    "MessageData",
+    "Outcome",
     "PolicyDecision",
     "ProtocolAnomaly",
     "Response",
@@ -37,14 +50,103 @@ __all__ = [
 ]
 
 
-class State(enum.Enum):
-    """RFC 1939 session states, plus the wait for the greeting and the end."""
+class Outcome(enum.StrEnum):
+    """How a command's reply came out: the ``outcome`` of the audit's
+    ``command`` records and of ``popproxy_commands_total``."""
 
-    GREETING = "greeting"
-    AUTHORIZATION = "authorization"
-    TRANSACTION = "transaction"
-    UPDATE = "update"
-    CLOSED = "closed"
+    OK = "ok"  # +OK, from the upstream or the proxy (STLS)
+    ERR = "err"  # -ERR from the upstream, or [SYS/TEMP] for an upstream that failed
+    DENIED = "denied"  # refused by the proxy: its own checks or policy
+
+
+#: ``popproxy_sessions_total{outcome}``, and the audit's ``session.close``
+#: ``outcome``: the same values, from ``EndReason.outcome``.
+SESSION_OUTCOMES: Final = (
+    "ok",              # the client said QUIT and got its reply
+    "client_closed",   # the client hung up (or stopped reading) without QUIT
+    "timeout",         # the idle timeout or the session time limit closed it
+    "upstream_error",  # the upstream was unreachable, refused, broke or timed out
+    "protocol_error",  # the client broke the protocol or a limit
+    "tls_error",       # the client's TLS handshake failed
+    "refused",         # not admitted (session caps, audit fail-closed) or the
+                       # login refused by policy
+    "shutdown",        # the proxy stopped (drain timeout or SIGINT)
+    "error",           # an internal error in the proxy
+    "other",           # kept for dashboards: no reason of this version maps here
+)
+
+
+class EndReason(enum.StrEnum):
+    """Why a session ended.  The value is the proxy's own wording.
+
+    ``outcome`` is the metric label (``SESSION_OUTCOMES``), ``audit`` the
+    stable word of the audit's ``session.close`` ``reason``, and ``notice``
+    the text after ``-ERR [SYS/TEMP]`` when the client is told.  One table,
+    ``_ENDINGS``, holds them all: audit and metrics cannot disagree.
+    """
+
+    QUIT = "quit"
+    CLIENT_CLOSED = "client closed"
+    PEER_GONE = "peer gone or too slow"  # a write failed or stalled past send_timeout
+    IDLE_TIMEOUT = "idle timeout"
+    TIME_LIMIT = "session time limit"
+    PROTOCOL_ERROR = "client protocol error"
+    TLS_FAILED = "client TLS handshake failed"
+    UPSTREAM_UNAVAILABLE = "upstream unavailable"
+    UPSTREAM_CONNECT_TIMEOUT = "upstream connect timeout"
+    UPSTREAM_TLS_FAILED = "upstream TLS failure"
+    UPSTREAM_REFUSED = "upstream refused the session"
+    UPSTREAM_CLOSED = "upstream closed the connection"
+    UPSTREAM_TIMEOUT = "upstream response timeout"
+    UPSTREAM_PROTOCOL_ERROR = "upstream protocol error"
+    REFUSED = "refused"  # an admission gate said no (per-IP cap, audit fail-closed)
+    SESSION_LIMIT = "session limit reached"  # limits.max_sessions
+    LOGIN_REFUSED = "policy refused the login"  # per-user cap, after the upstream said yes
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal error"
+
+    @property
+    def outcome(self) -> str:
+        return _ENDINGS[self][0]
+
+    @property
+    def audit(self) -> str:
+        return _ENDINGS[self][1]
+
+    @property
+    def notice(self) -> str:
+        return _ENDINGS[self][2] or self.value
+
+
+_ENDINGS: Final[dict[EndReason, tuple[str, str, str]]] = {
+    # reason: (metric outcome, audit reason, client notice if not the value)
+    EndReason.QUIT: ("ok", "quit", ""),
+    EndReason.CLIENT_CLOSED: ("client_closed", "client gone", ""),
+    EndReason.PEER_GONE: ("client_closed", "client gone", ""),
+    EndReason.IDLE_TIMEOUT: ("timeout", "idle timeout", "disconnected for inactivity"),
+    EndReason.TIME_LIMIT: ("timeout", "time limit", ""),
+    EndReason.PROTOCOL_ERROR: ("protocol_error", "client error", ""),
+    EndReason.TLS_FAILED: ("tls_error", "client error", ""),
+    EndReason.UPSTREAM_UNAVAILABLE: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_CONNECT_TIMEOUT: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_TLS_FAILED: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_REFUSED: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_CLOSED: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_TIMEOUT: ("upstream_error", "upstream error", ""),
+    EndReason.UPSTREAM_PROTOCOL_ERROR: ("upstream_error", "upstream error", ""),
+    EndReason.REFUSED: ("refused", "refused", ""),
+    EndReason.SESSION_LIMIT: ("refused", "refused", "too many sessions, try again later"),
+    EndReason.LOGIN_REFUSED: ("refused", "refused", ""),
+    EndReason.SHUTDOWN: ("shutdown", "shutdown", "proxy shutting down"),
+    EndReason.INTERNAL_ERROR: ("error", "other", ""),
+}
+
+#: ``Deletions.phase``: ``marked`` (DELE got +OK), ``reset`` (RSET got +OK
+#: and unmarked them), ``committed`` (QUIT got +OK in TRANSACTION: the server
+#: removed them), ``uncommitted`` (the session ended otherwise: the server
+#: discarded the marks).  The metric's ``phase`` label and the audit's
+#: ``message.delete.*`` records use the same words.
+DELETE_PHASES: Final = ("marked", "committed", "uncommitted", "reset")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +173,10 @@ class CommandSent(Event):
 class Response(Event):
     """A command's reply is complete: forwarded from upstream or made locally.
 
-    ``local`` replies were made by the proxy (state checks, policy, limits);
-    ``latency`` is the upstream round trip, None for local replies.
-    ``octets`` counts the raw reply as sent to the client.
+    ``local`` replies were made by the proxy (state checks, policy, limits,
+    or ``[SYS/TEMP]`` for an upstream that failed); ``latency`` is the
+    upstream round trip, None for local replies.  ``octets`` counts the raw
+    reply as sent to the client.  ``outcome`` says how it came out.
     """
 
     command: Command
@@ -84,6 +187,7 @@ class Response(Event):
     local: bool
     started: float
     finished: float
+    outcome: Outcome
 
     @property
     def latency(self) -> float | None:
@@ -91,24 +195,12 @@ class Response(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class MessageData(Event):
-    """The head of a RETR/TOP body, unstuffed, as it passed to the client.
-
-    Emitted while the first ``limits`` header window (64 KiB) streams by,
-    so observers can read headers; the rest of the body streams without
-    per-chunk events.  ``octets`` is the running count of unstuffed octets.
-    """
-
-    command: Command
-    data: bytes
-    octets: int
-
-
-@dataclass(frozen=True, slots=True)
 class MessageComplete(Event):
     """A RETR/TOP body ended: delivered whole, or cut off (``complete=False``).
 
-    ``sha256`` is over the unstuffed octets that were delivered.
+    ``sha256`` is over the unstuffed octets that were delivered; ``headers``
+    is the message's header section as delivered (up to the blank line, at
+    most ``pop3.HEADER_OCTETS``), for observers that pick header fields.
     """
 
     command: Command
@@ -117,6 +209,22 @@ class MessageComplete(Event):
     sha256: str
     message_id: str | None
     complete: bool
+    headers: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Deletions(Event):
+    """Deletion marks changed: ``phase`` is one of ``DELETE_PHASES``.
+
+    ``msgs`` are the message numbers, in the order they were marked.
+    ``possibly_partial`` (``uncommitted`` only): QUIT reached the server but
+    no ``+OK`` came back, so it may have removed some or all of them
+    (RFC 1939 §6).
+    """
+
+    phase: str
+    msgs: tuple[int, ...]
+    possibly_partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +266,7 @@ class ProtocolAnomaly(Event):
 
 @dataclass(frozen=True, slots=True)
 class SessionOpened(Event):
-    """Emitted by the relay when a client connection is accepted.
+    """Emitted by the trio shell when a client connection is accepted.
 
     ``client`` is the real client: with the PROXY protocol, the address the
     trusted load balancer reported, and ``via`` the load balancer's own.
@@ -177,24 +285,27 @@ class SessionOpened(Event):
 
 @dataclass(frozen=True, slots=True)
 class SessionClosed(Event):
-    """Emitted by the relay last, after both connections are closed.
+    """Emitted by the trio shell last, after both connections are closed.
 
+    ``reason`` says why it ended; ``detail`` has the proxy's own words where
+    they say more (which admission gate refused, say), else it is empty.
     ``bytes_in``/``bytes_out`` count client octets received and sent;
     ``upstream_in``/``upstream_out`` the same towards the upstream.
     """
 
-    reason: str
+    reason: EndReason
     duration: float
     bytes_in: int
     bytes_out: int
     commands: int
     upstream_in: int = 0
     upstream_out: int = 0
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConnected(Event):
-    """Emitted by the relay: the TCP connection to upstream is up."""
+    """Emitted by the trio shell: the connection to upstream is up."""
 
     address: str
     duration: float
@@ -202,11 +313,11 @@ class UpstreamConnected(Event):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailed(Event):
-    """Emitted by the relay when the upstream fails a session.
+    """The upstream failed a session.
 
     ``reason`` is one of: "connect" (refused/unreachable), "connect_timeout",
-    "response_timeout", "closed" (EOF while a reply was owed), "protocol"
-    (not POP3), "refused" (-ERR greeting).
+    "tls", "response_timeout", "closed" (EOF while a reply was owed),
+    "protocol" (not POP3), "refused" (-ERR greeting).
     """
 
     reason: str
@@ -214,7 +325,7 @@ class UpstreamFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class UidsLearned(Event):
-    """Message numbers and unique ids seen in UIDL replies the client asked for."""
+    """Message numbers and unique ids seen in UIDL replies."""
 
     uids: tuple[tuple[int, str], ...]
 

@@ -22,6 +22,7 @@ from popproxy.config import HostPort
 from popproxy.events import (
     AuthResult,
     CommandSent,
+    EndReason,
     Event,
     Greeting,
     MessageComplete,
@@ -41,36 +42,13 @@ from popproxy.session import Output, Session, SessionLimits
 from tests.dovecot import Dovecot
 from tests.dovecot_fixtures import Mailbox
 from tests.proxy_fixtures import RunningProxy, start_proxy
+from tests.session_helpers import GREETING, DenyVerb, fresh, logged_in, of
 
-GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 PLAIN_BOB = base64.b64encode(b"\0bob\0secret pw")
 
 
 # ----------------------------------------------------------------------
 # Helpers
-
-
-def fresh(**kwargs: object) -> Session:
-    """A session that has seen the greeting (AUTHORIZATION state)."""
-    s = Session(**kwargs)  # type: ignore[arg-type]
-    out = s.receive_upstream(GREETING, 0)
-    assert out.to_client == GREETING
-    assert s.state is State.AUTHORIZATION
-    return s
-
-
-def logged_in(**kwargs: object) -> Session:
-    s = fresh(**kwargs)
-    out = s.receive_client(b"USER bob\r\nPASS secret pw\r\n", 0)
-    assert out.to_upstream == b"USER bob\r\nPASS secret pw\r\n"
-    s.receive_upstream(b"+OK\r\n", 0)
-    s.receive_upstream(b"+OK maildrop ready\r\n", 0)
-    assert s.state is State.TRANSACTION
-    return s
-
-
-def of(events: list[Event], kind: type[Event]) -> list[Event]:
-    return [e for e in events if isinstance(e, kind)]
 
 
 def responses(events: list[Event]) -> list[Response]:
@@ -93,7 +71,7 @@ def feed_pieces(
     to_client = b""
     to_upstream = b""
     events: list[Event] = []
-    close: str | None = None
+    close: EndReason | None = None
     for piece in pieces:
         out = receive(piece, now)
         to_client += out.to_client
@@ -116,11 +94,8 @@ def split_at(data: bytes, *cuts: int) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-class DenyDele(AllowAll):
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
-        if command.verb == "DELE":
-            return Deny(b"-ERR [SYS/PERM] DELE disabled\r\n", rule="ro")
-        return ALLOW
+# A policy that refuses DELE, as a read-only rule would.
+deny_dele = DenyVerb("DELE", b"-ERR [SYS/PERM] DELE disabled\r\n")
 
 
 class TarpitUser(AllowAll):
@@ -138,7 +113,7 @@ class TarpitUser(AllowAll):
 
 class TestPipelining:
     def test_mixed_local_refusals_and_multiline_replies_keep_order(self) -> None:
-        s = logged_in(policy=DenyDele())
+        s = logged_in(policy=deny_dele)
         out = s.receive_client(
             b"LIST\r\nDELE 1\r\nRETR 1\r\nXCLIENT ADDR=1.2.3.4\r\n\r\nUIDL\r\nTOP 1 0\r\n", 1
         )
@@ -167,7 +142,7 @@ class TestPipelining:
         assert top.octets == len(b"Subject: a\r\n\r\n")
 
     def test_refusals_alone_are_answered_at_once(self) -> None:
-        s = logged_in(policy=DenyDele())
+        s = logged_in(policy=deny_dele)
         out = s.receive_client(b"DELE 1\r\nDELE 2\r\nAPOP x y\r\n", 1)
         assert out.to_upstream == b""
         assert out.to_client == (
@@ -881,7 +856,7 @@ class TestUnsolicited:
         assert not of(out.events, Unsolicited)
 
     def test_pipelined_pending_all_get_sys_temp_with_local_ones_in_place(self) -> None:
-        s = logged_in(policy=DenyDele())
+        s = logged_in(policy=deny_dele)
         s.receive_client(b"STAT\r\nDELE 1\r\nRETR 1\r\nDELE 2\r\n", 1)
         out = s.upstream_closed(2)
         err = b"-ERR [SYS/TEMP] upstream closed the connection\r\n"
@@ -1206,6 +1181,11 @@ class TestEndToEnd:
         status = b"+OK big\r\n"
         body = b"y" * (RECEIVE_SIZE - len(status) - 2) + b"\r\n"
         wire = status + stuff(body)
+        before = b"+OK hi\r\n+OK\r\n+OK\r\n"
+        # The first part ends with the body's last CRLF, the terminator's
+        # first two octets.  Once the client has all of it, the proxy has
+        # read all of it: the rest of the terminator comes in another read.
+        first_part_relayed = trio.Event()
 
         async def script(stream: trio.SocketStream) -> None:
             buf = bytearray()
@@ -1214,7 +1194,7 @@ class TestEndToEnd:
                 line = await read_line(stream, buf)
                 if line.startswith(b"RETR"):
                     await stream.send_all(wire[:RECEIVE_SIZE])
-                    await trio.sleep(0.05)
+                    await first_part_relayed.wait()
                     await stream.send_all(wire[RECEIVE_SIZE:])
                 elif line.startswith(b"QUIT"):
                     await stream.send_all(b"+OK bye\r\n")
@@ -1227,8 +1207,15 @@ class TestEndToEnd:
         with trio.fail_after(10):
             s = await connect(proxy)
             await s.send_all(b"USER u\r\nPASS p\r\nRETR 1\r\nQUIT\r\n")
-            data = await read_all(s)
-        assert data == b"+OK hi\r\n+OK\r\n+OK\r\n" + wire + b"+OK bye\r\n"
+            data = b""
+            while len(data) < len(before) + RECEIVE_SIZE:
+                chunk = await s.receive_some(65536)
+                assert chunk, data
+                data += chunk
+            assert data == before + wire[:RECEIVE_SIZE]  # the message is not over yet
+            first_part_relayed.set()
+            data += await read_all(s)
+        assert data == before + wire + b"+OK bye\r\n"
         (done,) = proxy.of_type(MessageComplete)
         assert done.complete
         assert done.sha256 == hashlib.sha256(body).hexdigest()

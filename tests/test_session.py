@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from popproxy.events import (
     AuthResult,
     CommandSent,
+    EndReason,
     Event,
     MessageComplete,
     ProtocolAnomaly,
@@ -22,35 +23,10 @@ from popproxy.events import (
 from popproxy.policy import ALLOW, AllowAll, Decision, Deny, Facts
 from popproxy.pop3 import Command, stuff
 from popproxy.session import Session, SessionLimits
+from tests.session_helpers import GREETING, DenyVerb, logged_in, of
 
-GREETING = b"+OK ready <1896.697170952@dbc.mtview.ca.us>\r\n"
-
-
-def logged_in(**kwargs: object) -> Session:
-    s = Session(**kwargs)  # type: ignore[arg-type]
-    s.receive_upstream(GREETING, 0)
-    assert s.receive_client(b"USER bob\r\nPASS secret pw\r\n", 0).to_upstream == (
-        b"USER bob\r\nPASS secret pw\r\n"
-    )
-    s.receive_upstream(b"+OK\r\n", 0)
-    out = s.receive_upstream(b"+OK maildrop ready\r\n", 0)
-    assert s.state is State.TRANSACTION
-    assert AuthResult("USER", "bob", True, None) in out.events
-    return s
-
-
-class DenyDele(AllowAll):
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
-        if command.verb == "DELE":
-            return Deny(b"-ERR [SYS/PERM] DELE disabled by policy\r\n", rule="ro")
-        return ALLOW
-
-
-deny_dele = DenyDele()
-
-
-def kinds(events: list[Event], kind: type[Event]) -> list[Event]:
-    return [e for e in events if isinstance(e, kind)]
+deny_dele = DenyVerb("DELE", b"-ERR [SYS/PERM] DELE disabled by policy\r\n")
+kinds = of
 
 
 class TestPipelining:
@@ -64,8 +40,8 @@ class TestPipelining:
             b"+OK\r\nhi\r\n.\r\n-ERR [SYS/PERM] DELE disabled by policy\r\n+OK\r\n"
         )
         responses = kinds(out.events, Response)
-        assert [r.command.verb for r in responses] == ["RETR", "DELE", "NOOP"]  # type: ignore[attr-defined]
-        assert [r.local for r in responses] == [False, True, False]  # type: ignore[attr-defined]
+        assert [r.command.verb for r in responses] == ["RETR", "DELE", "NOOP"]
+        assert [r.local for r in responses] == [False, True, False]
 
     def test_commands_before_greeting_wait_for_it(self) -> None:
         s = Session()
@@ -154,6 +130,7 @@ class TestMessages:
         assert done == MessageComplete(
             Command("RETR", ("3",)), 3, len(body), hashlib.sha256(body).hexdigest(),
             "<folded@example.org>", True,
+            b"Message-ID:\r\n <folded@example.org>\r\nSubject: s\r\n\r\n",
         )
 
     def test_err_to_retr_is_single_line(self) -> None:
@@ -171,8 +148,8 @@ class TestMessages:
         assert out.close is not None
         assert out.to_client == b""  # no -ERR in the middle of a body
         (done,) = kinds(out.events, MessageComplete)
-        assert done.complete is False  # type: ignore[attr-defined]
-        assert done.octets == len(b"part of a mess")  # type: ignore[attr-defined]
+        assert done.complete is False
+        assert done.octets == len(b"part of a mess")
 
 
 class TestFailures:
@@ -209,7 +186,7 @@ class TestFailures:
         assert out.close is not None
 
     def test_unreachable_upstream_answers_instead_of_a_greeting(self) -> None:
-        out = Session().fail("upstream unavailable", 0)
+        out = Session().fail(EndReason.UPSTREAM_UNAVAILABLE, 0)
         assert out.to_client == b"-ERR [SYS/TEMP] upstream unavailable\r\n"
 
 
@@ -440,7 +417,7 @@ class TestResolveUidl:
                       if isinstance(e, (UidsLearned, MessageComplete, Response))]
         assert kinds_seen[:2] == ["UidsLearned", "MessageComplete"]
         assert UidsLearned(((2, "QhdPYR:00WBw1Ph7x7"),)) in out.events
-        assert [r.command.verb for r in kinds(out.events, Response)] == ["RETR", "DELE", "NOOP"]  # type: ignore[attr-defined]
+        assert [r.command.verb for r in kinds(out.events, Response)] == ["RETR", "DELE", "NOOP"]
 
     def test_no_probe_when_the_client_listed_uids(self) -> None:
         s = logged_in(resolve_uidl=True)
