@@ -75,8 +75,8 @@ def serve(upstream_port: int) -> None:
 
     from popproxy.app import build
     from popproxy.config import parse_config
+    from popproxy.endpoint import serve_metrics
     from popproxy.logs import configure_logging
-    from popproxy.metrics import serve_metrics
     from popproxy.server import serve as serve_proxy
 
     configure_logging("warning", "json")
@@ -298,25 +298,24 @@ def noop_round(conn: Conn, count: int) -> float:
 
 
 def observer_costs() -> dict[str, float]:
-    """In-process: µs per NOOP's events, per body-chunk event; ms per scrape."""
+    """In-process: µs per NOOP's events, per retrieved message's event; ms per scrape."""
     import timeit
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from popproxy.events import CommandSent, MessageData, Response, SessionOpened
+    from popproxy.events import CommandSent, MessageComplete, Outcome, Response, SessionOpened
     from popproxy.metrics import Metrics
+    from popproxy.observe import SessionInfo
     from popproxy.pop3 import Command
-    from popproxy.server import SessionInfo
-    from popproxy.session import Session
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    info = SessionInfo("bench", "127.0.0.1:1", Session())
+    info = SessionInfo("bench", "127.0.0.1:1")
     metrics.observe(info, SessionOpened("127.0.0.1:1", 0.0))
     noop = Command("NOOP")
     sent = CommandSent(noop, 1.0)
-    reply = Response(noop, True, None, "", 5, False, 1.0, 1.0002)
-    chunk = MessageData(Command("RETR", ("1",)), b"x" * 65536, 65536)
+    reply = Response(noop, True, None, "", 5, False, 1.0, 1.0002, Outcome.OK)
+    message = MessageComplete(Command("RETR", ("1",)), 1, 65536, "00" * 32, None, True)
 
     def command() -> None:
         metrics.observe(info, sent)
@@ -325,7 +324,8 @@ def observer_costs() -> dict[str, float]:
     n = 100_000
     return {
         "us_per_command": timeit.timeit(command, number=n) / n * 1e6,
-        "us_per_chunk": timeit.timeit(lambda: metrics.observe(info, chunk), number=n) / n * 1e6,
+        "us_per_message": timeit.timeit(lambda: metrics.observe(info, message), number=n)
+        / n * 1e6,
         "ms_per_scrape": timeit.timeit(lambda: generate_latest(registry), number=50) / 50 * 1e3,
     }
 
@@ -448,7 +448,7 @@ def render(r: dict[str, Any]) -> str:
     o = r["observer"]
     lines.append(
         f"in-process: the observer takes {o['us_per_command']:.1f} µs per forwarded command "
-        f"and {o['us_per_chunk']:.2f} µs per RETR body chunk; a scrape renders in "
+        f"and {o['us_per_message']:.2f} µs per retrieved message; a scrape renders in "
         f"{o['ms_per_scrape']:.1f} ms"
     )
     lines.append("PASS" if r["pass"] else "FAIL: metrics cost more than the bar")

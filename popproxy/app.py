@@ -17,16 +17,19 @@ import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
+from .addr import HostPort
 from .audit import open_audit
-from .config import Config, ConfigError, HostPort, load_config
+from .config import Config, ConfigError, load_config
+from .endpoint import serve_metrics
 from .events import Event, SessionClosed
 from .logs import log_observer
-from .metrics import Metrics, serve_metrics
+from .metrics import Metrics
+from .observe import SessionInfo, listens_to
 from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
-from .server import Proxy, SessionInfo, listens_to, serve
-from .tls import TLSContexts
+from .server import Proxy, serve
+from .tls import TLSContexts, check_files
 
-__all__ = ["App", "build", "reload", "run"]
+__all__ = ["App", "build", "load", "reload", "run"]
 
 logger = structlog.get_logger("popproxy.app")
 
@@ -49,6 +52,17 @@ class App:
         """Wait until ``count`` reloads were attempted (for tests and tools)."""
         while self.reloads < count:
             await self._reloaded.wait()
+
+
+def load(path: str | Path) -> Config:
+    """Read a configuration file and the TLS files it names.
+
+    ``ConfigError`` names the file or the key; ``popproxy run``,
+    ``check-config`` and SIGHUP reloads all read a file this way.
+    """
+    config = load_config(path)
+    check_files(config)
+    return config
 
 
 def build(config: Config, registry: CollectorRegistry | None = None) -> App:
@@ -144,7 +158,7 @@ async def run(
                     serve_metrics, config.metrics, app.metrics, app.proxy)
             if config_path is not None:
                 path = config_path
-                nursery.start_soon(_reload_on_sighup, app, lambda: load_config(path))
+                nursery.start_soon(_reload_on_sighup, app, lambda: load(path))
             await serve(app.proxy, listeners, task_status=task_status)
             nursery.cancel_scope.cancel()
     finally:

@@ -10,11 +10,11 @@ from functools import partial
 import trio
 
 from . import __version__, app
+from .addr import HostPort
 from .audit import AuditConfig
 from .audit import cli as audit_cli
-from .config import Config, ConfigError, HostPort, ListenConfig, UpstreamConfig, load_config
+from .config import Config, ConfigError, ListenConfig, MetricsConfig, UpstreamConfig
 from .logs import configure_logging
-from .metrics import MetricsConfig
 from .policy.config import parse_policy
 
 __all__ = ["main", "parser"]
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit_cli.run(args)
     if args.command == "check-config":
         try:
-            load_config(args.file)
+            app.load(args.file)
         except ConfigError as exc:
             print(f"popproxy: {exc}", file=sys.stderr)
             return 1
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         try:
-            config = load_config(args.config)
+            config = app.load(args.config)
         except ConfigError as exc:
             print(f"popproxy: {exc}", file=sys.stderr)
             return 2

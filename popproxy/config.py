@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .addr import HostPort
 from .audit.config import AuditConfig, parse_audit
 from .confparse import (
     ConfigError,
-    HostPort,
     Section,
     parse_address,
     parse_bool,
@@ -28,9 +28,7 @@ from .confparse import (
     parse_int,
     parse_size,
 )
-from .metrics import MetricsConfig, parse_metrics
 from .policy.config import PolicyConfig, parse_policy
-from .session import SessionLimits
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TLS_MODES = ("none", "implicit", "starttls")
@@ -42,6 +40,7 @@ __all__ = [
     "LimitsConfig",
     "ListenConfig",
     "LogConfig",
+    "MetricsConfig",
     "UpstreamConfig",
     "load_config",
     "parse_address",
@@ -96,18 +95,16 @@ class LimitsConfig:
     drain_timeout: float = 30.0
     handshake_timeout: float = 15.0  # TLS handshakes, both sides
 
-    def session_limits(self) -> SessionLimits:
-        return SessionLimits(
-            command_line=self.command_line,
-            sasl_line=self.sasl_line,
-            max_pipeline=self.max_pipeline,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # "auto" (JSON unless a terminal), "json", "console"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    address: HostPort | None = None  # None: no HTTP endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +180,6 @@ def _listen(raw: object, name: str = "listen") -> ListenConfig:
         raise ConfigError(f"{name}.client_ca: required with require_client_cert = true")
     if cfg.require_tls_for_auth and cfg.tls == "none":
         raise ConfigError(f"{name}.require_tls_for_auth: this listener offers no TLS")
-    if cfg.tls != "none":
-        from .tls import TLSSetupError, server_context
-
-        try:
-            server_context(cfg)
-        except TLSSetupError as exc:
-            raise ConfigError(f"{name}.{exc.key}: {exc}") from None
     return cfg
 
 
@@ -225,13 +215,6 @@ def _upstream(raw: object) -> UpstreamConfig:
         ),
     )
     s.finish()
-    if cfg.tls != "none":
-        from .tls import TLSSetupError, client_context
-
-        try:
-            client_context(cfg)
-        except TLSSetupError as exc:
-            raise ConfigError(f"upstream.{exc.key}: {exc}") from None
     return cfg
 
 
@@ -275,6 +258,14 @@ def _log(raw: object) -> LogConfig:
     return cfg
 
 
+def parse_metrics(raw: object) -> MetricsConfig:
+    s = Section(raw, "metrics")
+    address = s.get("address")
+    cfg = MetricsConfig(parse_address(address, s.key("address")) if address is not None else None)
+    s.finish()
+    return cfg
+
+
 _SECTIONS = {
     "listen": _listeners,
     "upstream": _upstream,
@@ -305,7 +296,11 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML file; ``ConfigError`` names file and key."""
+    """Read and validate a TOML file; ``ConfigError`` names file and key.
+
+    The TLS files a configuration names are read at start and on reload
+    (``tls.check_files``), not here: parsing stays free of TLS code.
+    """
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

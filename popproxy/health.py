@@ -19,12 +19,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
-if TYPE_CHECKING:
-    from .server import Proxy
+from .config import Config
 
-__all__ = ["Health", "tcp_probe"]
+__all__ = ["Health", "ProxyStatus", "tcp_probe"]
 
 PROBE_TIMEOUT: Final = 1.0
 CACHE_SECONDS: Final = 5.0
@@ -42,12 +41,22 @@ def tcp_probe(host: str, port: int, timeout: float) -> str | None:
         return exc.strerror or type(exc).__name__
 
 
+class ProxyStatus(Protocol):
+    """What health needs to know of the running proxy (``server.Proxy``)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def listening(self) -> bool: ...
+
+
 class Health:
-    """Health of one ``Proxy``.  Thread-safe; the clock and probe are injectable."""
+    """Health of one proxy.  Thread-safe; the clock and probe are injectable."""
 
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: ProxyStatus,
         *,
         probe: Probe = tcp_probe,
         probe_timeout: float = PROBE_TIMEOUT,

@@ -24,7 +24,7 @@ from .events import (
     SessionOpened,
     Unsolicited,
 )
-from .server import SessionInfo, listens_to
+from .observe import SessionInfo, listens_to
 
 __all__ = ["configure_logging", "log_observer"]
 
@@ -83,7 +83,7 @@ def _opened(info: SessionInfo, event: Any) -> None:
 
 def _closed(info: SessionInfo, event: Any) -> None:
     logger.info(
-        "session.close", user=info.user, reason=event.reason,
+        "session.close", user=info.user, reason=event.reason.value, detail=event.detail or None,
         duration=round(event.duration, 6), bytes_in=event.bytes_in,
         bytes_out=event.bytes_out, commands=event.commands,
     )
@@ -111,7 +111,7 @@ def _response(info: SessionInfo, event: Any) -> None:
     if _debug:  # build the arguments only when the line will be written
         logger.debug(
             "command", verb=event.command.verb, args=list(event.command.redacted_args()),
-            outcome="ok" if event.ok else "err", local=event.local, latency=event.latency,
+            outcome=event.outcome.value, local=event.local, latency=event.latency,
         )
 
 

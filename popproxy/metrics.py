@@ -6,7 +6,9 @@ The class takes the registry it registers on (tests pass a fresh
 session observer) and a few methods for the parts of popproxy that are not
 sessions: the audit trail (``audit_record``, ``audit_error``), config
 reloads (``config_reload``) and the policy engine (``policy_decision``).
-The relay never touches a metric.
+The relay never touches a metric.  The observer reads the facts the events
+state (a reply's ``outcome``, a session's ``EndReason``, ``Deletions``) and
+re-derives none of them.
 
 Label values come from closed sets, so that no client can create series:
 the ``command`` label is one of ``COMMAND_LABELS`` (unknown verbs and
@@ -16,10 +18,7 @@ Every label set is created at zero up front, so dashboards and ``rate()``
 see a series before its first event (policy rules come from the
 configuration: ``policy_rules`` creates theirs).
 
-``serve_metrics`` is the HTTP endpoint: ``/metrics`` (prometheus-client's
-own WSGI exposition), ``/healthz`` and ``/readyz`` (see ``health.py``),
-served by ``wsgiref`` in a daemon thread so that a scrape never runs on, or
-waits for, the trio event loop.
+The HTTP endpoint that serves them is ``endpoint.py``.
 
 Usage::
 
@@ -31,18 +30,10 @@ Usage::
 
 from __future__ import annotations
 
-import socket
-import socketserver
-import threading
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any, Final
 
-import structlog
-import trio
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -52,17 +43,18 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client import make_wsgi_app as _make_metrics_app
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
-from .confparse import HostPort, Section, parse_address
 from .events import (
+    DELETE_PHASES,
+    SESSION_OUTCOMES,
     AuthResult,
-    CommandSent,
+    Deletions,
     Event,
     MessageComplete,
+    Outcome,
     PolicyDecision,
     ProtocolAnomaly,
     Response,
@@ -74,13 +66,8 @@ from .events import (
     UpstreamConnected,
     UpstreamFailed,
 )
-
-if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
-
-    from .health import Health
-    from .pop3 import Command
-    from .server import Proxy, SessionInfo
+from .observe import SessionInfo
+from .pop3 import KNOWN_VERBS
 
 __all__ = [
     "AUTH_MECHANISMS",
@@ -89,39 +76,15 @@ __all__ = [
     "LATENCY_BUCKETS",
     "SESSION_OUTCOMES",
     "Metrics",
-    "MetricsConfig",
-    "make_app",
-    "parse_metrics",
-    "serve_metrics",
-    "session_outcome",
 ]
-
-logger = structlog.get_logger("popproxy.metrics")
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    address: HostPort | None = None  # None: no HTTP endpoint
-
-
-def parse_metrics(raw: object) -> MetricsConfig:
-    s = Section(raw, "metrics")
-    address = s.get("address")
-    cfg = MetricsConfig(parse_address(address, s.key("address")) if address is not None else None)
-    s.finish()
-    return cfg
-
 
 # --------------------------------------------------------------------------
 # Label values: closed sets
 # --------------------------------------------------------------------------
 
-#: POP3 verbs with a ``command`` label of their own (RFC 1939, 1225, 2449,
-#: 2595, 5034, 6856, and Dovecot's XCLIENT); everything else is ``OTHER``.
-KNOWN_COMMANDS: Final = (
-    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR",
-    "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG", "XCLIENT",
-)
+#: POP3 verbs with a ``command`` label of their own (``pop3.KNOWN_VERBS``);
+#: everything else is ``OTHER``.
+KNOWN_COMMANDS: Final = KNOWN_VERBS
 COMMAND_LABELS: Final = (*KNOWN_COMMANDS, "OTHER")
 COMMAND_OUTCOMES: Final = ("ok", "err", "denied")
 
@@ -131,21 +94,6 @@ AUTH_MECHANISMS: Final = (
     "SCRAM-SHA-1", "SCRAM-SHA-256", "OTHER",
 )
 AUTH_OUTCOMES: Final = ("ok", "fail")
-
-#: How sessions end (``popproxy_sessions_total{outcome}``); see ``session_outcome``.
-SESSION_OUTCOMES: Final = (
-    "ok",              # the client said QUIT and got its reply
-    "client_closed",   # the client hung up (or stopped reading) without QUIT
-    "timeout",         # the idle timeout or the session time limit closed it
-    "upstream_error",  # the upstream was unreachable, refused, broke or timed out
-    "protocol_error",  # the client broke the protocol or a limit
-    "tls_error",       # the client's TLS handshake failed
-    "refused",         # not admitted (session limits, audit fail-closed, ...) or
-                       # the login refused by policy
-    "shutdown",        # the proxy stopped (drain timeout or SIGINT)
-    "error",           # an internal error in the proxy
-    "other",           # a reason this version does not know
-)
 
 #: ``UpstreamFailed.reason`` values, plus ``other``.
 UPSTREAM_ERROR_REASONS: Final = (
@@ -157,11 +105,6 @@ TLS_SIDES: Final = ("client", "upstream")
 #: Octets from and to the client, and from and to the upstream.
 BYTE_DIRECTIONS: Final = ("client_rx", "client_tx", "upstream_rx", "upstream_tx")
 
-#: ``marked``: DELE got +OK; ``committed``: QUIT got +OK with marks held;
-#: ``uncommitted``: the session ended with marks and no successful QUIT (the
-#: server discarded them); ``reset``: RSET got +OK and unmarked them.
-#: Same vocabulary as the audit's ``message.delete.*`` records.
-DELETE_PHASES: Final = ("marked", "committed", "uncommitted", "reset")
 RETRIEVE_KINDS: Final = ("retr", "top")
 
 #: ``ProtocolAnomaly`` kinds the core emits, by side; others are ``other``.
@@ -189,39 +132,6 @@ SESSION_BUCKETS: Final = (
 
 #: Distinct policy label sets before further ones are folded into OTHER.
 MAX_POLICY_SERIES: Final = 256
-
-# SessionClosed.reason (server.py, session.py) -> outcome.
-_REASONS: Final = {
-    "quit": "ok",
-    "client closed": "client_closed",
-    "peer gone or too slow": "client_closed",
-    "closed": "client_closed",
-    "idle timeout": "timeout",
-    "session time limit": "timeout",
-    "policy refused the login": "refused",
-    "client protocol error": "protocol_error",
-    "client TLS handshake failed": "tls_error",
-    "shutdown": "shutdown",
-    "proxy shutting down": "shutdown",
-    "session limit reached": "refused",
-    "internal error": "error",
-}
-
-
-def session_outcome(reason: str, admitted: bool = True) -> str:
-    """The ``outcome`` label for a ``SessionClosed.reason``.
-
-    Reasons that start with "upstream" are ``upstream_error``.  A session
-    that ended before it was admitted (no upstream connection was tried)
-    is ``refused`` whatever the refusing gate called it.
-    """
-    outcome = _REASONS.get(reason)
-    if outcome is not None:
-        return outcome
-    if reason.startswith("upstream"):
-        return "upstream_error"
-    return "other" if admitted else "refused"
-
 
 class _CommandSeries:
     """One ``command`` label value: its outcome counts and latency histogram."""
@@ -289,26 +199,10 @@ class _CommandStats:
         return [commands, duration]
 
 
-class _Tally:
-    """What the metrics need to remember about one live session.
-
-    ``forwarded``: the commands sent upstream and not yet answered, oldest
-    first (replies come in that order), to tell a local reply the proxy
-    made for a forwarded command (its upstream failed) from a refusal.
-    """
-
-    __slots__ = ("admitted", "forwarded", "marks")
-
-    def __init__(self) -> None:
-        self.admitted = False
-        self.marks = 0
-        self.forwarded: deque[Command] = deque()
-
-
 class Metrics:
     """Every popproxy metric, on one registry, moved by the session events.
 
-    ``observe(info, event)`` is a ``server.Observer``.  It runs on the event
+    ``observe(info, event)`` is an ``observe.Observer``.  It runs on the event
     loop for every event, so it does dictionary look-ups and counter
     increments only: the labelled children are resolved once, here.
     """
@@ -457,15 +351,17 @@ class Metrics:
         self.config_last_reload_successful.set(1)
         self.config_last_reload_success.set_to_current_time()
 
-        self._live: dict[str, _Tally] = {}
+        # Sessions this observer saw open, so that one older than the
+        # observer (attached later) does not upset the gauge when it ends.
+        self._open: set[str] = set()
         self._handlers: dict[type[Event], Callable[[SessionInfo, Any], None]] = {
             SessionOpened: self._opened,
             SessionClosed: self._closed,
-            CommandSent: self._command_sent,
             Response: self._response,
             PolicyDecision: self._policy_event,
             AuthResult: self._auth_result,
             MessageComplete: self._message_complete,
+            Deletions: self._deletions,
             UpstreamConnected: self._upstream_connected,
             UpstreamFailed: self._upstream_failed,
             ProtocolAnomaly: self._anomaly,
@@ -473,74 +369,48 @@ class Metrics:
             TlsEstablished: self._tls_established,
             TlsFailed: self._tls_failed,
         }
-        # The proxy calls ``observe`` only for these (see ``server.listens_to``).
+        # The proxy calls ``observe`` only for these (see ``observe.listens_to``).
         self.event_types = frozenset(self._handlers)
 
     # ------------------------------------------------------------------
     # The observer
 
     def observe(self, info: SessionInfo, event: Event) -> None:
-        """A ``server.Observer``: account for one session event."""
+        """An ``observe.Observer``: account for one session event."""
         handler = self._handlers.get(type(event))
         if handler is not None:
             handler(info, event)
 
     def _opened(self, info: SessionInfo, event: SessionOpened) -> None:
-        self._live[info.id] = _Tally()
+        self._open.add(info.id)
         self.sessions_active.inc()
 
     def _closed(self, info: SessionInfo, event: SessionClosed) -> None:
-        tally = self._live.pop(info.id, None)
-        if tally is not None:  # else it opened before this observer was attached
+        if info.id in self._open:
+            self._open.discard(info.id)
             self.sessions_active.dec()
-            if tally.marks:
-                self._deleted["uncommitted"].inc(tally.marks)
-        admitted = tally is None or tally.admitted
-        self._sessions_by_outcome[session_outcome(event.reason, admitted)].inc()
+        self._sessions_by_outcome[event.reason.outcome].inc()
         self.session_duration.observe(event.duration)
         self._bytes_rx.inc(event.bytes_in)
         self._bytes_tx.inc(event.bytes_out)
         self._bytes_up_rx.inc(event.upstream_in)
         self._bytes_up_tx.inc(event.upstream_out)
 
-    def _command_sent(self, info: SessionInfo, event: CommandSent) -> None:
-        tally = self._live.get(info.id)
-        if tally is not None:
-            tally.forwarded.append(event.command)
-
     def _response(self, info: SessionInfo, event: Response) -> None:
-        command = event.command
-        verb = command.verb
-        series = self._commands.get(verb, self._other)
-        tally = self._live.get(info.id)
-        forwarded = False
-        if tally is not None and tally.forwarded and tally.forwarded[0] is command:
-            tally.forwarded.popleft()
-            forwarded = True
-        if event.local:
-            # A reply the proxy made: +OK (e.g. to STLS, which the proxy
-            # answers itself), a refusal (core checks, policy), or the
-            # [SYS/TEMP] it sends for a forwarded command whose upstream
-            # failed, which is an error and not a denial.
-            if event.ok:
-                series.ok += 1
-            elif forwarded and event.code == "SYS/TEMP":
-                series.err += 1
-            else:
-                series.denied += 1
-            return
-        self.command_stats.observe(series, event.finished - event.started)
-        if not event.ok:
+        series = self._commands.get(event.command.verb, self._other)
+        outcome = event.outcome
+        if outcome is Outcome.OK:
+            series.ok += 1
+        elif outcome is Outcome.ERR:
             series.err += 1
-            return
-        series.ok += 1
-        if verb == "DELE":
-            if tally is not None:
-                tally.marks += 1
-            self._deleted["marked"].inc()
-        elif verb in ("QUIT", "RSET") and tally is not None and tally.marks:
-            self._deleted["committed" if verb == "QUIT" else "reset"].inc(tally.marks)
-            tally.marks = 0
+        else:
+            series.denied += 1
+        if not event.local:
+            self.command_stats.observe(series, event.finished - event.started)
+
+    def _deletions(self, info: SessionInfo, event: Deletions) -> None:
+        if event.msgs:
+            self._deleted[event.phase].inc(len(event.msgs))
 
     def _policy_event(self, info: SessionInfo, event: PolicyDecision) -> None:
         self._policy_child(event.rule, event.action, event.enforced).inc()
@@ -557,17 +427,10 @@ class Metrics:
                 child.inc()
 
     def _upstream_connected(self, info: SessionInfo, event: UpstreamConnected) -> None:
-        self._admit(info)
         self.upstream_connect_duration.observe(event.duration)
 
     def _upstream_failed(self, info: SessionInfo, event: UpstreamFailed) -> None:
-        self._admit(info)
         (self._upstream_errors.get(event.reason) or self._upstream_errors["other"]).inc()
-
-    def _admit(self, info: SessionInfo) -> None:
-        tally = self._live.get(info.id)
-        if tally is not None:
-            tally.admitted = True
 
     def _anomaly(self, info: SessionInfo, event: ProtocolAnomaly) -> None:
         side = event.side if event.side in ANOMALY_KINDS else "client"
@@ -632,120 +495,3 @@ class Metrics:
                 child = self.policy_decisions.labels(*key)
                 self._policy[key] = child
         return child
-
-
-# --------------------------------------------------------------------------
-# The HTTP endpoint
-# --------------------------------------------------------------------------
-
-#: How often the event loop proves it is alive to ``/healthz``.
-HEARTBEAT_SECONDS: Final = 1.0
-#: How often the HTTP thread checks whether it was asked to stop.
-_POLL_SECONDS: Final = 0.1
-
-
-def make_app(registry: CollectorRegistry, health: Health) -> WSGIApplication:
-    """The WSGI application: ``/metrics``, ``/healthz``, ``/readyz``."""
-    metrics_app = _make_metrics_app(registry)
-
-    def plain(start_response: StartResponse, status: str, text: str) -> list[bytes]:
-        body = (text + "\n").encode()
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                                ("Content-Length", str(len(body))),
-                                ("Cache-Control", "no-store")])
-        return [body]
-
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO") or "/"
-        if path == "/metrics":
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        if path == "/healthz":
-            alive, why = health.alive()
-            return plain(start_response, "200 OK" if alive else "503 Service Unavailable", why)
-        if path == "/readyz":
-            ready, why = health.ready()
-            return plain(start_response, "200 OK" if ready else "503 Service Unavailable", why)
-        if path == "/":
-            return plain(start_response, "200 OK", "popproxy: /metrics /healthz /readyz")
-        return plain(start_response, "404 Not Found", "not found")
-
-    return app
-
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def server_bind(self) -> None:
-        """Bind without ``HTTPServer``'s reverse DNS look-up of the address."""
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-        self.setup_environ()
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log: Prometheus scrapes every few seconds."""
-
-
-def _bind(address: HostPort, app: WSGIApplication) -> _Server:
-    """Bind the HTTP server (blocking: name resolution).  Run in a thread."""
-    family = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0][0]
-    server_class = _Server6 if family == socket.AF_INET6 else _Server
-    server = make_server(address.host, address.port, app, server_class, _QuietHandler)
-    assert isinstance(server, _Server)
-    return server
-
-
-def _stop(server: _Server, thread: threading.Thread) -> None:
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5.0)
-
-
-async def serve_metrics(
-    config: MetricsConfig,
-    metrics: Metrics,
-    proxy: Proxy,
-    *,
-    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` until cancelled.
-
-    The HTTP server runs in a daemon thread; this task only starts it,
-    reports the bound address (``task_status.started(HostPort)``; the port
-    is the real one when the configured port is 0), beats the heartbeat
-    ``/healthz`` checks, and stops the server when cancelled.
-    """
-    from .health import Health
-
-    if config.address is None:
-        raise ValueError("serve_metrics: [metrics] address is not set")
-    health = Health(proxy)
-    app = make_app(metrics.registry, health)
-    server = await trio.to_thread.run_sync(_bind, config.address, app)
-    metrics.upstream_up.set_function(health.upstream_up)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": _POLL_SECONDS},
-        name="popproxy-metrics-http", daemon=True,
-    )
-    thread.start()
-    try:
-        host, port = server.server_address[:2]
-        bound = HostPort(str(host), int(port))
-        logger.info("metrics.listening", address=str(bound))
-        task_status.started(bound)
-        while True:
-            health.beat()
-            await trio.sleep(HEARTBEAT_SECONDS)
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_stop, server, thread)

@@ -9,29 +9,26 @@ session's; the relay only knows how to do I/O, keep time and stop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from . import sockio
 from .config import Config, ListenConfig
-from .events import Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
+from .events import EndReason, Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
+from .observe import SessionInfo
 from .session import Output, Session
 from .tls import TLSContexts, TLSHandshakeError, handshake
 
-if TYPE_CHECKING:
-    from .server import SessionInfo
-
-__all__ = ["RECEIVE_SIZE", "Connection", "Relay", "Stats", "send_quietly"]
+__all__ = ["RECEIVE_SIZE", "Connection", "Emit", "Relay", "Stats", "send_quietly"]
 
 logger = structlog.get_logger("popproxy.relay")
 
 RECEIVE_SIZE = 262144
 Stream = trio.abc.Stream
-Emit = Callable[["SessionInfo", Sequence[Event]], None]
+Emit = Callable[[SessionInfo, Iterable[Event]], None]
 
 
 @dataclass
@@ -78,7 +75,7 @@ class Relay:
         self.info = info
         self.stats = stats
         self.lock = trio.Lock()
-        self.reason: str | None = None
+        self.reason: EndReason | None = None
         self.finished = trio.Event()
         self.timer = trio.CancelScope()
         self.client_scope = trio.CancelScope()
@@ -89,15 +86,12 @@ class Relay:
         limit = config.policy.protections.max_session_duration
         self.ends = now + limit if limit is not None else math.inf
 
-    def emit(self, info: SessionInfo, events: Sequence[Event]) -> None:
-        self._emit(info, events)
-
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: EndReason) -> None:
         if self.reason is None:
             self.reason = reason
             self.finished.set()
 
-    async def run(self, greeting: bytes) -> str:
+    async def run(self, greeting: bytes) -> EndReason:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             if greeting:
@@ -161,18 +155,20 @@ class Relay:
         await self.deliver(out, from_client)
         self.reschedule()
 
-    def next_deadline(self) -> tuple[float, str]:
+    def next_deadline(self) -> tuple[float, EndReason | None]:
+        """When the watchdog must act, and why (None: the session's own timer)."""
+        why: EndReason | None
         if self.session.owes_upstream_reply:
             deadline = self.last_upstream + self.config.upstream.response_timeout
-            why = "upstream response timeout"
+            why = EndReason.UPSTREAM_TIMEOUT
         else:
             deadline = self.last_client + self.config.limits.idle_timeout
-            why = "idle timeout"
+            why = EndReason.IDLE_TIMEOUT
         if self.ends < deadline:
-            deadline, why = self.ends, "session time limit"
+            deadline, why = self.ends, EndReason.TIME_LIMIT
         wake = self.session.wake_at
         if wake is not None and wake < deadline:
-            deadline, why = wake, "tick"
+            deadline, why = wake, None
         return deadline, why
 
     def reschedule(self) -> None:
@@ -196,19 +192,19 @@ class Relay:
                 now = trio.current_time()
                 if deadline > now:
                     continue  # activity moved the deadline meanwhile
-                if why == "tick":
+                if why is None:
                     out = self.session.tick(now)
                     if out.to_upstream:
                         self.last_upstream = now
                     await self.deliver(out, False)
                     continue
                 # A limit passed: tell the client why, then close.
-                if why == "upstream response timeout":
+                if why is EndReason.UPSTREAM_TIMEOUT:
                     out = self.session.fail(why, now)
                     out.events.insert(0, UpstreamFailed("response_timeout"))
                 else:
                     out = self.session.expire(why, now)
-                self.emit(self.info, out.events)
+                self._emit(self.info, out.events)
                 await send_quietly(self.conn.client, out.to_client, self.stats)
                 self.finish(why)
 
@@ -233,9 +229,9 @@ class Relay:
                     for e in out.events
                 ]
             # Observers hear of bytes after they were written.
-            self.emit(self.info, out.events)
+            self._emit(self.info, out.events)
             if not written:
-                self.finish(out.close or "peer gone or too slow")
+                self.finish(out.close or EndReason.PEER_GONE)
                 return
             if out.close is not None:
                 self.finish(out.close)
@@ -243,7 +239,7 @@ class Relay:
             if not out.start_tls:
                 return
             if not await self.start_client_tls():
-                self.finish("client TLS handshake failed")
+                self.finish(EndReason.TLS_FAILED)
                 return
             if not from_client:
                 assert self.nursery is not None
@@ -263,10 +259,10 @@ class Relay:
             version, cipher, sni = await handshake(
                 ssl_stream, self.config.limits.handshake_timeout)
         except TLSHandshakeError as exc:
-            self.emit(self.info, [TlsFailed("client", str(exc))])
+            self._emit(self.info, [TlsFailed("client", str(exc))])
             logger.info("client.tls_failed", error=str(exc))
             return False
-        self.emit(self.info, [TlsEstablished("client", version, cipher, sni)])
+        self._emit(self.info, [TlsEstablished("client", version, cipher, sni)])
         return True
 
     def feed(

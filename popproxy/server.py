@@ -1,10 +1,11 @@
 """The trio shell: listeners, accepting a client, opening its upstream.
 
-For each connection: a PROXY header from a trusted load balancer, implicit
-TLS, the session caps and admission gates, then the upstream
-(``upstream.py``) and the relay (``relay.py``).  Shutdown (SIGTERM drain,
-SIGINT) is here too.  No protocol knowledge lives here: the sans-IO
-``Session`` has it all.
+For each connection, ``Proxy.handle``: a PROXY header from a trusted load
+balancer, then admission (implicit TLS, the session caps and admission
+gates), then the session's lifecycle: the upstream (``upstream.py``), the
+relay (``relay.py``), and whatever ends it, the close and the last event.
+Shutdown (SIGTERM drain, SIGINT) is here too.  No protocol knowledge lives
+here: the sans-IO ``Session`` has it all.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import ipaddress
 import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
-from typing import TypeVar
 
 import structlog
 import trio
 
 from . import proxyproto, sockio
-from .config import Config, HostPort, ListenConfig
+from .addr import HostPort, host_of
+from .config import Config, LimitsConfig, ListenConfig
 from .events import (
+    EndReason,
     Event,
     SessionClosed,
     SessionOpened,
@@ -32,13 +34,14 @@ from .events import (
     UpstreamConnected,
     UpstreamFailed,
 )
+from .observe import Dispatcher, Observer, SessionInfo
 from .policy import Policy, allow_all
 from .relay import RECEIVE_SIZE, Connection, Relay, Stats, send_quietly
-from .session import Session
+from .session import Session, SessionLimits
 from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import UpstreamError, UpstreamLink, open_upstream
 
-__all__ = ["Observer", "Proxy", "SessionInfo", "listens_to", "serve"]
+__all__ = ["Proxy", "serve", "session_limits"]
 
 logger = structlog.get_logger("popproxy.server")
 
@@ -47,54 +50,26 @@ LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
 PROXY_HEADER_TIMEOUT = 5.0
 Stream = trio.abc.Stream
-
-
-class SessionInfo:
-    """What observers know about the session an event belongs to."""
-
-    __slots__ = ("client", "id", "session")
-
-    def __init__(self, id: str, client: str, session: Session) -> None:
-        self.id = id
-        self.client = client
-        self.session = session
-
-    @property
-    def user(self) -> str | None:
-        return self.session.user
-
-
-Observer = Callable[[SessionInfo, Event], None]
-_O = TypeVar("_O", bound=Callable[..., None])
-
-
-def listens_to(*kinds: type[Event]) -> Callable[[_O], _O]:
-    """Mark an observer that only acts on these event types.
-
-    The proxy then does not call it for the others: a few function calls
-    saved per event add up, as every command makes two events.  An object
-    whose bound method observes may instead have an ``event_types``
-    attribute.
-    """
-    def mark(observer: _O) -> _O:
-        observer.event_types = frozenset(kinds)  # type: ignore[attr-defined]
-        return observer
-    return mark
-
-
-def _hears(observer: Observer, kind: type[Event]) -> bool:
-    kinds = getattr(observer, "event_types", None)
-    if kinds is None:
-        owner = getattr(observer, "__self__", None)
-        kinds = getattr(owner, "event_types", None)
-    return kinds is None or kind in kinds
-
-
 ConnectUpstream = Callable[[], Awaitable[Stream]]
-
-
 # Asked with the client's address before a session starts: a reason refuses it.
 Admission = Callable[[str], "str | None"]
+
+
+def session_limits(limits: LimitsConfig) -> SessionLimits:
+    """The sans-IO session's limits from the ``[limits]`` configuration."""
+    return SessionLimits(
+        command_line=limits.command_line,
+        sasl_line=limits.sasl_line,
+        max_pipeline=limits.max_pipeline,
+    )
+
+
+@dataclass
+class _Ending:
+    """How a session ended, as it becomes known."""
+
+    reason: EndReason = EndReason.INTERNAL_ERROR
+    detail: str = ""
 
 
 @dataclass
@@ -104,7 +79,8 @@ class Proxy:
     ``admission`` callables are asked before each new session; one that
     returns a reason refuses the session with ``-ERR [SYS/TEMP] <reason>``
     (the audit's ``fail_closed`` uses this).  ``listening`` is true while the
-    listeners accept (for readiness probes).
+    listeners accept (for readiness probes).  ``observers`` may be changed
+    at any time (see ``observe.Dispatcher``).
     """
 
     config: Config
@@ -115,10 +91,7 @@ class Proxy:
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())
     active: int = 0
     listening: bool = False
-    # Which observers hear which event type (see ``listens_to``), for the
-    # observers as they were when it was worked out.
-    _routed: tuple[Observer, ...] = field(default=(), repr=False)
-    _routes: dict[type[Event], tuple[Observer, ...]] = field(default_factory=dict, repr=False)
+    _dispatcher: Dispatcher = field(default_factory=lambda: Dispatcher([]), repr=False)
 
     async def _connect(self) -> Stream:
         if self.connect_upstream is not None:
@@ -138,25 +111,10 @@ class Proxy:
             raise
         return trio.SocketStream(sock)  # sets TCP_NODELAY
 
-    def _emit(self, info: SessionInfo, events: Sequence[Event]) -> None:
-        observers = tuple(self.observers)
-        if observers != self._routed:  # an observer came or went
-            self._routed = observers
-            self._routes.clear()
-        routes = self._routes
-        for event in events:
-            kind = type(event)
-            hear = routes.get(kind)
-            if hear is None:
-                hear = routes[kind] = tuple(
-                    o for o in observers if _hears(o, kind))
-            for observe in hear:
-                try:
-                    observe(info, event)
-                except Exception:
-                    # An observer's failure is reported, never allowed to
-                    # break the data path of this or any other session.
-                    logger.exception("observer.failed", observer=repr(observe))
+    def _emit(self, info: SessionInfo, events: Iterable[Event]) -> None:
+        dispatcher = self._dispatcher
+        dispatcher.observers = self.observers  # the list may have been replaced
+        dispatcher.emit(info, events)
 
     async def handle(
         self, client: Stream, peer: str, listener: ListenConfig | None = None,
@@ -164,7 +122,6 @@ class Proxy:
     ) -> None:
         """Serve one client connection until it ends; never raises."""
         listener = listener or self.config.listeners[0]
-        limits = self.config.limits
         via: str | None = None
         if listener.proxy_protocol:
             header = await self._read_proxy_header(client, peer, listener)
@@ -175,83 +132,97 @@ class Proxy:
             if real is not None:
                 via, peer = peer, real
         session = Session(
-            limits.session_limits(), self.policy, client=peer,
+            session_limits(self.config.limits), self.policy, client=peer,
             tls=listener.tls == "implicit", starttls=listener.tls == "starttls",
             require_tls_for_auth=listener.require_tls_for_auth,
             resolve_uidl=self.config.audit.enabled and self.config.audit.resolve_uidl,
         )
-        info = SessionInfo(secrets.token_hex(8), peer, session)
+        info = SessionInfo(secrets.token_hex(8), peer)
+        with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
+            await self._lifecycle(Connection(client, listener, local), via, session, info)
+
+    async def _lifecycle(
+        self, conn: Connection, via: str | None, session: Session, info: SessionInfo
+    ) -> None:
+        """Admit, serve, close; whatever ends the session, ``SessionClosed``
+        is its last event."""
         started = trio.current_time()
         stats = Stats()
-        reason = "internal error"
-        conn: Connection | None = None
-        with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
-            self.active += 1
-            try:
-                # Implicit TLS first, so that session.open can say how the
-                # client is protected (version, cipher, SNI).
-                handshake_result: TlsEstablished | TlsFailed | None = None
-                if listener.tls == "implicit":
-                    tls_client, handshake_result = await self._accept_tls(client, listener)
-                    if tls_client is not None:
-                        client = tls_client
-                opened = SessionOpened(peer, started, via)
-                if isinstance(handshake_result, TlsEstablished):
-                    opened = replace(opened, tls=handshake_result.version,
-                                     cipher=handshake_result.cipher, sni=handshake_result.sni)
-                self._emit(info, [opened, *([handshake_result] if handshake_result else [])])
-                if isinstance(handshake_result, TlsFailed):
-                    reason = "client TLS handshake failed"
-                    return
-                # Every gate is asked, even after a refusal: some count
-                # sessions, and SessionClosed un-counts them all.
-                refusals = [admit(peer) for admit in self.admission]
-                refusal: str | None = next((r for r in refusals if r is not None), None)
-                if self.active > limits.max_sessions:
-                    refusal = "too many sessions, try again later"
-                if refusal is not None:
-                    reason = ("session limit reached" if self.active > limits.max_sessions
-                              else refusal)
-                    out = session.refuse(refusal, trio.current_time())
-                    self._emit(info, out.events)
-                    await send_quietly(client, out.to_client, stats)
-                    return
-                conn = Connection(client, listener, local)
-                reason = await self._serve_session(conn, session, info, stats)
-            except BaseException as exc:
-                if _is_bug(exc):
-                    # A bug met by one session ends that session, never the
-                    # proxy: re-raising would cancel every other session.
-                    reason = "internal error"
-                    logger.exception("session.crashed")
-                    return
-                if not _is_cancellation(exc):
-                    raise  # KeyboardInterrupt, SystemExit
-                # Shutdown (drain deadline, SIGINT): say so where a reply is owed.
-                reason = "shutdown"
-                with trio.CancelScope(shield=True):
-                    out = session.fail("proxy shutting down", trio.current_time())
-                    self._emit(info, out.events)
-                    await send_quietly(conn.client if conn else client, out.to_client, stats,
-                                        seconds=1.0)
-                raise
-            finally:
-                self.active -= 1
-                stream = conn.client if conn else client
-                with trio.CancelScope(shield=True):
-                    if reason == "client protocol error":
-                        await _linger(stream)
-                    await sockio.close(stream)
-                now = trio.current_time()
-                # Whatever ended the session, the core reports what was cut
-                # short (a RETR in flight) before the session is closed.
-                end = session.close(reason, now)
-                self._emit(
-                    info,
-                    [*end.events,
-                     SessionClosed(reason, now - started, stats.rx, stats.tx,
-                                   session.commands_sent, stats.up_rx, stats.up_tx)],
-                )
+        ending = _Ending()
+        self.active += 1
+        try:
+            if await self._admit(conn, via, session, info, started, stats, ending):
+                ending.reason = await self._serve_session(conn, session, info, stats)
+        except BaseException as exc:
+            if _is_bug(exc):
+                # A bug met by one session ends that session, never the
+                # proxy: re-raising would cancel every other session.
+                ending.reason = EndReason.INTERNAL_ERROR
+                logger.exception("session.crashed")
+                return
+            if not _is_cancellation(exc):
+                raise  # KeyboardInterrupt, SystemExit
+            # Shutdown (drain deadline, SIGINT): say so where a reply is owed.
+            ending.reason = EndReason.SHUTDOWN
+            with trio.CancelScope(shield=True):
+                out = session.fail(EndReason.SHUTDOWN, trio.current_time())
+                self._emit(info, out.events)
+                await send_quietly(conn.client, out.to_client, stats, seconds=1.0)
+            raise
+        finally:
+            self.active -= 1
+            with trio.CancelScope(shield=True):
+                if ending.reason is EndReason.PROTOCOL_ERROR:
+                    await _linger(conn.client)
+                await sockio.close(conn.client)
+            now = trio.current_time()
+            # Whatever ended the session, the core reports what was cut
+            # short (a RETR in flight, marks) before the session is closed.
+            end = session.close(ending.reason)
+            self._emit(info, [
+                *end.events,
+                SessionClosed(ending.reason, now - started, stats.rx, stats.tx,
+                              session.commands_sent, stats.up_rx, stats.up_tx, ending.detail),
+            ])
+
+    async def _admit(
+        self, conn: Connection, via: str | None, session: Session, info: SessionInfo,
+        started: float, stats: Stats, ending: _Ending,
+    ) -> bool:
+        """Implicit TLS, ``SessionOpened``, then the caps and admission gates.
+
+        False (with ``ending`` set) when the session is not to be served.
+        """
+        listener = conn.listener
+        # Implicit TLS first, so that session.open can say how the client
+        # is protected (version, cipher, SNI).
+        handshake_result: TlsEstablished | TlsFailed | None = None
+        if listener.tls == "implicit":
+            tls_client, handshake_result = await self._accept_tls(conn.client, listener)
+            if tls_client is not None:
+                conn.client = tls_client
+        opened = SessionOpened(info.client, started, via)
+        if isinstance(handshake_result, TlsEstablished):
+            opened = replace(opened, tls=handshake_result.version,
+                             cipher=handshake_result.cipher, sni=handshake_result.sni)
+        self._emit(info, [opened, *([handshake_result] if handshake_result else [])])
+        if isinstance(handshake_result, TlsFailed):
+            ending.reason = EndReason.TLS_FAILED
+            return False
+        # Every gate is asked, even after a refusal: some count sessions,
+        # and SessionClosed un-counts them all.
+        refusals = [admit(info.client) for admit in self.admission]
+        refusal = next((r for r in refusals if r is not None), None)
+        if self.active > self.config.limits.max_sessions:
+            ending.reason = EndReason.SESSION_LIMIT
+        elif refusal is not None:
+            ending.reason, ending.detail = EndReason.REFUSED, refusal
+        else:
+            return True
+        out = session.refuse(ending.reason, ending.detail or None)
+        self._emit(info, out.events)
+        await send_quietly(conn.client, out.to_client, stats)
+        return False
 
     async def _read_proxy_header(
         self, stream: Stream, peer: str, listener: ListenConfig
@@ -262,9 +233,8 @@ class Proxy:
         real client, or None when the connection must be dropped: a source not
         in ``trusted_proxies``, or a missing, malformed or slow header.
         """
-        host = peer.rsplit(":", 1)[0].strip("[]")
         try:
-            addr = ipaddress.ip_address(host)
+            addr = ipaddress.ip_address(host_of(peer) or "")
         except ValueError:
             addr = None
         if addr is None or not any(addr in net for net in listener.trusted_proxies):
@@ -304,7 +274,7 @@ class Proxy:
 
     async def _serve_session(
         self, conn: Connection, session: Session, info: SessionInfo, stats: Stats
-    ) -> str:
+    ) -> EndReason:
         cfg = self.config
         begun = trio.current_time()
         link: UpstreamLink | None = None
@@ -322,11 +292,12 @@ class Proxy:
                 error = exc
         if link is None:
             if error is None:
-                why, kind = "upstream connect timeout", "connect_timeout"
+                why, kind = EndReason.UPSTREAM_CONNECT_TIMEOUT, "connect_timeout"
             else:
                 logger.warning("upstream.failed", reason=error.reason, error=str(error))
                 kind = error.reason
-                why = "upstream TLS failure" if kind == "tls" else "upstream unavailable"
+                why = (EndReason.UPSTREAM_TLS_FAILED if kind == "tls"
+                       else EndReason.UPSTREAM_UNAVAILABLE)
             out = session.fail(why, trio.current_time())
             self._emit(info, [UpstreamFailed(kind), *out.events])
             await send_quietly(conn.client, out.to_client, stats)
@@ -345,9 +316,10 @@ class Proxy:
     async def _relay(
         self, conn: Connection, link: UpstreamLink, session: Session, info: SessionInfo,
         stats: Stats,
-    ) -> str:
+    ) -> EndReason:
         relay = Relay(self.config, self.tls, self._emit, conn, link.stream, session, info, stats)
         return await relay.run(link.greeting)
+
 
 def _is_bug(exc: BaseException) -> bool:
     """An ordinary exception (perhaps grouped, perhaps beside cancellations
@@ -434,8 +406,7 @@ def _endpoint(stream: Stream, which: str) -> str:
     except OSError:
         addr = None
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(HostPort.of(str(addr[0]), int(addr[1])))
     return "unknown"
 
 
@@ -525,4 +496,4 @@ async def serve(
 
 def _sockname(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(HostPort.of(host, port))

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import ssl
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
 
 import trio
 
-if TYPE_CHECKING:
-    from .config import ListenConfig, UpstreamConfig
+from .config import Config, ConfigError, ListenConfig, UpstreamConfig
 
 __all__ = [
     "TLSContexts",
     "TLSHandshakeError",
     "TLSSetupError",
+    "check_files",
     "client_context",
     "handshake",
     "server_context",
@@ -80,6 +79,29 @@ def client_context(cfg: UpstreamConfig) -> ssl.SSLContext:
         except (ssl.SSLError, OSError) as exc:
             raise TLSSetupError("ca_file", f"cannot load: {exc}") from None
     return ctx
+
+
+def check_files(config: Config) -> None:
+    """Load every certificate, key and CA file the configuration names.
+
+    ``ConfigError`` names the key (``listen.cert: cannot read ...``), so a
+    configuration with an unreadable file fails at start, at
+    ``check-config`` and at reload (which then keeps the old one), not at
+    the first client.
+    """
+    several = len(config.listeners) > 1
+    for i, lc in enumerate(config.listeners):
+        if lc.tls != "none":
+            name = f"listen[{i}]" if several else "listen"
+            try:
+                server_context(lc)
+            except TLSSetupError as exc:
+                raise ConfigError(f"{name}.{exc.key}: {exc}") from None
+    if config.upstream.tls != "none":
+        try:
+            client_context(config.upstream)
+        except TLSSetupError as exc:
+            raise ConfigError(f"upstream.{exc.key}: {exc}") from None
 
 
 # The SNI name of the handshake in progress.  The SNI callback runs inside

@@ -12,8 +12,9 @@ from popproxy.app import App, build
 from popproxy.audit import AuditConfig
 from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, UpstreamConfig
 from popproxy.events import Event
+from popproxy.observe import SessionInfo
 from popproxy.policy.config import PolicyConfig
-from popproxy.server import Proxy, SessionInfo, serve
+from popproxy.server import Proxy, serve
 
 E = TypeVar("E", bound=Event)
 

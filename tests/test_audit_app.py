@@ -13,7 +13,7 @@ from popproxy import logs
 from popproxy.app import run
 from popproxy.config import HostPort, parse_config
 from popproxy.events import SessionClosed
-from popproxy.server import SessionInfo
+from popproxy.observe import SessionInfo
 
 
 async def test_a_session_is_on_file_before_it_is_logged_closed(

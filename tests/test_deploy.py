@@ -297,7 +297,7 @@ def _listen_addresses(config: Config) -> list[HostPort]:
 def test_compose_dovecot_config_is_valid() -> None:
     conf = DEPLOY / "compose" / "dovecot" / "dovecot.conf"
     users = (DEPLOY / "compose" / "dovecot" / "users").read_text().split()
-    from popproxy.demo.mailbox import DEMO_USERS
+    from popproxy.demo import DEMO_USERS
 
     assert sorted(users) == sorted(f"{u}:{{PLAIN}}{p}" for u, p in DEMO_USERS.items())
     doveconf = shutil.which("doveconf", path="/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin")

@@ -23,9 +23,10 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from popproxy.config import HostPort
+from popproxy.config import HostPort, MetricsConfig
+from popproxy.endpoint import serve_metrics
 from popproxy.events import SessionClosed
-from popproxy.metrics import Metrics, MetricsConfig, serve_metrics
+from popproxy.metrics import Metrics
 from popproxy.policy.config import parse_policy
 from tests.proxy_fixtures import RunningProxy
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import pytest
 
 from popproxy.confparse import ConfigError
-from popproxy.events import AuthResult, Response, State
+from popproxy.events import AuthResult, Outcome, Response, State
 from popproxy.policy import Allow, Delay, Deny, Facts
 from popproxy.policy.config import PolicyConfig, parse_policy, parse_rate
 from popproxy.policy.engine import PolicyEngine
@@ -150,9 +150,9 @@ class TestRateLimits:
         e = engine([{**self.RULE, "limit": "1MiB/hour"}])
         f = facts()
         assert isinstance(e.decide(f, RETR, 0), Allow)
-        e.observe(f, Response(RETR, True, None, "", 700_000, False, 0, 0), 0)
+        e.observe(f, Response(RETR, True, None, "", 700_000, False, 0, 0, Outcome.OK), 0)
         assert isinstance(e.decide(f, RETR, 0), Allow)  # 348,576 octets left
-        e.observe(f, Response(RETR, True, None, "", 700_000, False, 0, 0), 0)
+        e.observe(f, Response(RETR, True, None, "", 700_000, False, 0, 0, Outcome.OK), 0)
         assert isinstance(e.decide(f, RETR, 0), Deny)  # overdrawn
         # 1 MiB per hour refills ~291 octets/s: 351,424 overdrawn, back above zero after 1,207 s.
         assert isinstance(e.decide(f, RETR, 1300), Allow)

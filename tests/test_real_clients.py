@@ -43,7 +43,7 @@ from popproxy.events import (
     State,
     StateChanged,
 )
-from popproxy.server import SessionInfo
+from popproxy.observe import SessionInfo
 from tests.clients import (
     ClientRun,
     client_env,

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from popproxy.config import Config, HostPort, LimitsConfig, UpstreamConfig
-from popproxy.events import MessageComplete, SessionClosed
+from popproxy.events import EndReason, MessageComplete, SessionClosed
 from popproxy.server import Proxy, serve
 from tests.proxy_fixtures import RunningProxy, start_proxy
 
@@ -395,7 +395,7 @@ async def test_upstream_by_ipv6_literal_and_by_name(nursery: trio.Nursery, host:
 
 def test_observers_hear_only_what_they_listen_to() -> None:
     from popproxy.events import Greeting, SessionClosed
-    from popproxy.server import SessionInfo, listens_to
+    from popproxy.observe import SessionInfo, listens_to
 
     proxy = Proxy(Config(upstream=UpstreamConfig(address=HostPort("127.0.0.1", 1))))
     heard: dict[str, list[str]] = {"all": [], "closed": [], "late": []}
@@ -414,8 +414,8 @@ def test_observers_hear_only_what_they_listen_to() -> None:
             heard["late"].append(type(event).__name__)
 
     proxy.observers += [everything, closed]
-    info = SessionInfo("s1", "127.0.0.1:1", None)  # type: ignore[arg-type]
-    events = [Greeting(True, "ready", False), SessionClosed("quit", 0.1, 1, 2, 3, 4, 5)]
+    info = SessionInfo("s1", "127.0.0.1:1")
+    events = [Greeting(True, "ready", False), SessionClosed(EndReason.QUIT, 0.1, 1, 2, 3, 4, 5)]
     proxy._emit(info, events)
     assert heard == {"all": ["Greeting", "SessionClosed"], "closed": ["SessionClosed"],
                      "late": []}

@@ -26,7 +26,6 @@ from ..confparse import (
 from .ratelimit import Rate
 
 __all__ = [
-    "STANDARD_VERBS",
     "Match",
     "PolicyConfig",
     "Protections",
@@ -38,11 +37,6 @@ __all__ = [
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# RFC 1939, 1225 (LAST), 2449 (CAPA), 2595 (STLS), 5034 (AUTH), 6856 (UTF8, LANG).
-STANDARD_VERBS = frozenset({
-    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR",
-    "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG",
-})
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*/\s*(second|minute|hour|day)\s*")

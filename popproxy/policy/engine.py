@@ -24,10 +24,11 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..addr import host_of, normalize_host
 from ..events import AuthResult, Event, Response
-from ..pop3 import Command, message_number
+from ..pop3 import RETRIEVE, STANDARD_VERBS, Command, completes_login, message_number
 from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
-from .config import STANDARD_VERBS, Match, PolicyConfig, Rule, TimeWindow
+from .config import Match, PolicyConfig, Rule, TimeWindow
 from .ratelimit import Bucket, BucketTable
 
 __all__ = ["BUILTIN_RULE_NAMES", "PolicyEngine", "PolicyState", "SwitchablePolicy"]
@@ -41,8 +42,6 @@ BUILTIN_RULE_NAMES = (
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
-_RETRIEVE = frozenset({"RETR", "TOP"})
 # Kinds of candidate rule, for the per-command loop in ``decide``.
 _ALLOW, _DENY, _LIMIT, _OCTETS = range(4)
 _Candidate = tuple[int, Rule, Bucket | None, TimeWindow | None]
@@ -93,13 +92,6 @@ class PolicyState:
     failures: _Failures = field(default_factory=_Failures)
     sessions_per_ip: Counter[str] = field(default_factory=Counter)
     sessions_per_user: Counter[str] = field(default_factory=Counter)
-
-
-def _ip(client: str | None) -> str | None:
-    if not client:
-        return None
-    host = client.rsplit(":", 1)[0]
-    return host[1:-1] if host.startswith("[") else host
 
 
 class PolicyEngine:
@@ -158,8 +150,8 @@ class PolicyEngine:
             if result is not None:
                 return result
 
-        if verb in _LOGIN_VERBS and (verb != "AUTH" or command.args):
-            ip = facts.client_ip or _ip(facts.client)
+        if completes_login(command):
+            ip = facts.client_ip or host_of(facts.client)
             user = facts.login_user if verb != "APOP" else (command.args or ("",))[0]
             f = self.state.failures
             w = p.login_failure_window
@@ -248,7 +240,7 @@ class PolicyEngine:
         limit with nothing to count by (per user, before login) is left out.
         """
         key = (verb, facts.user, facts.login_user, facts.tls,
-               facts.client_ip or _ip(facts.client))
+               facts.client_ip or host_of(facts.client))
         hit = self._candidate_cache.get(key)
         if hit is None:
             entries: list[_Candidate] = []
@@ -313,10 +305,11 @@ class PolicyEngine:
 
     def _address(self, facts: Facts) -> IPAddress | None:
         """The client's address, parsed once per client rather than per rule."""
-        text = facts.client_ip or _ip(facts.client)
+        text = facts.client_ip or host_of(facts.client)
         if self._last_ip[0] != text:
             try:
-                addr: IPAddress | None = ipaddress.ip_address(text or "")
+                # An IPv4-mapped IPv6 client matches IPv4 networks.
+                addr: IPAddress | None = ipaddress.ip_address(normalize_host(text or ""))
             except ValueError:
                 addr = None
             self._last_ip = (text, addr)
@@ -342,7 +335,7 @@ class PolicyEngine:
         if rule.per == "global":
             return "*"
         if rule.per == "client_ip":
-            return facts.client_ip or _ip(facts.client)
+            return facts.client_ip or host_of(facts.client)
         return facts.user or facts.login_user
 
     # ------------------------------------------------------------------
@@ -350,7 +343,7 @@ class PolicyEngine:
 
     def observe(self, facts: Facts, event: Event, now: float) -> None:
         if isinstance(event, AuthResult):
-            ip = facts.client_ip or _ip(facts.client)
+            ip = facts.client_ip or host_of(facts.client)
             p = self.config.protections
             if event.ok:
                 if event.user:
@@ -365,7 +358,7 @@ class PolicyEngine:
                 self.state.failures.add("user:" + event.user, now, keep)
         elif (
             isinstance(event, Response) and event.ok and not event.local
-            and event.command.verb in _RETRIEVE
+            and event.command.verb in RETRIEVE
         ):
             self._charge_octets(facts, event.command.verb, event.octets, now)
 
@@ -407,7 +400,7 @@ class PolicyEngine:
 
         Every call is matched by one ``session_ended``, admitted or not.
         """
-        ip = _ip(client)
+        ip = host_of(client)
         if ip is None:
             return None
         self.state.sessions_per_ip[ip] += 1
@@ -417,7 +410,7 @@ class PolicyEngine:
         return None
 
     def session_ended(self, client: str, user: str | None) -> None:
-        for counter, key in ((self.state.sessions_per_ip, _ip(client)),
+        for counter, key in ((self.state.sessions_per_ip, host_of(client)),
                              (self.state.sessions_per_user, user)):
             if key is not None and key in counter:
                 counter[key] -= 1
