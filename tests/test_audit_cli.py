@@ -17,7 +17,10 @@ from popproxy.audit import AuditConfig, AuditTrail, ChainHead
 from popproxy.audit.cli import add_parser, main
 from popproxy.events import (
     AuthResult,
+    Deletions,
+    EndReason,
     MessageComplete,
+    Outcome,
     Response,
     SessionClosed,
     SessionOpened,
@@ -75,12 +78,14 @@ def write_log(path: Path) -> None:
         trail.observe(info, AuthResult("USER", user, True, None))
         retr = Command("RETR", ("1",))
         trail.observe(info, MessageComplete(retr, 1, 10, "00" * 32, mid, True))
-        trail.observe(info, Response(retr, True, None, "", 20, False, 1.0, 1.25))
+        trail.observe(info, Response(retr, True, None, "", 20, False, 1.0, 1.25, Outcome.OK))
         if user == "alice":
             dele = Command("DELE", ("1",))
-            trail.observe(info, Response(dele, True, None, "", 5, False, 2.0, 2.5))
+            trail.observe(info, Response(dele, True, None, "", 5, False, 2.0, 2.5, Outcome.OK))
+            trail.observe(info, Deletions("marked", (1,)))
             trail.observe(info, StateChanged(State.TRANSACTION, State.UPDATE))
-        trail.observe(info, SessionClosed("quit", 3.0, 10, 20, 3))
+            trail.observe(info, Deletions("committed", (1,)))
+        trail.observe(info, SessionClosed(EndReason.QUIT, 3.0, 10, 20, 3))
     trail.close()
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from popproxy.audit import AuditConfig, RecordBuilder
-from popproxy.audit._records import close_reason
 from popproxy.events import (
     AuthResult,
+    EndReason,
     Event,
     PolicyDecision,
     SessionClosed,
@@ -25,11 +25,10 @@ from popproxy.events import (
     TlsEstablished,
     TlsFailed,
 )
-from popproxy.policy import ALLOW, AllowAll, Decision, Deny, Facts, Note
 from popproxy.pop3 import Command
 from popproxy.session import Session
+from tests.session_helpers import GREETING, DenyVerb, stuffed
 
-GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 T0 = datetime(2026, 11, 27, 14, 24, 3, tzinfo=UTC)
 MESSAGE = (
     b"From: Bob <bob@example.org>\r\n"
@@ -57,19 +56,8 @@ class Info:
         self.client = client
 
 
-def stuffed(message: bytes) -> bytes:
-    return b"".join(b"." + ln if ln.startswith(b".") else ln
-                    for ln in message.splitlines(keepends=True)) + b".\r\n"
-
-
-class DenyDele(AllowAll):
-    """A policy that refuses DELE, as a read-only rule would."""
-
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
-        if command.verb == "DELE":
-            note = Note("ro", "deny", True)
-            return Deny(b"-ERR [SYS/PERM] read-only mailbox\r\n", rule="ro", notes=(note,))
-        return ALLOW
+# A policy that refuses DELE, as a read-only rule would.
+deny_dele = DenyVerb("DELE", b"-ERR [SYS/PERM] read-only mailbox\r\n", note=True)
 
 
 @dataclass
@@ -108,8 +96,8 @@ class Run:
         self.upstream(b"+OK\r\n+OK logged in\r\n")
 
     def close(self, reason: str = "quit") -> None:
-        self.feed(self.session.close(reason, 9.0))
-        self.event(SessionClosed(reason, 9.0, 100, 2000, 5))
+        self.feed(self.session.close(EndReason(reason)))
+        self.event(SessionClosed(EndReason(reason), 9.0, 100, 2000, 5))
 
     def events(self) -> list[str]:
         return [r["event"] for r in self.records]
@@ -180,7 +168,7 @@ class TestAuthAndCommands:
 
     def test_outcomes_ok_err_denied(self) -> None:
         """ok and err from upstream; denied when the proxy refused it (policy)."""
-        run = Run.start(session=Session(policy=DenyDele()))
+        run = Run.start(session=Session(policy=deny_dele))
         run.login()
         run.client(b"LIST 1\r\nRETR 9\r\nDELE 1\r\n", now=2.0)
         run.upstream(b"+OK 1 120\r\n-ERR no such message\r\n", now=2.25)
@@ -386,8 +374,8 @@ class TestSessionAndPolicy:
         builder.observe(info, TlsFailed("upstream", "certificate verify failed"))
         (auth,) = builder.observe(info, AuthResult("USER", "alice", True, None))
         assert auth["tls"] == "TLSv1.3"
-        (close,) = builder.observe(info, SessionClosed("upstream unavailable", 1.0, 10, 20, 0,
-                                                       30, 40))
+        closed = SessionClosed(EndReason.UPSTREAM_UNAVAILABLE, 1.0, 10, 20, 0, 30, 40)
+        (close,) = builder.observe(info, closed)
         assert close["tls"] == {"client": {"version": "TLSv1.3",
                                            "cipher": "TLS_AES_256_GCM_SHA384",
                                            "sni": "pop.example.org"}}
@@ -409,24 +397,27 @@ class TestSessionAndPolicy:
     @pytest.mark.parametrize(
         ("raw", "reason"),
         [
-            ("quit", "quit"),
-            ("client closed", "client gone"),
-            ("peer gone or too slow", "client gone"),
-            ("client protocol error", "client error"),
-            ("idle timeout", "idle timeout"),
-            ("upstream closed the connection", "upstream error"),
-            ("upstream response timeout", "upstream error"),
-            ("upstream connect timeout", "upstream error"),
-            ("upstream unavailable", "upstream error"),
-            ("shutdown", "shutdown"),
-            ("session limit reached", "refused"),
-            ("audit trail unavailable", "refused"),
-            ("internal error", "other"),
+            (EndReason.QUIT, "quit"),
+            (EndReason.CLIENT_CLOSED, "client gone"),
+            (EndReason.PEER_GONE, "client gone"),
+            (EndReason.PROTOCOL_ERROR, "client error"),
+            (EndReason.IDLE_TIMEOUT, "idle timeout"),
+            (EndReason.UPSTREAM_CLOSED, "upstream error"),
+            (EndReason.UPSTREAM_TIMEOUT, "upstream error"),
+            (EndReason.UPSTREAM_CONNECT_TIMEOUT, "upstream error"),
+            (EndReason.UPSTREAM_UNAVAILABLE, "upstream error"),
+            (EndReason.SHUTDOWN, "shutdown"),
+            (EndReason.SESSION_LIMIT, "refused"),
+            (EndReason.REFUSED, "refused"),  # e.g. "audit trail unavailable"
+            (EndReason.INTERNAL_ERROR, "other"),
         ],
     )
-    def test_close_reasons(self, raw: str, reason: str) -> None:
-        """The core's wording maps onto a few stable reason words."""
-        assert close_reason(raw) == reason
+    def test_close_reasons(self, raw: EndReason, reason: str) -> None:
+        """The core's reasons map onto a few stable reason words."""
+        assert raw.audit == reason
+        builder = RecordBuilder(AuditConfig(enabled=True), FakeClock())
+        (rec,) = builder.observe(Info(), SessionClosed(raw, 1.0, 0, 0, 0))
+        assert rec["reason"] == reason
 
     def test_policy_decision(self) -> None:
         """A ``PolicyDecision`` event becomes policy.decision; monitor mode: enforced false."""

@@ -30,7 +30,7 @@ from popproxy.audit import (
 )
 from popproxy.audit._chain import line, read_head, rotated_files
 from popproxy.audit._sinks import FileSink
-from popproxy.events import SessionClosed, SessionOpened
+from popproxy.events import EndReason, SessionClosed, SessionOpened
 from popproxy.metrics import Metrics
 
 T0 = datetime(2026, 11, 27, 14, 24, 3, tzinfo=UTC)
@@ -128,7 +128,7 @@ def session(trail: AuditTrail, sid: str) -> None:
     """A session that opens and closes: two records."""
     info = Info(sid)
     trail.observe(info, SessionOpened(info.client, 0.0))
-    trail.observe(info, SessionClosed("quit", 1.5, 10, 20, 1))
+    trail.observe(info, SessionClosed(EndReason.QUIT, 1.5, 10, 20, 1))
 
 
 def file_config(path: Path, **kw: Any) -> AuditConfig:
@@ -297,7 +297,7 @@ class TestWriteBehind:
         async with writing_behind(trail):
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))  # t = 0
             await elapse(mock_clock, step)
-            trail.observe(Info("a"), SessionClosed("quit", 1.0, 1, 1, 1))  # writes a
+            trail.observe(Info("a"), SessionClosed(EndReason.QUIT, 1.0, 1, 1, 1))  # writes a
             assert sink.writes == 1
             await elapse(mock_clock, step)
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40001", 0.0))  # t = 2 steps
@@ -317,7 +317,7 @@ class TestWriteBehind:
             trail.observe(Info("b"), SessionOpened("192.0.2.7:40001", 0.0))
             trail.observe(Info("a"), SessionOpened("192.0.2.7:40000", 0.0))
             assert (sink.writes, sink.soon) == (0, 0)
-            trail.observe(Info("a"), SessionClosed("quit", 1.5, 10, 20, 1))
+            trail.observe(Info("a"), SessionClosed(EndReason.QUIT, 1.5, 10, 20, 1))
             assert (sink.writes, sink.soon) == (1, 1)
             assert [(r["event"], r["session"]) for r in sink.records()] == [
                 ("session.open", "b"), ("session.open", "a"), ("session.close", "a")]

@@ -1,9 +1,12 @@
 """Session events in, audit records out: the record builder (no I/O).
 
 ``RecordBuilder.observe(info, event)`` returns the records (plain dicts, in
-their final key order) that an event produces, keeping a little state per
-session: the authenticated user, the UIDLs learned, the messages marked for
-deletion, whether QUIT was sent.  Time comes from the injected clock.
+their final key order) that an event produces.  The facts come from the
+events (a command's ``outcome``, how a session ended, which deletions were
+committed, a message's header section); the builder keeps per session only
+what it needs to name things in its records: the authenticated user, the
+UIDLs and Message-IDs learned, the TLS facts, and the marks still open (for
+``close_all``).  Time comes from the injected clock.
 
 What a record may contain is decided here, so this is where credentials are
 kept out: commands appear only as ``Command.redacted_args()``, and nothing
@@ -12,7 +15,6 @@ reads SASL lines, PASS or APOP arguments.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -20,38 +22,28 @@ from typing import Any, Protocol
 
 from ..events import (
     AuthResult,
-    CommandSent,
+    Deletions,
     Event,
     MessageComplete,
-    MessageData,
     PolicyDecision,
     Response,
     SessionClosed,
     SessionOpened,
-    State,
-    StateChanged,
     TlsEstablished,
     TlsFailed,
     UidsLearned,
     UpstreamConnected,
-    UpstreamFailed,
 )
-from ..pop3 import Command, message_number
-from .config import MESSAGE_VERBS, AuditConfig
+from ..pop3 import MESSAGE_VERBS, header_values, message_number
+from .config import AuditConfig
 
-__all__ = ["Record", "RecordBuilder", "SessionRef", "close_reason", "rfc3339"]
+__all__ = ["Record", "RecordBuilder", "SessionRef", "rfc3339"]
 
 Record = dict[str, Any]
 
-# How much of a message's start is kept to find the configured headers.
-HEADER_LIMIT = 65536
-# Longest header value recorded (the rest is cut, with "...").
-VALUE_LIMIT = 1024
-_UNFOLD = re.compile(rb"\r?\n[ \t]+")
-
 
 class SessionRef(Protocol):
-    """What the builder needs to know about a session (``server.SessionInfo``)."""
+    """What the builder needs to know about a session (``observe.SessionInfo``)."""
 
     @property
     def id(self) -> str: ...
@@ -93,30 +85,6 @@ def rfc3339(t: datetime) -> str:
     return t.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
-def close_reason(raw: str, upstream_failed: bool = False) -> str:
-    """The core's reason for ending a session, as one of a few stable words.
-
-    quit, client gone, client error, idle timeout, upstream error, shutdown,
-    refused, other.  The core's own wording goes into ``detail``.
-    """
-    text = raw.lower()
-    if text == "quit":
-        return "quit"
-    if text in ("shutdown", "proxy shutting down"):
-        return "shutdown"
-    if text == "idle timeout":
-        return "idle timeout"
-    if text.startswith("upstream") or upstream_failed:
-        return "upstream error"
-    if text in ("client closed", "peer gone or too slow", "closed"):
-        return "client gone"
-    if text.startswith("client"):
-        return "client error"
-    if "limit" in text or "audit" in text or "refus" in text:
-        return "refused"
-    return "other"
-
-
 def _clean(text: str) -> str:
     """``text`` as valid UTF-8 (a client's undecodable bytes become U+FFFD)."""
     if text.isascii():
@@ -128,47 +96,22 @@ def _clean(text: str) -> str:
     return text
 
 
-def _number(cmd: Command) -> int | None:
-    arg = cmd.args[0] if cmd.args else ""
-    return message_number(arg)
-
-
 def _seconds(value: float) -> float:
     """``value`` to the microsecond (``round(value, 6)``, a good deal cheaper)."""
     return round(value * 1e6) / 1e6
 
 
 class _Session:
-    __slots__ = (
-        "client",
-        "denied",
-        "head",
-        "head_done",
-        "marks",
-        "message_ids",
-        "quit_sent",
-        "state",
-        "tls",
-        "tls_error",
-        "uids",
-        "upstream",
-        "upstream_failed",
-        "user",
-    )
+    __slots__ = ("client", "marks", "message_ids", "tls", "tls_error", "uids", "upstream",
+                 "user")
 
     def __init__(self, client: str) -> None:
         self.client = client
         self.user: str | None = None
-        self.state = State.GREETING
         self.uids: dict[int, str] = {}
-        self.marks: dict[int, None] = {}  # insertion-ordered set of message numbers
+        self.marks: dict[int, None] = {}  # open marks, for close_all
         self.message_ids: dict[int, str] = {}
-        self.head: bytearray | None = None  # start of the RETR/TOP body in flight
-        self.head_done = False
-        self.quit_sent = False  # QUIT went upstream in TRANSACTION
-        self.denied: list[Command] = []  # by policy, reply not yet seen
         self.upstream: str | None = None
-        self.upstream_failed = False
         self.tls: dict[str, dict[str, str | None]] = {}  # side -> version, cipher, sni
         self.tls_error: str | None = None
 
@@ -185,19 +128,16 @@ class RecordBuilder:
             utcnow_rfc3339 if now is utcnow else lambda: rfc3339(now()))
         self._sessions: dict[str, _Session] = {}
         self._all_commands = config.commands == "all"
-        self._headers = tuple((name, name.lower().encode("ascii")) for name in config.headers)
+        self._headers = config.headers
         self._handlers: dict[type[Event], Callable[[SessionRef, _Session, Any], list[Record]]] = {
             SessionOpened: self._opened,
             SessionClosed: self._closed,
             AuthResult: self._auth,
-            CommandSent: self._sent,
             Response: self._response,
-            MessageData: self._data,
             MessageComplete: self._message,
+            Deletions: self._deletions,
             UidsLearned: self._uids,
-            StateChanged: self._state,
             UpstreamConnected: self._connected,
-            UpstreamFailed: self._upstream_failed,
             TlsEstablished: self._tls,
             TlsFailed: self._tls_failed,
             PolicyDecision: self._policy,
@@ -206,10 +146,7 @@ class RecordBuilder:
     @property
     def event_types(self) -> frozenset[type[Event]]:
         """The event types that can make a record or change a session's state."""
-        kinds = set(self._handlers)
-        if not self._headers:
-            kinds.discard(MessageData)  # read only for the configured headers
-        return frozenset(kinds)
+        return frozenset(self._handlers)
 
     @property
     def open_sessions(self) -> int:
@@ -231,9 +168,11 @@ class RecordBuilder:
         for sid in list(self._sessions):
             st = self._sessions.pop(sid)
             ref = _Ref(sid, st.client)
-            records += self._uncommitted(ref, st)
+            records += [self._message_record("message.delete.uncommitted", ref, st, msg)
+                        for msg in st.marks]
             rec = self._base("session.close", ref, st)
-            rec.update(reason=reason, detail="audit trail closed before the session ended")
+            rec.update(reason=reason, outcome="shutdown",
+                       detail="audit trail closed before the session ended")
             records.append(rec)
         return records
 
@@ -269,12 +208,6 @@ class RecordBuilder:
         st.upstream = event.address
         return []
 
-    def _upstream_failed(
-        self, info: SessionRef, st: _Session, event: UpstreamFailed
-    ) -> list[Record]:
-        st.upstream_failed = True
-        return []
-
     def _auth(self, info: SessionRef, st: _Session, event: AuthResult) -> list[Record]:
         user = _clean(event.user) if event.user is not None else None
         if event.ok:
@@ -288,54 +221,39 @@ class RecordBuilder:
             rec["code"] = event.code
         return [rec]
 
-    def _sent(self, info: SessionRef, st: _Session, event: CommandSent) -> list[Record]:
-        if event.command.verb == "QUIT" and st.state is State.TRANSACTION:
-            st.quit_sent = True
-        return []
-
     def _response(self, info: SessionRef, st: _Session, event: Response) -> list[Record]:
         cmd = event.command
-        records: list[Record] = []
-        outcome = self._outcome(st, event)
-        if self._all_commands or cmd.verb in MESSAGE_VERBS:
-            rec = self._base("command", info, st)
-            rec["verb"] = cmd.verb
-            rec["args"] = [_clean(a) for a in cmd.redacted_args()]
-            rec["outcome"] = outcome
-            if event.code is not None:
-                rec["code"] = event.code
-            latency = event.latency
-            rec["latency"] = _seconds(latency) if latency is not None else None
-            records.append(rec)
-        if not event.ok:
-            return records
-        if cmd.verb == "DELE":
-            msg = _number(cmd)
-            if msg is not None:
-                st.marks[msg] = None
-                records.append(self._message_record("message.delete.marked", info, st, msg))
-        elif cmd.verb == "RSET":
-            rec = self._base("message.delete.reset", info, st)
-            rec["msgs"] = sorted(st.marks)
-            st.marks.clear()
-            records.append(rec)
-        return records
+        if not self._all_commands and cmd.verb not in MESSAGE_VERBS:
+            return []
+        rec = self._base("command", info, st)
+        rec["verb"] = cmd.verb
+        rec["args"] = [_clean(a) for a in cmd.redacted_args()]
+        rec["outcome"] = event.outcome.value
+        if event.code is not None:
+            rec["code"] = event.code
+        latency = event.latency
+        rec["latency"] = _seconds(latency) if latency is not None else None
+        return [rec]
 
-    def _outcome(self, st: _Session, event: Response) -> str:
-        by_policy = False
-        for i, cmd in enumerate(st.denied):  # usually empty
-            if cmd == event.command:
-                del st.denied[i]
-                by_policy = True
-                break
-        if event.ok:
-            return "ok"
-        if not event.local:
-            return "err"
-        # A local -ERR is the proxy refusing the command (its own checks or
-        # policy); a local [SYS/TEMP] stands in for an upstream that failed,
-        # unless policy said no (a rate limit answers [SYS/TEMP] too).
-        return "denied" if by_policy or event.code != "SYS/TEMP" else "err"
+    def _deletions(self, info: SessionRef, st: _Session, event: Deletions) -> list[Record]:
+        phase = event.phase
+        if phase == "reset":
+            st.marks.clear()
+            rec = self._base("message.delete.reset", info, st)
+            rec["msgs"] = list(event.msgs)
+            return [rec]
+        if phase == "marked":
+            st.marks.update(dict.fromkeys(event.msgs))
+        else:
+            st.marks.clear()
+        name = "message.delete." + phase
+        records = [self._message_record(name, info, st, msg) for msg in event.msgs]
+        if event.possibly_partial:
+            # QUIT reached the server but no +OK came back: it may have
+            # removed some or all of them (RFC 1939 §6).
+            for rec in records:
+                rec["possibly_partial"] = True
+        return records
 
     def _message_record(self, name: str, info: SessionRef, st: _Session, msg: int) -> Record:
         rec = self._base(name, info, st)
@@ -346,20 +264,7 @@ class RecordBuilder:
             rec["message_id"] = message_id
         return rec
 
-    def _data(self, info: SessionRef, st: _Session, event: MessageData) -> list[Record]:
-        if not self._headers or st.head_done:
-            return []
-        if st.head is None:
-            st.head = bytearray()
-        head = st.head
-        start = max(0, len(head) - 3)
-        head += event.data[: HEADER_LIMIT - len(head)]
-        if len(head) >= HEADER_LIMIT or head.find(b"\r\n\r\n", start) >= 0:
-            st.head_done = True
-        return []
-
     def _message(self, info: SessionRef, st: _Session, event: MessageComplete) -> list[Record]:
-        head, st.head, st.head_done = st.head, None, False
         rec = self._base("message.retrieve", info, st)
         verb = event.command.verb
         rec["command"] = verb
@@ -373,59 +278,21 @@ class RecordBuilder:
         rec["message_id"] = event.message_id
         rec["complete"] = event.complete
         if self._headers:
-            rec["headers"] = self._pick_headers(bytes(head or b""))
+            rec["headers"] = header_values(event.headers, self._headers)
         if event.msg is not None and event.message_id is not None:
             st.message_ids[event.msg] = event.message_id
         return [rec]
-
-    def _pick_headers(self, data: bytes) -> dict[str, str | None]:
-        end = data.find(b"\r\n\r\n")
-        block = b"" if data.startswith(b"\r\n") else data[: end + 2] if end >= 0 else data
-        found: dict[str, str | None] = {name: None for name, _ in self._headers}
-        wanted = dict((low, name) for name, low in self._headers)
-        for line in _UNFOLD.sub(b" ", block).split(b"\r\n"):
-            field, colon, value = line.partition(b":")
-            if not colon:
-                continue
-            name = wanted.get(field.strip().lower())
-            if name is not None and found[name] is None:
-                text = value.strip().decode("utf-8", "replace")
-                found[name] = text if len(text) <= VALUE_LIMIT else text[:VALUE_LIMIT] + "..."
-        return found
 
     def _uids(self, info: SessionRef, st: _Session, event: UidsLearned) -> list[Record]:
         st.uids.update(event.uids)
         return []
 
-    def _state(self, info: SessionRef, st: _Session, event: StateChanged) -> list[Record]:
-        st.state = event.new
-        records: list[Record] = []
-        if event.old is State.TRANSACTION and event.new is State.UPDATE:
-            # QUIT got +OK in TRANSACTION: the server removed what was marked.
-            for msg in st.marks:
-                records.append(self._message_record("message.delete.committed", info, st, msg))
-            st.marks.clear()
-        elif event.new is State.CLOSED:
-            records += self._uncommitted(info, st)
-        return records
-
-    def _uncommitted(self, info: SessionRef, st: _Session) -> list[Record]:
-        records = []
-        for msg in st.marks:
-            rec = self._message_record("message.delete.uncommitted", info, st, msg)
-            if st.quit_sent:
-                # QUIT reached the server but no +OK came back: it may have
-                # removed some or all of them (RFC 1939 §6).
-                rec["possibly_partial"] = True
-            records.append(rec)
-        st.marks.clear()
-        return records
-
     def _closed(self, info: SessionRef, st: _Session, event: SessionClosed) -> list[Record]:
-        records = self._uncommitted(info, st)
         rec = self._base("session.close", info, st)
-        rec["reason"] = close_reason(event.reason, st.upstream_failed)
-        rec["detail"] = event.reason
+        reason = event.reason
+        rec["reason"] = reason.audit
+        rec["outcome"] = reason.outcome  # the popproxy_sessions_total label
+        rec["detail"] = event.detail or reason.value
         rec["duration"] = _seconds(event.duration)
         rec["bytes_in"] = event.bytes_in
         rec["bytes_out"] = event.bytes_out
@@ -438,30 +305,16 @@ class RecordBuilder:
             rec["tls"] = st.tls
         if st.tls_error is not None:
             rec["tls_error"] = st.tls_error
-        records.append(rec)
         self._sessions.pop(info.id, None)
-        return records
+        return [rec]
 
-    def _policy(self, info: SessionRef, st: _Session, event: Event) -> list[Record]:
-        """``PolicyDecision`` (from the policy engine), read by attribute name:
-        ``command`` (a ``Command``), ``rule``, ``action``, ``enforced`` (False
-        in monitor mode)."""
-        cmd = getattr(event, "command", None)
-        rule = getattr(event, "rule", None)
-        action = getattr(event, "action", None)
-        action = str(action) if action is not None else None
-        enforced = bool(getattr(event, "enforced", True))
+    def _policy(self, info: SessionRef, st: _Session, event: PolicyDecision) -> list[Record]:
         rec = self._base("policy.decision", info, st)
-        rec["rule"] = str(rule) if rule is not None else None
-        rec["action"] = action
-        if isinstance(cmd, Command):
-            rec["command"] = cmd.verb
-            rec["args"] = [_clean(a) for a in cmd.redacted_args()]
-            if enforced and action not in ("allow", "delay", "log") and len(st.denied) < 64:
-                st.denied.append(cmd)
-        else:
-            rec["command"] = str(cmd) if cmd is not None else None
-        rec["enforced"] = enforced
+        rec["rule"] = event.rule
+        rec["action"] = event.action
+        rec["command"] = event.command.verb
+        rec["args"] = [_clean(a) for a in event.command.redacted_args()]
+        rec["enforced"] = event.enforced
         return [rec]
 
 

@@ -16,7 +16,6 @@ from ..confparse import ConfigError, Section, parse_bool, parse_choice, parse_si
 __all__ = [
     "COMMAND_SETS",
     "FSYNC_MODES",
-    "MESSAGE_VERBS",
     "SINKS",
     "AuditConfig",
     "parse_audit",
@@ -25,11 +24,6 @@ __all__ = [
 SINKS = ("stdout", "file", "both")
 FSYNC_MODES = ("always", "session", "never")
 COMMAND_SETS = ("all", "messages")
-
-# ``commands = "messages"`` keeps the commands that read, list or delete
-# messages (field notes §4: STAT/LIST/UIDL are metadata access, TOP a partial
-# read, RETR a full read; RFC 1225's LAST reveals what was read).
-MESSAGE_VERBS = frozenset({"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "LAST"})
 
 # RFC 5322 §3.6.8: a field name is printable US-ASCII except the colon.
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
