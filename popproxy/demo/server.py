@@ -12,7 +12,8 @@ from functools import partial
 import structlog
 import trio
 
-from .mailbox import DemoSession, MailStore
+from .mailbox import DemoSession
+from .store import MailStore
 
 __all__ = ["IDLE_TIMEOUT", "serve_demo"]
 
