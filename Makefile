@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   the proxy in front of the built-in demo mailbox server
-#   make test   lint, type-check and the whole test suite (starts its own Dovecot)
+#   make test   lint, type-check and the whole test suite (starts its own Dovecot),
+#               then the suite again under every other CPython of 3.11, 3.12 and 3.13
+#               this machine has (.ci/pythons finds them), each in its own .venv-X.Y
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-main test-others test-with lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check popproxy tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+test: test-main test-others
+
+test-main: lint
 	$(BIN)/pytest -q
+
+# The same suite under the other supported Pythons (lint ran once, above).
+test-others: $(STAMP)
+	@pythons="$$(.ci/pythons --except $(PYTHON))"; \
+	echo "== other Pythons on this machine: $${pythons:-none}"; \
+	for py in $$pythons; do $(MAKE) --no-print-directory test-with PY=$$py || exit 1; done
+
+test-with:
+	@v=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	venv=.venv-$$v; \
+	if [ ! -f $$venv/.installed ] || [ pyproject.toml -nt $$venv/.installed ]; then \
+		$(PY) -m venv $$venv && $$venv/bin/pip install -q --upgrade pip && \
+		$$venv/bin/pip install -q -e '.[test]' && touch $$venv/.installed || exit 1; \
+	fi; \
+	echo "== pytest under Python $$v ($(PY))"; \
+	$$venv/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
@@ -33,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.audit_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache .hypothesis
