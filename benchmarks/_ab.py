@@ -24,7 +24,7 @@ from pathlib import Path
 from benchmarks._procs import REPO_ROOT, ProxyProcess
 
 __all__ = [
-    "BASELINE_LAUNCHER",
+    "TREE_LAUNCHER",
     "Figure",
     "Revision",
     "check_source",
@@ -109,14 +109,17 @@ def export_package(rev: Revision, dest: Path, repo: Path = REPO_ROOT) -> Path:
 # answers for any popproxy submodule the exported tree lacks: a baseline
 # without, say, popproxy/__main__.py would run the current one's.  The
 # baseline proxy drops that finder before importing anything, so a missing
-# module is an ImportError, never the current tree's code.
+# module is an ImportError, never the current tree's code.  The current
+# proxy of an A/B run is started the same way from the working tree, so
+# that the two arms differ in their code only.
 _DROP_INSTALLED = (
     "import sys\n"
     "sys.meta_path[:] = [f for f in sys.meta_path\n"
     "                    if not getattr(f, '__module__', '').startswith('__editable___popproxy')]\n"
 )
-#: ``python -m popproxy run -c FILE`` for an exported tree (see above).
-BASELINE_LAUNCHER: tuple[str, ...] = (
+#: ``python -m popproxy run -c FILE`` for the tree that is ``source_root``
+#: (see above); both proxies of an A/B run.
+TREE_LAUNCHER: tuple[str, ...] = (
     "-c",
     _DROP_INSTALLED + "import runpy\n"
     "runpy.run_module('popproxy', run_name='__main__', alter_sys=True)\n",
@@ -136,12 +139,12 @@ def check_source(proxy: ProxyProcess) -> Path:
     """Prove which tree's code ``proxy`` runs; returns its ``popproxy.__file__``.
 
     A child with the proxy's interpreter, environment, working directory and
-    (for ``BASELINE_LAUNCHER``) import set-up finds ``popproxy``, its
+    (for ``TREE_LAUNCHER``) import set-up finds ``popproxy``, its
     ``__main__`` and ``cli``: each must be in ``proxy.source_root``.  Once
     started, the running process's working directory must be that root.
     """
     root = proxy.source_root.resolve()
-    prelude = _DROP_INSTALLED if proxy.launcher == BASELINE_LAUNCHER else ""
+    prelude = _DROP_INSTALLED if proxy.launcher == TREE_LAUNCHER else ""
     done = subprocess.run(
         [proxy.python, "-c", prelude + _PROBE], cwd=root, env=proxy.child_env(),
         stdin=subprocess.DEVNULL, capture_output=True, timeout=60,

@@ -36,8 +36,10 @@ A/B mode: ``--baseline REV`` (any git revision of this repository) exports
 ``popproxy/`` as of REV (``git archive``, into the run's temporary
 directory) and starts a second proxy from it beside the current tree's,
 with the same interpreter, virtualenv and configuration, in front of the
-same Dovecot; a child run the same way first proves where its ``popproxy``
-comes from.  Every scenario then measures three targets interleaved,
+same Dovecot.  Both proxies are started the same way (``runpy``, with the
+editable install's import finder dropped: see ``_ab.TREE_LAUNCHER``), so
+that they differ in their code only, and a child run the same way first
+proves where each one's ``popproxy`` comes from.  Every scenario then measures three targets interleaved,
 direct, baseline and current (the two proxies swap places every other
 round), and a second table gives each figure for all three with the
 current / baseline ratio, both of medians and "paired" (the median of the
@@ -87,7 +89,7 @@ from typing import Any
 import trio
 
 from benchmarks._ab import (
-    BASELINE_LAUNCHER,
+    TREE_LAUNCHER,
     Figure,
     Revision,
     check_source,
@@ -868,7 +870,7 @@ def bench_idle(env: Env) -> None:
         fresh = ProxyProcess(
             env.dovecot.port, env.workdir / f"idle-{name}", max_sessions=s.idle_sessions + 100,
             source_root=proxy.source_root,
-            launcher=BASELINE_LAUNCHER if name == "baseline" else CLI_LAUNCHER,
+            launcher=CLI_LAUNCHER if env.baseline is None else TREE_LAUNCHER,
         )
         fresh.workdir.mkdir(exist_ok=True)
         try:
@@ -1048,6 +1050,8 @@ def run(
             "-m", "cProfile", "-o", str(cprofile.resolve()), *CLI_LAUNCHER)
         if relay is not None:  # a minimal relay in the proxy's place
             launcher = ("-m", "benchmarks.floor", "--relay-config", relay)
+        if baseline is not None:  # started as the baseline is (see _ab.TREE_LAUNCHER)
+            launcher = TREE_LAUNCHER
         max_sessions = max(1000, settings.idle_sessions)
         base_proxy: ProxyProcess | None = None
         if baseline is not None:
@@ -1056,7 +1060,7 @@ def run(
             (workdir / "baseline").mkdir()
             base_proxy = ProxyProcess(dovecot.port, workdir / "baseline",
                                       max_sessions=max_sessions, source_root=base_root,
-                                      launcher=BASELINE_LAUNCHER)
+                                      launcher=TREE_LAUNCHER)
             stack.callback(base_proxy.stop)
             try:
                 check_source(base_proxy)
