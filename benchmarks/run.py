@@ -39,18 +39,21 @@ with the same interpreter, virtualenv and configuration, in front of the
 same Dovecot.  Both proxies are started the same way (``runpy``, with the
 editable install's import finder dropped: see ``_ab.TREE_LAUNCHER``), so
 that they differ in their code only, and a child run the same way first
-proves where each one's ``popproxy`` comes from.  Every scenario then measures three targets interleaved,
-direct, baseline and current (the two proxies swap places every other
-round), and a second table gives each figure for all three with the
-current / baseline ratio, both of medians and "paired" (the median of the
-rounds' own ratios, which a drift of the machine between rounds moves
-less), and each proxy's CPU per NOOP, session, pipelined command and MB.
-Scenario 4 runs twice as many rounds, half as long, in this mode.
-``--repeat N`` runs the chosen scenarios N times on one set-up and ends
-with each figure's spread (min-max) and every run's ratio: this 2-core VM
-drifts by up to 1.5x within minutes, so one run's ratio is not the noise.
-``--only`` also takes ``sessions`` (= sequential), ``retr`` (= throughput)
-and ``rss`` (= idle).
+proves where each one's ``popproxy`` comes from.  Every scenario then
+measures three targets interleaved, direct, baseline and current (the two
+proxies swap places every other round), and a second table gives each
+figure for all three with the current / baseline ratio, both of medians
+and "paired" (the median of the rounds' own ratios, which a drift of the
+machine between rounds moves less), and each proxy's CPU per NOOP,
+session, pipelined command and MB.  Scenario 4 runs twice as many rounds,
+half as long, in this mode.
+
+``--repeat N`` runs the chosen scenarios N times, each run with freshly
+started proxies (Dovecot stays), and ends with each figure's spread
+(min-max) and every run's ratio: this 2-core VM drifts by up to 1.5x
+within minutes, and a proxy process can keep a bias of its own for its
+lifetime, so one run's ratio is not the noise.  ``--only`` also takes
+``sessions`` (= sequential), ``retr`` (= throughput) and ``rss`` (= idle).
 
 Dovecot runs in its documented high-performance mode (login processes
 serve many connections, mail processes are reused); with
@@ -109,6 +112,7 @@ from benchmarks._client import (
 )
 from benchmarks._procs import (
     CLI_LAUNCHER,
+    REPO_ROOT,
     CpuMeter,
     ProxyProcess,
     RssSampler,
@@ -1000,6 +1004,36 @@ def _run_scenarios(
         env.check_alive()
 
 
+def _start_proxy(
+    stack: contextlib.ExitStack, name: str, proxy: ProxyProcess, common: dict[str, Any],
+    baseline: Revision | None,
+) -> ProxyProcess:
+    """Start ``proxy`` (stopped by ``stack``); in an A/B run, prove its tree."""
+    stack.callback(proxy.stop)
+    if baseline is None:
+        proxy.start()
+        log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, "
+            f"RSS {proc_status_kib(proxy.pid)} KiB")
+        return proxy
+    what = f"the baseline proxy ({baseline.label})" if name == "baseline" else "the proxy"
+    try:
+        check_source(proxy)
+        proxy.start()
+        found = check_source(proxy)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what}: {exc}") from None
+    if name == "baseline":
+        common["baseline"] = {"spec": baseline.spec, "commit": baseline.commit,
+                              "subject": baseline.subject, "popproxy_file": str(found)}
+        tree = baseline.label
+    else:
+        tree = describe_worktree()
+        common["current"] = {"tree": tree, "popproxy_file": str(found)}
+    log(f"{name} pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {proc_status_kib(proxy.pid)} "
+        f"KiB: {tree}, popproxy from {found}")
+    return proxy
+
+
 def run(
     settings: Settings,
     only: Sequence[str],
@@ -1053,54 +1087,43 @@ def run(
         if baseline is not None:  # started as the baseline is (see _ab.TREE_LAUNCHER)
             launcher = TREE_LAUNCHER
         max_sessions = max(1000, settings.idle_sessions)
-        base_proxy: ProxyProcess | None = None
+        base_root: Path | None = None
         if baseline is not None:
             base_root = export_package(baseline, workdir / "baseline-src")
             log(f"baseline {baseline.label}: popproxy/ exported to {base_root}")
-            (workdir / "baseline").mkdir()
-            base_proxy = ProxyProcess(dovecot.port, workdir / "baseline",
-                                      max_sessions=max_sessions, source_root=base_root,
-                                      launcher=TREE_LAUNCHER)
-            stack.callback(base_proxy.stop)
-            try:
-                check_source(base_proxy)
-                base_proxy.start()
-                base_file = check_source(base_proxy)
-            except RuntimeError as exc:
-                raise RuntimeError(f"the baseline proxy ({baseline.label}): {exc}") from None
-            common["baseline"] = {
-                "spec": baseline.spec, "commit": baseline.commit, "subject": baseline.subject,
-                "popproxy_file": str(base_file),
-            }
-            log(f"baseline proxy pid {base_proxy.pid} on 127.0.0.1:{base_proxy.port}, "
-                f"RSS {proc_status_kib(base_proxy.pid)} KiB, "
-                f"popproxy from {common['baseline']['popproxy_file']}")
-        proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max_sessions,
-                             launcher=launcher)
-        stack.callback(proxy.stop)
-        proxy.start()
-        rss = proc_status_kib(proxy.pid)
-        if baseline is not None:
-            common["current"] = {"tree": describe_worktree(),
-                                 "popproxy_file": str(check_source(proxy))}
-            log(f"current proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {rss} KiB, "
-                f"{common['current']['tree']}, "
-                f"popproxy from {common['current']['popproxy_file']}")
-        else:
-            log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {rss} KiB")
         for i in range(repeat):
             if repeat > 1:
                 log(f"=== run {i + 1} of {repeat}")
             t0 = time.monotonic()
-            env = Env(settings, dovecot, proxy, workdir, users, conc_users, base_proxy)
-            _run_scenarios(env, only, profile_dir)
-            env.results["failed"] = env.failed
-            env.results["proxy_cpu"] = env.cpu.get("proxy", {})
-            if base_proxy is not None:
-                env.results["baseline_cpu"] = env.cpu.get("baseline", {})
-            if i == repeat - 1:
-                for name, p in env.proxies.items():
-                    lines = p.log_lines()
+            # Fresh proxy processes for every run: a process keeps for its
+            # lifetime whatever the run's noise gave it (in one A/A run the
+            # same code measured 0.75x its twin on the pipeline, in both
+            # repeats, and about 1.0x with new processes), so that repeats
+            # sample it too.  Every other run starts the current one first.
+            with contextlib.ExitStack() as run_stack:
+                run_dir = workdir / f"run-{i + 1}"
+                run_dir.mkdir()
+                starts: list[tuple[str, Path, Sequence[str]]] = [
+                    ("proxy", REPO_ROOT, launcher)]
+                if base_root is not None:
+                    starts.insert(i % 2, ("baseline", base_root, TREE_LAUNCHER))
+                started: dict[str, ProxyProcess] = {}
+                for name, root, how in starts:
+                    (run_dir / name).mkdir()
+                    started[name] = _start_proxy(
+                        run_stack, name, ProxyProcess(
+                            dovecot.port, run_dir / name, max_sessions=max_sessions,
+                            source_root=root, launcher=how),
+                        common, baseline)
+                env = Env(settings, dovecot, started["proxy"], run_dir, users, conc_users,
+                          started.get("baseline"))
+                _run_scenarios(env, only, profile_dir)
+                env.results["failed"] = env.failed
+                env.results["proxy_cpu"] = env.cpu.get("proxy", {})
+                if "baseline" in started:
+                    env.results["baseline_cpu"] = env.cpu.get("baseline", {})
+                for name, proc in env.proxies.items():
+                    lines = proc.log_lines()
                     if lines:
                         env.notes.append(
                             f"the {name} logged {len(lines)} lines, the last: {lines[-1]}")
@@ -1220,8 +1243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "revision REV (interleaved with direct and the current tree's proxy) and "
                     "report current / baseline for every figure")
     ap.add_argument("--repeat", metavar="N", type=int, default=1,
-                    help="run the chosen scenarios N times (one set-up) and print each run "
-                    "and the spread (min-max) of every figure")
+                    help="run the chosen scenarios N times (the proxies restarted for each) "
+                    "and print each run and the spread (min-max) of every figure")
     ap.add_argument("--dovecot-default-processes", action="store_true",
                     help="run Dovecot in its stock high-security mode (a login and a mail "
                     "process forked per connection) instead of its high-performance mode")
@@ -1241,6 +1264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown scenario(s): {', '.join(unknown)}")
     if not 1 <= args.repeat <= 20:
         ap.error("--repeat: between 1 and 20")
+    if args.repeat > 1 and (args.profile or args.cprofile):
+        ap.error("--profile and --cprofile profile one run; not with --repeat")
     baseline: Revision | None = None
     if args.baseline is not None:
         skewed = [o for o, v in (("--profile", args.profile), ("--cprofile", args.cprofile),
