@@ -229,10 +229,6 @@ class Env:
         return Target("direct", self.dovecot.host, self.dovecot.port)
 
     @property
-    def through_proxy(self) -> Target:
-        return Target("proxy", self.proxy.host, self.proxy.port, self.proxy.pid)
-
-    @property
     def proxies(self) -> dict[str, ProxyProcess]:
         """The proxy processes by target name: "baseline" (A/B runs) and "proxy"."""
         out = {} if self.baseline is None else {"baseline": self.baseline}
