@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-main test-others test-with lint bench clean
+.PHONY: demo test test-main test-others test-with lint bench bench-ab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.tls_bench
 	$(BIN)/python -m benchmarks.metrics_bench
 	$(BIN)/python -m benchmarks.audit_bench
+
+# The working tree against another revision, interleaved, twice:
+#   make bench-ab BASELINE=main
+BASELINE ?= HEAD
+bench-ab: $(STAMP)
+	$(BIN)/python -m benchmarks.run --baseline $(BASELINE) \
+		--only noop,sessions,concurrent,pipeline --repeat 2
 
 clean:
 	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -31,6 +31,7 @@ __all__ = [
     "RssSampler",
     "dovecot_extra_config",
     "free_port",
+    "proc_cpu_clock",
     "proc_cpu_seconds",
     "proc_status_kib",
     "raise_fd_limit",
@@ -134,30 +135,54 @@ def proc_cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def proc_cpu_clock(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of ``pid`` so far, to the
+    nanosecond, from its POSIX CPU-time clock; None when it cannot be read."""
+    # Linux names another process's CPU-time clock by a negative id,
+    # (~pid << 3) | CPUCLOCK_SCHED (2), as glibc's clock_getcpuclockid does.
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except (OSError, OverflowError):
+        return None
+
+
 class CpuMeter:
-    """Adds up a process's CPU time and the wall time of measured blocks."""
+    """Adds up a process's CPU time and the wall time of measured blocks.
+
+    ``user`` and ``system`` come from ``/proc/<pid>/stat`` in clock ticks
+    (10 ms): a block of a few ticks is off by up to one.  ``cpu``, their sum,
+    is read from the process's CPU-time clock instead when it can be, which
+    keeps short blocks (a pipelined batch, a few sessions) exact.
+    """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.user = 0.0
         self.system = 0.0
         self.wall = 0.0
+        self._clock: float | None = 0.0  # None once a block could not read it
 
     @property
     def cpu(self) -> float:
-        return self.user + self.system
+        return self.user + self.system if self._clock is None else self._clock
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
         (u0, s0), w0 = proc_cpu_seconds(self.pid), time.perf_counter()
+        c0 = proc_cpu_clock(self.pid)
         try:
             yield
         finally:
+            c1 = proc_cpu_clock(self.pid)
             self.wall += time.perf_counter() - w0
             with contextlib.suppress(OSError):
                 u1, s1 = proc_cpu_seconds(self.pid)
                 self.user += u1 - u0
                 self.system += s1 - s0
+            if self._clock is not None and c0 is not None and c1 is not None:
+                self._clock += c1 - c0
+            else:
+                self._clock = None
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -220,7 +245,10 @@ class ProxyProcess:
     ``[[policy.rules]]``).  ``probe_tls``: the client context the readiness
     probe does its implicit-TLS handshake with (for a TLS listener).
     ``launcher``: interpreter arguments before the config path
-    (``CLI_LAUNCHER`` or ``APP_RUN_LAUNCHER``).
+    (``CLI_LAUNCHER`` or ``APP_RUN_LAUNCHER``).  ``source_root``: the tree
+    whose ``popproxy`` package runs (first on ``PYTHONPATH`` and the working
+    directory, so it wins over the installed one); another revision's tree
+    for an A/B run.
     """
 
     def __init__(
@@ -236,6 +264,7 @@ class ProxyProcess:
         extra_config: str = "",
         probe_tls: ssl.SSLContext | None = None,
         launcher: Sequence[str] = CLI_LAUNCHER,
+        source_root: Path = REPO_ROOT,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = 0
@@ -249,6 +278,7 @@ class ProxyProcess:
         self.extra_config = extra_config
         self.probe_tls = probe_tls
         self.launcher = tuple(launcher)
+        self.source_root = source_root
         self.config_path = workdir / "popproxy.toml"
         self.log_path = workdir / "popproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -279,6 +309,13 @@ class ProxyProcess:
             + (self.extra_config.rstrip("\n") + "\n" if self.extra_config else "")
         )
 
+    def child_env(self) -> dict[str, str]:
+        """The proxy's environment: ``source_root`` first on ``PYTHONPATH``."""
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.source_root) + (os.pathsep + path if path else "")
+        return env
+
     def check_config(self) -> str:
         """Write the configuration and run ``popproxy check-config`` on it.
 
@@ -286,12 +323,10 @@ class ProxyProcess:
         ``start()`` the listen port in it is 0.
         """
         self.config_path.write_text(self.config_text())
-        env = dict(os.environ)
-        path = env.get("PYTHONPATH", "")
-        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
         done = subprocess.run(
             [self.python, "-m", "popproxy", "check-config", str(self.config_path)],
-            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+            cwd=self.source_root, env=self.child_env(), stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=60,
         )
         if done.returncode == 0:
             return ""
@@ -303,14 +338,11 @@ class ProxyProcess:
         for _ in range(attempts):
             self.port = free_port(self.host)
             self.config_path.write_text(self.config_text())
-            env = dict(os.environ)
-            path = env.get("PYTHONPATH", "")
-            env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
                     [self.python, *self.launcher, str(self.config_path)],
-                    cwd=REPO_ROOT,
-                    env=env,
+                    cwd=self.source_root,
+                    env=self.child_env(),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -6,6 +6,8 @@ Run from the repository root::
     python -m benchmarks.run --quick    # a smoke run: fewer rounds, smaller sizes
     python -m benchmarks.run --json results.json
     python -m benchmarks.run --only noop,pipeline --profile /tmp/prof   # py-spy
+    python -m benchmarks.run --baseline main --only noop,sessions,concurrent,pipeline
+    python -m benchmarks.run --baseline HEAD~3 --repeat 2 --quick
 
 It starts one private Dovecot (``tests/dovecot.py``) on a free loopback
 port, delivers the test messages, starts the proxy as a separate process
@@ -27,8 +29,31 @@ scenario DIRECT (client -> Dovecot) and through the PROXY, interleaved
 
 Besides the table of figures and bars it prints the per-step latencies of
 scenario 3 and the proxy process's CPU time while it was being measured
-(user + system, and per MB / NOOP / session), which tells whether a figure
-is bound by the proxy's CPU.
+(user + system, and per MB / NOOP / session / pipelined command), which
+tells whether a figure is bound by the proxy's CPU.
+
+A/B mode: ``--baseline REV`` (any git revision of this repository) exports
+``popproxy/`` as of REV (``git archive``, into the run's temporary
+directory) and starts a second proxy from it beside the current tree's,
+with the same interpreter, virtualenv and configuration, in front of the
+same Dovecot.  Both proxies are started the same way (``runpy``, with the
+editable install's import finder dropped: see ``_ab.TREE_LAUNCHER``), so
+that they differ in their code only, and a child run the same way first
+proves where each one's ``popproxy`` comes from.  Every scenario then
+measures three targets interleaved, direct, baseline and current (the two
+proxies swap places every other round), and a second table gives each
+figure for all three with the current / baseline ratio, both of medians
+and "paired" (the median of the rounds' own ratios, which a drift of the
+machine between rounds moves less), and each proxy's CPU per NOOP,
+session, pipelined command and MB.  Scenario 4 runs twice as many rounds,
+half as long, in this mode.
+
+``--repeat N`` runs the chosen scenarios N times, each run with freshly
+started proxies (Dovecot stays), and ends with each figure's spread
+(min-max) and every run's ratio: this 2-core VM drifts by up to 1.5x
+within minutes, and a proxy process can keep a bias of its own for its
+lifetime, so one run's ratio is not the noise.  ``--only`` also takes
+``sessions`` (= sequential), ``retr`` (= throughput) and ``rss`` (= idle).
 
 Dovecot runs in its documented high-performance mode (login processes
 serve many connections, mail processes are reused); with
@@ -46,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -56,7 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,6 +91,17 @@ from typing import Any
 
 import trio
 
+from benchmarks._ab import (
+    TREE_LAUNCHER,
+    Figure,
+    Revision,
+    check_source,
+    describe_worktree,
+    export_package,
+    render_figures,
+    render_spread,
+    resolve_revision,
+)
 from benchmarks._client import (
     AsyncConn,
     ClientErrors,
@@ -75,6 +112,7 @@ from benchmarks._client import (
 )
 from benchmarks._procs import (
     CLI_LAUNCHER,
+    REPO_ROOT,
     CpuMeter,
     ProxyProcess,
     RssSampler,
@@ -124,12 +162,28 @@ class Settings:
             idle_sessions=100,
         )
 
+    def for_ab(self) -> Settings:
+        """The same time in twice as many, half as long, concurrent rounds.
+
+        With three targets a 5 s round puts 10 s between the two proxies'
+        turns, and the session rate of this machine drifts by 1.5x within a
+        minute: shorter rounds pair the two proxies' turns more closely.
+        """
+        return dataclasses.replace(self, conc_rounds=self.conc_rounds * 2,
+                                   conc_seconds=self.conc_seconds / 2)
+
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "direct" | "proxy"
+    name: str  # "direct" | "baseline" | "proxy" (the current tree's)
     host: str
     port: int
+    pid: int | None = None  # a proxy's process, whose CPU is metered
+
+
+#: Column titles of the targets; "proxy" is "Current" in an A/B run.
+LABELS = {"direct": "Direct", "baseline": "Baseline", "proxy": "Proxy"}
+AB_LABELS = LABELS | {"proxy": "Current"}
 
 
 @dataclass
@@ -148,47 +202,112 @@ class Row:
 
 @dataclass
 class Env:
+    """The processes under test and one run's findings.
+
+    ``baseline``: the proxy started from an earlier revision's tree, in an
+    A/B run; it is measured as a third target, named "baseline", between
+    direct and the current tree's "proxy".
+    """
+
     settings: Settings
     dovecot: Dovecot
     proxy: ProxyProcess
     workdir: Path
     users: dict[str, str]
     conc_users: list[str]
+    baseline: ProxyProcess | None = None
     results: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    cpu: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # target name -> scenario -> CPU facts
+    cpu: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    figures: list[Figure] = field(default_factory=list)
 
     @property
     def direct(self) -> Target:
         return Target("direct", self.dovecot.host, self.dovecot.port)
 
     @property
-    def through_proxy(self) -> Target:
-        return Target("proxy", self.proxy.host, self.proxy.port)
+    def proxies(self) -> dict[str, ProxyProcess]:
+        """The proxy processes by target name: "baseline" (A/B runs) and "proxy"."""
+        out = {} if self.baseline is None else {"baseline": self.baseline}
+        return out | {"proxy": self.proxy}
 
     @property
-    def targets(self) -> tuple[Target, Target]:
-        return (self.direct, self.through_proxy)
+    def targets(self) -> tuple[Target, ...]:
+        return self.order(0)
 
-    def cpu_meter(self) -> CpuMeter:
-        return CpuMeter(self.proxy.pid)
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.targets)
 
-    def record_cpu(self, scenario: str, meter: CpuMeter, units: float, unit: str,
-                   scale: float, per: str) -> None:
-        """Proxy CPU while the proxy was measured: busy share and CPU per unit."""
-        self.cpu[scenario] = {
-            "wall_s": meter.wall, "cpu_s": meter.cpu, "user_s": meter.user,
-            "system_s": meter.system,
-            "busy": meter.cpu / meter.wall if meter.wall else math.nan,
-            "units": units, "unit": unit,
-            "per_unit": meter.cpu / units * scale if units else math.nan, "per": per,
-        }
+    def order(self, round_: int) -> tuple[Target, ...]:
+        """The targets in the order round ``round_`` measures them.
+
+        Direct first, as always; in an A/B run the two proxies swap places
+        every other round, so that a drift within a round does not favour
+        the one measured first.
+        """
+        proxies = [Target(name, p.host, p.port, p.pid) for name, p in self.proxies.items()]
+        if round_ % 2:
+            proxies.reverse()
+        return (self.direct, *proxies)
+
+    def cpu_meters(self) -> Meters:
+        return Meters({name: CpuMeter(p.pid) for name, p in self.proxies.items()})
+
+    def check_alive(self) -> None:
+        for p in self.proxies.values():
+            p.check_alive()
+
+    def figure(self, key: str, label: str, values: dict[str, float], digits: int = 1,
+               rounds: dict[str, list[float]] | None = None) -> None:
+        self.figures.append(Figure(key, label, values, digits, rounds or {}))
+
+    def record_cpu(self, scenario: str, meters: Meters, units: Mapping[str, Sequence[float]],
+                   unit: str, scale: float, per: str, key: str, label: str) -> None:
+        """Each proxy's CPU while it was measured: busy share and CPU per unit.
+
+        ``units``: per proxy, the units (NOOPs, sessions, MB...) of each
+        block it measured, in order.  Also a figure ``key`` (``label``):
+        the CPU per unit of each proxy, and per block.
+        """
+        values: dict[str, float] = {}
+        rounds: dict[str, list[float]] = {}
+        for name, meter in meters.meters.items():
+            n = sum(units.get(name, ()))
+            per_unit = meter.cpu / n * scale if n else math.nan
+            self.cpu.setdefault(name, {})[scenario] = {
+                "wall_s": meter.wall, "cpu_s": meter.cpu, "user_s": meter.user,
+                "system_s": meter.system,
+                "busy": meter.cpu / meter.wall if meter.wall else math.nan,
+                "units": n, "unit": unit, "per_unit": per_unit, "per": per,
+            }
+            values[name] = per_unit
+            rounds[name] = [c / u * scale if u else math.nan
+                            for c, u in zip(meters.blocks[name], units.get(name, ()),
+                                            strict=False)]
+        self.figure(key, label, values, 1 if scale >= 1e6 else 3, rounds)
 
 
-def measuring(meter: CpuMeter, t: Target) -> contextlib.AbstractContextManager[None]:
-    return meter.measure() if t.name == "proxy" else contextlib.nullcontext()
+class Meters:
+    """A CpuMeter per proxy target, and the CPU of each block it measured."""
+
+    def __init__(self, meters: dict[str, CpuMeter]) -> None:
+        self.meters = meters
+        self.blocks: dict[str, list[float]] = {name: [] for name in meters}
+
+    @contextlib.contextmanager
+    def measure(self, t: Target) -> Iterator[None]:
+        meter = self.meters.get(t.name)
+        if meter is None:  # direct: nothing of ours to meter
+            yield
+            return
+        before = meter.cpu
+        with meter.measure():
+            yield
+        self.blocks[t.name].append(meter.cpu - before)
 
 
 _T0 = time.monotonic()
@@ -209,6 +328,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+def _block_p50(values: Sequence[float], block: int) -> list[float]:
+    """The p50 of each interleaved block of ``block`` values, in order."""
+    return [percentile(values[i : i + block], 50) for i in range(0, len(values), block)]
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -256,13 +380,13 @@ def make_message(size: int, tag: str) -> bytes:
 def _retr_session(
     env: Env, t: Target, number: int, scratch: bytearray, sample_rss: bool
 ) -> tuple[float, int, dict[str, int]]:
-    """One session that RETRs ``number``: (MB/s, octets, rss facts)."""
+    """One session that RETRs ``number``: (MB/s, octets, rss facts of ``t``'s proxy)."""
     conn = Conn(t.host, t.port, timeout=60.0)
     rss: dict[str, int] = {}
     try:
         conn.login("big", env.users["big"])
-        if sample_rss:
-            pid = env.proxy.pid
+        if sample_rss and t.pid is not None:
+            pid = t.pid
             rss["before_kib"] = proc_status_kib(pid)
             hwm_reset = reset_peak_rss(pid)
             with RssSampler(pid) as sampler:
@@ -290,40 +414,51 @@ def bench_throughput(env: Env) -> None:
         largest = size_mib == max(s.sizes_mib)
         for t in env.targets:  # warm-up: Dovecot's size scan, page cache
             _retr_session(env, t, number, scratch, False)
-        speeds: dict[str, list[float]] = {"direct": [], "proxy": []}
-        rss_rounds: list[dict[str, int]] = []
+        speeds: dict[str, list[float]] = {name: [] for name in env.names}
+        rss_rounds: dict[str, list[dict[str, int]]] = {name: [] for name in env.proxies}
         octets = 0
-        meter = env.cpu_meter()
+        meters = env.cpu_meters()
         for r in range(s.retr_rounds):
-            for t in env.targets:
-                sample = t.name == "proxy"
-                with measuring(meter, t):
-                    mbps, octets, rss = _retr_session(env, t, number, scratch, sample)
+            for t in env.order(r):
+                with meters.measure(t):
+                    mbps, octets, rss = _retr_session(env, t, number, scratch, True)
                 if octets < size_mib * MIB:
                     raise ProtocolFailure(f"RETR {number} gave only {octets} octets")
                 speeds[t.name].append(mbps)
                 if rss:
-                    rss_rounds.append(rss)
+                    rss_rounds[t.name].append(rss)
                 log(f"RETR {size_mib} MiB round {r + 1}/{s.retr_rounds} {t.name}: "
                     f"{mbps:,.0f} MB/s" + (f", RSS +{rss['growth_kib']} KiB" if rss else ""))
-        env.record_cpu(f"RETR {size_mib} MiB", meter, octets * s.retr_rounds / 1e6, "MB",
-                       1000.0, "ms per MB")
-        d, p = median(speeds["direct"]), median(speeds["proxy"])
+        env.record_cpu(f"RETR {size_mib} MiB", meters,
+                       {name: [octets / 1e6] * s.retr_rounds for name in env.proxies}, "MB",
+                       1000.0, "ms per MB", f"cpu_retr_{size_mib}mib",
+                       f"Proxy CPU per MB, RETR {size_mib} MiB (ms)")
+        med = {name: median(v) for name, v in speeds.items()}
+        d, p = med["direct"], med["proxy"]
         env.results[f"retr_{size_mib}mib"] = {
             "octets": octets, "mbps": speeds, "median_direct": d, "median_proxy": p,
-            "ratio": p / d, "proxy_rss": rss_rounds,
-        }
+            "ratio": p / d, "proxy_rss": rss_rounds["proxy"],
+        } | ({} if env.baseline is None else {
+            "median_baseline": med["baseline"], "baseline_rss": rss_rounds["baseline"],
+        })
+        env.figure(f"retr_{size_mib}mib_mbps", f"RETR {size_mib} MiB throughput (MB/s)", med, 0,
+                   speeds)
         env.rows.append(Row(
             f"RETR {size_mib} MiB throughput (MB/s)", fmt(d, 0), fmt(p, 0),
             f"{p / d:.2f}x", "≥ 0.70x", p / d >= 0.7,
         ))
-        if largest and rss_rounds:
-            worst = max(rss_rounds, key=lambda x: x["growth_kib"])
-            growth_mib = worst["growth_kib"] / 1024
+        if largest and rss_rounds["proxy"]:
+            worst = {name: max(v, key=lambda x: x["growth_kib"])
+                     for name, v in rss_rounds.items() if v}
+            env.figure(f"retr_{size_mib}mib_rss_growth",
+                       f"Proxy RSS growth streaming {size_mib} MiB (MiB, worst)",
+                       {name: w["growth_kib"] / 1024 for name, w in worst.items()})
+            w = worst["proxy"]
+            growth_mib = w["growth_kib"] / 1024
             env.rows.append(Row(
-                f"Proxy RSS streaming {size_mib} MiB (MiB, worst of {len(rss_rounds)})",
+                f"Proxy RSS streaming {size_mib} MiB (MiB, worst of {len(rss_rounds['proxy'])})",
                 "—",
-                f"{worst['before_kib'] / 1024:.1f} → peak {worst['peak_kib'] / 1024:.1f}",
+                f"{w['before_kib'] / 1024:.1f} → peak {w['peak_kib'] / 1024:.1f}",
                 f"+{growth_mib:.1f} MiB", "≤ +10 MiB", growth_mib <= 10.0,
             ))
 
@@ -338,23 +473,23 @@ def bench_noop(env: Env) -> None:
     conns = {
         t.name: Conn(t.host, t.port, timeout=30.0) for t in env.targets
     }
-    lat: dict[str, list[float]] = {"direct": [], "proxy": []}
+    lat: dict[str, list[float]] = {name: [] for name in conns}
     try:
         for i, conn in enumerate(conns.values()):
             user = env.conc_users[i]
             conn.login(user, env.users[user])
             for _ in range(200):  # warm-up
                 conn.cmd("NOOP")
-        deadline = time.monotonic() + 120.0
+        deadline = time.monotonic() + 120.0 * len(env.proxies)
         blocks = max(1, s.noop_total // s.noop_block)
-        meter = env.cpu_meter()
-        for _ in range(blocks):
-            for t in env.targets:
+        meters = env.cpu_meters()
+        for b in range(blocks):
+            for t in env.order(b):
                 conn = conns[t.name]
                 out = lat[t.name]
                 sock = conn.sock
                 clock = time.perf_counter_ns
-                with measuring(meter, t):
+                with meters.measure(t):
                     for _ in range(s.noop_block):
                         t0 = clock()
                         sock.sendall(b"NOOP\r\n")
@@ -368,7 +503,10 @@ def bench_noop(env: Env) -> None:
     finally:
         for conn in conns.values():
             conn.close()
-    env.record_cpu("NOOP", meter, len(lat["proxy"]), "NOOP", 1e6, "µs per NOOP")
+    env.record_cpu("NOOP", meters,
+                   {k: [s.noop_block] * (len(v) // s.noop_block) for k, v in lat.items()},
+                   "NOOP", 1e6,
+                   "µs per NOOP", "cpu_noop", "Proxy CPU per NOOP round trip (µs)")
     summary: dict[str, Any] = {"count": {k: len(v) for k, v in lat.items()}}
     for name, values in lat.items():
         summary[name] = {
@@ -376,9 +514,16 @@ def bench_noop(env: Env) -> None:
             "mean_us": statistics.fmean(values), "max_us": max(values),
         }
     env.results["noop"] = summary
+    env.figure("noop_p50", "NOOP round trip p50 (µs)",
+               {name: summary[name]["p50_us"] for name in lat}, 1,
+               {name: _block_p50(v, s.noop_block) for name, v in lat.items()})
+    env.figure("noop_p99", "NOOP round trip p99 (µs)",
+               {name: summary[name]["p99_us"] for name in lat})
     d50, p50 = summary["direct"]["p50_us"], summary["proxy"]["p50_us"]
     d99, p99 = summary["direct"]["p99_us"], summary["proxy"]["p99_us"]
-    log(f"NOOP p50 direct {d50:.1f} µs, proxy {p50:.1f} µs; p99 {d99:.1f} / {p99:.1f} µs")
+    log("NOOP p50 / p99: " + ", ".join(
+        f"{name} {summary[name]['p50_us']:.1f} / {summary[name]['p99_us']:.1f} µs"
+        for name in lat))
     n = summary["count"]["proxy"]
     env.rows.append(Row(
         f"NOOP round trip p50 (µs, {n:,} each)", fmt(d50), fmt(p50),
@@ -423,27 +568,33 @@ def _full_session(t: Target, user: str, password: str) -> list[float]:
 def bench_sequential(env: Env) -> None:
     s = env.settings
     user = "seq"
-    per: dict[str, list[list[float]]] = {"direct": [], "proxy": []}
-    spent = {"direct": 0.0, "proxy": 0.0}
+    per: dict[str, list[list[float]]] = {name: [] for name in env.names}
+    spent = dict.fromkeys(env.names, 0.0)
+    sizes: dict[str, list[float]] = {name: [] for name in env.names}
     for t in env.targets:  # warm-up
         _full_session(t, user, env.users[user])
-    meter = env.cpu_meter()
-    while any(len(v) < s.seq_sessions for v in per.values()):
+    meters = env.cpu_meters()
+    for r in range(s.seq_sessions):  # a block a round: ends far earlier
+        if all(len(v) >= s.seq_sessions for v in per.values()):
+            break
         progressed = False
-        for t in env.targets:
+        for t in env.order(r):
             if len(per[t.name]) >= s.seq_sessions or spent[t.name] > s.seq_seconds:
                 continue
             t0 = time.monotonic()
-            with measuring(meter, t):
-                for _ in range(min(s.seq_block, s.seq_sessions - len(per[t.name]))):
+            size = min(s.seq_block, s.seq_sessions - len(per[t.name]))
+            sizes[t.name].append(size)
+            with meters.measure(t):
+                for _ in range(size):
                     per[t.name].append(_full_session(t, user, env.users[user]))
             spent[t.name] += time.monotonic() - t0
             progressed = True
         if not progressed:
             env.notes.append("sequential sessions: stopped early at the time bound")
             break
-    env.record_cpu("sequential sessions", meter, len(per["proxy"]), "session", 1000.0,
-                   "ms per session")
+    env.record_cpu("sequential sessions", meters, sizes,
+                   "session", 1000.0, "ms per session", "cpu_sequential",
+                   "Proxy CPU per full session, one client (ms)")
     summary: dict[str, Any] = {}
     for name, sessions in per.items():
         totals = [sum(x) * 1000 for x in sessions]
@@ -469,10 +620,19 @@ def bench_sequential(env: Env) -> None:
             "slow_share": len(slow) / len(steps_all),
             "slow_examples": slow[:20],
         }
+    env.figure("sequential_p50", "Full session p50, one client back to back (ms)",
+               {name: summary[name]["session_p50_ms"] for name in per}, 3,
+               {name: _block_p50([sum(x) * 1000 for x in v], s.seq_block)
+                for name, v in per.items()})
+    env.figure("sequential_p99", "Full session p99, one client back to back (ms)",
+               {name: summary[name]["session_p99_ms"] for name in per}, 3)
+    env.figure("sequential_slow", "Session steps slower than 35 ms (count)",
+               {name: float(summary[name]["slow_steps"]) for name in per}, 0)
     env.results["sequential"] = summary
     d, p = summary["direct"], summary["proxy"]
-    log(f"sessions p50 direct {d['session_p50_ms']:.2f} ms, proxy {p['session_p50_ms']:.2f} ms;"
-        f" slow steps {d['slow_steps']} / {p['slow_steps']}")
+    log("sessions p50, slow steps: " + ", ".join(
+        f"{name} {summary[name]['session_p50_ms']:.2f} ms, {summary[name]['slow_steps']}"
+        for name in per))
     env.rows.append(Row(
         f"Sequential session p50 / p99 (ms, {p['sessions']} each)",
         f"{d['session_p50_ms']:.2f} / {d['session_p99_ms']:.2f}",
@@ -508,32 +668,33 @@ async def _concurrent_round(
 def bench_concurrent(env: Env) -> None:
     s = env.settings
     users = [(u, env.users[u]) for u in env.conc_users[: s.conc_clients]]
-    rates: dict[str, list[float]] = {"direct": [], "proxy": []}
-    errors: dict[str, list[str]] = {"direct": [], "proxy": []}
+    rates: dict[str, list[float]] = {name: [] for name in env.names}
+    errors: dict[str, list[str]] = {name: [] for name in env.names}
     for t in env.targets:  # warm-up
         trio.run(_concurrent_round, t, users, min(1.0, s.conc_seconds))
-    meter = env.cpu_meter()
-    sessions = 0
+    meters = env.cpu_meters()
     # The load generator shares the machine: its own CPU per session.
-    client_cpu = {"direct": 0.0, "proxy": 0.0}
-    client_sessions = {"direct": 0, "proxy": 0}
+    client_cpu = dict.fromkeys(env.names, 0.0)
+    client_sessions = dict.fromkeys(env.names, 0)
     for r in range(s.conc_rounds):
-        for t in env.targets:
+        for t in env.order(r):
             c0 = time.process_time()
-            with measuring(meter, t):
+            with meters.measure(t):
                 done, errs = trio.run(_concurrent_round, t, users, s.conc_seconds)
             client_cpu[t.name] += time.process_time() - c0
             client_sessions[t.name] += done
-            if t.name == "proxy":
-                sessions += done
             rates[t.name].append(done / s.conc_seconds)
             errors[t.name] += errs
             extra = f", {len(errs)} errors" if errs else ""
             log(f"{len(users)} clients round {r + 1}/{s.conc_rounds} {t.name}: "
                 f"{done / s.conc_seconds:,.0f} sessions/s{extra}")
-            env.proxy.check_alive()
-    env.record_cpu("concurrent sessions", meter, sessions, "session", 1000.0, "ms per session")
-    d, p = median(rates["direct"]), median(rates["proxy"])
+            env.check_alive()
+    done_per_round = {k: [round(r * s.conc_seconds) for r in v] for k, v in rates.items()}
+    env.record_cpu("concurrent sessions", meters, done_per_round, "session", 1000.0,
+                   "ms per session", "cpu_concurrent",
+                   f"Proxy CPU per full session, {len(users)} clients (ms)")
+    med = {name: median(v) for name, v in rates.items()}
+    d, p = med["direct"], med["proxy"]
     env.results["concurrent"] = {
         "clients": len(users), "seconds": s.conc_seconds, "rates": rates,
         "median_direct": d, "median_proxy": p, "ratio": p / d,
@@ -543,12 +704,17 @@ def bench_concurrent(env: Env) -> None:
             for k in client_cpu
         },
         "error_examples": {k: v[:10] for k, v in errors.items()},
-    }
+    } | ({} if env.baseline is None else {"median_baseline": med["baseline"]})
+    env.figure("concurrent_rate", f"Full sessions/s, {len(users)} concurrent clients", med, 0,
+               rates)
     n_err = sum(len(v) for v in errors.values())
     env.rows.append(Row(
         f"Sessions/s, {len(users)} concurrent clients" + (f" ({n_err} errors)" if n_err else ""),
         fmt(d, 0), fmt(p, 0), f"{p / d:.2f}x", "≥ 0.60x", p / d >= 0.6 and not errors["proxy"],
     ))
+    if n_err:
+        env.notes.append("concurrent sessions, errors: " + ", ".join(
+            f"{k} {len(v)}" for k, v in errors.items()))
 
 
 # --------------------------------------------------------------------------
@@ -591,21 +757,29 @@ def bench_pipeline(env: Env) -> None:
     )
     for t in env.targets:  # warm-up
         _pipeline_once(env, t, batch, s.pipeline_cmds)
-    times: dict[str, list[float]] = {"direct": [], "proxy": []}
-    meter = env.cpu_meter()
+    times: dict[str, list[float]] = {name: [] for name in env.names}
+    meters = env.cpu_meters()
     for r in range(s.pipeline_rounds):
-        for t in env.targets:
-            with measuring(meter, t):
+        for t in env.order(r):
+            with meters.measure(t):
                 times[t.name].append(_pipeline_once(env, t, batch, s.pipeline_cmds) * 1000)
-        log(f"pipeline round {r + 1}/{s.pipeline_rounds}: direct {times['direct'][-1]:.2f} ms,"
-            f" proxy {times['proxy'][-1]:.2f} ms")
-    env.record_cpu("pipeline (session incl. login)", meter, s.pipeline_rounds, "session",
-                   1000.0, "ms per session")
-    d, p = median(times["direct"]), median(times["proxy"])
+        log(f"pipeline round {r + 1}/{s.pipeline_rounds}: " + ", ".join(
+            f"{name} {v[-1]:.2f} ms" for name, v in times.items()))
+    # Each measured session is a login, the batch and QUIT: the CPU per
+    # command includes a thousandth of a login.
+    env.record_cpu("pipeline (session incl. login)", meters,
+                   {name: [s.pipeline_cmds] * s.pipeline_rounds for name in env.proxies},
+                   "command",
+                   1e6, "µs per command", "cpu_pipeline",
+                   f"Proxy CPU per pipelined command, {s.pipeline_cmds:,} a session (µs)")
+    med = {name: median(v) for name, v in times.items()}
+    d, p = med["direct"], med["proxy"]
     env.results["pipeline"] = {
         "commands": s.pipeline_cmds, "octets": len(batch), "ms": times,
         "median_direct": d, "median_proxy": p, "ratio": p / d,
-    }
+    } | ({} if env.baseline is None else {"median_baseline": med["baseline"]})
+    env.figure("pipeline_ms", f"{s.pipeline_cmds:,} pipelined commands, write → last reply (ms)",
+               med, 2, times)
     env.rows.append(Row(
         f"{s.pipeline_cmds:,} pipelined LIST n/UIDL n, write → last reply (ms)",
         fmt(d, 2), fmt(p, 2), f"{p / d:.2f}x", "≤ 2.00x", p / d <= 2.0,
@@ -689,25 +863,35 @@ async def _idle_sessions(
 def bench_idle(env: Env) -> None:
     s = env.settings
     users = [(u, env.users[u]) for u in env.conc_users]
-    # A fresh proxy process: its RSS growth is all per-session cost, not
-    # memory freed by earlier scenarios and reused.
-    fresh = ProxyProcess(
-        env.dovecot.port, env.workdir / "idle", max_sessions=s.idle_sessions + 100,
-    )
-    fresh.workdir.mkdir(exist_ok=True)
-    try:
-        fresh.start()
-        t = Target("proxy", fresh.host, fresh.port)
-        res = trio.run(_idle_sessions, t, fresh.pid, users, s.idle_sessions, s.idle_concurrency)
-        fresh.check_alive()
-        res["proxy_log_lines"] = len(fresh.log_lines())
-    finally:
-        fresh.stop()
-    env.results["idle"] = res
+    found: dict[str, dict[str, Any]] = {}
+    for name, proxy in env.proxies.items():  # one after the other: 1,000 sessions each
+        # A fresh proxy process: its RSS growth is all per-session cost, not
+        # memory freed by earlier scenarios and reused.
+        fresh = ProxyProcess(
+            env.dovecot.port, env.workdir / f"idle-{name}", max_sessions=s.idle_sessions + 100,
+            source_root=proxy.source_root,
+            launcher=CLI_LAUNCHER if env.baseline is None else TREE_LAUNCHER,
+        )
+        fresh.workdir.mkdir(exist_ok=True)
+        try:
+            fresh.start()
+            t = Target(name, fresh.host, fresh.port, fresh.pid)
+            res = trio.run(_idle_sessions, t, fresh.pid, users, s.idle_sessions,
+                           s.idle_concurrency)
+            fresh.check_alive()
+            res["proxy_log_lines"] = len(fresh.log_lines())
+        finally:
+            fresh.stop()
+        found[name] = res
+        log(f"idle {name}: {res['opened']} sessions in {res['open_seconds']:.1f}s, RSS "
+            f"{res['rss_before_kib']} → {res['rss_after_kib']} KiB "
+            f"({res['kib_per_session']:.1f} KiB/session), "
+            f"after close {res['rss_after_close_kib']} KiB")
+    res = found["proxy"]
+    env.results["idle"] = res | ({} if env.baseline is None else {"baseline": found["baseline"]})
+    env.figure("idle_kib", f"Proxy RSS per idle logged-in session at {s.idle_sessions:,} (KiB)",
+               {name: r["kib_per_session"] for name, r in found.items()})
     per = res["kib_per_session"]
-    log(f"idle: {res['opened']} sessions in {res['open_seconds']:.1f}s, RSS "
-        f"{res['rss_before_kib']} → {res['rss_after_kib']} KiB ({per:.1f} KiB/session), "
-        f"after close {res['rss_after_close_kib']} KiB")
     ok = res["opened"] == s.idle_sessions and res["alive"] == res["opened"] and per <= 48.0
     note = "" if res["opened"] == s.idle_sessions else f", only {res['opened']} opened"
     env.rows.append(Row(
@@ -730,6 +914,8 @@ SCENARIOS: dict[str, Callable[[Env], None]] = {
     "pipeline": bench_pipeline,
     "idle": bench_idle,
 }
+#: Other names ``--only`` takes for them.
+ALIASES = {"sessions": "sequential", "retr": "throughput", "rss": "idle"}
 
 
 def _environment() -> dict[str, Any]:
@@ -775,6 +961,75 @@ def _setup_mail(dovecot: Dovecot, settings: Settings, conc_users: Sequence[str])
         dovecot.deliver(user, SAMPLE_MESSAGES[0])
 
 
+@dataclass
+class Outcome:
+    """One run of the chosen scenarios."""
+
+    results: dict[str, Any]
+    rows: list[Row]
+    notes: list[str]
+    figures: list[Figure]
+    failed: list[str]
+    seconds: float
+
+
+def _run_scenarios(
+    env: Env, only: Sequence[str], profile_dir: Path | None,
+) -> None:
+    for name, bench in SCENARIOS.items():
+        if only and name not in only:
+            continue
+        log(f"--- {name}")
+        t0 = time.monotonic()
+        try:
+            if profile_dir is None:
+                bench(env)
+            else:
+                folded = profile_dir / f"{name}.folded"
+                with record(env.proxy.pid, folded):
+                    bench(env)
+                summary = summarize(folded)
+                (profile_dir / f"{name}.summary.txt").write_text(summary + "\n")
+                log(f"profile of the proxy during {name}: {folded}")
+        except Exception as exc:  # keep going; report it
+            log(f"{name} FAILED: {exc!r}")
+            env.rows.append(Row(f"{name}: ERROR {exc!r}"[:120], "", "", "", "", False))
+            env.notes.append(f"{name} failed: {exc!r}")
+            env.failed.append(name)
+        env.results.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 1)
+        env.check_alive()
+
+
+def _start_proxy(
+    stack: contextlib.ExitStack, name: str, proxy: ProxyProcess, common: dict[str, Any],
+    baseline: Revision | None,
+) -> ProxyProcess:
+    """Start ``proxy`` (stopped by ``stack``); in an A/B run, prove its tree."""
+    stack.callback(proxy.stop)
+    if baseline is None:
+        proxy.start()
+        log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, "
+            f"RSS {proc_status_kib(proxy.pid)} KiB")
+        return proxy
+    what = f"the baseline proxy ({baseline.label})" if name == "baseline" else "the proxy"
+    try:
+        check_source(proxy)
+        proxy.start()
+        found = check_source(proxy)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what}: {exc}") from None
+    if name == "baseline":
+        common["baseline"] = {"spec": baseline.spec, "commit": baseline.commit,
+                              "subject": baseline.subject, "popproxy_file": str(found)}
+        tree = baseline.label
+    else:
+        tree = describe_worktree()
+        common["current"] = {"tree": tree, "popproxy_file": str(found)}
+    log(f"{name} pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {proc_status_kib(proxy.pid)} "
+        f"KiB: {tree}, popproxy from {found}")
+    return proxy
+
+
 def run(
     settings: Settings,
     only: Sequence[str],
@@ -783,7 +1038,15 @@ def run(
     profile_dir: Path | None = None,
     cprofile: Path | None = None,
     relay: str | None = None,
-) -> tuple[dict[str, Any], list[Row], list[str]]:
+    baseline: Revision | None = None,
+    repeat: int = 1,
+    on_run: Callable[[int, Outcome, dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[Outcome]]:
+    """Start Dovecot and the proxy (and the baseline's), run the scenarios
+    ``repeat`` times; the facts common to the runs and each run's outcome.
+
+    ``on_run(i, outcome, common)`` is called as each run ends.
+    """
     reason = ensure_dovecot()
     if reason is not None:
         raise SystemExit(f"benchmark needs Dovecot: {reason}")
@@ -794,11 +1057,11 @@ def run(
     users.update({u: f"{u}-pw" for u in conc_users})
     processes = max(1200, settings.idle_sessions + 300)
     per_user_ip = settings.idle_sessions // len(conc_users) + 100
-    results: dict[str, Any] = {
+    common: dict[str, Any] = {
         "environment": _environment(), "fd_limit": fd_limit,
         "dovecot_mode": "performance" if dovecot_performance else "default (high-security)",
     }
-    env: Env | None = None
+    outcomes: list[Outcome] = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="popproxy-bench-")))
         dovecot = Dovecot(
@@ -817,86 +1080,149 @@ def run(
             "-m", "cProfile", "-o", str(cprofile.resolve()), *CLI_LAUNCHER)
         if relay is not None:  # a minimal relay in the proxy's place
             launcher = ("-m", "benchmarks.floor", "--relay-config", relay)
-        proxy = ProxyProcess(dovecot.port, workdir, max_sessions=max(1000, settings.idle_sessions),
-                             launcher=launcher)
-        stack.callback(proxy.stop)
-        proxy.start()
-        rss = proc_status_kib(proxy.pid)
-        log(f"proxy pid {proxy.pid} on 127.0.0.1:{proxy.port}, RSS {rss} KiB")
-        env = Env(settings, dovecot, proxy, workdir, users, conc_users)
-        for name, bench in SCENARIOS.items():
-            if only and name not in only:
-                continue
-            log(f"--- {name}")
+        if baseline is not None:  # started as the baseline is (see _ab.TREE_LAUNCHER)
+            launcher = TREE_LAUNCHER
+        max_sessions = max(1000, settings.idle_sessions)
+        base_root: Path | None = None
+        if baseline is not None:
+            base_root = export_package(baseline, workdir / "baseline-src")
+            log(f"baseline {baseline.label}: popproxy/ exported to {base_root}")
+        for i in range(repeat):
+            if repeat > 1:
+                log(f"=== run {i + 1} of {repeat}")
             t0 = time.monotonic()
-            try:
-                if profile_dir is None:
-                    bench(env)
-                else:
-                    folded = profile_dir / f"{name}.folded"
-                    with record(proxy.pid, folded):
-                        bench(env)
-                    summary = summarize(folded)
-                    (profile_dir / f"{name}.summary.txt").write_text(summary + "\n")
-                    log(f"profile of the proxy during {name}: {folded}")
-            except Exception as exc:  # keep going; report it
-                log(f"{name} FAILED: {exc!r}")
-                env.rows.append(Row(f"{name}: ERROR {exc!r}"[:120], "", "", "", "", False))
-                env.notes.append(f"{name} failed: {exc!r}")
-                env.failed.append(name)
-            env.results.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 1)
-            proxy.check_alive()
-        lines = proxy.log_lines()
-        if lines:
-            env.notes.append(f"the proxy logged {len(lines)} lines, the last: {lines[-1]}")
-        results.update(env.results)
-    assert env is not None
-    results["failed"] = env.failed
-    results["proxy_cpu"] = env.cpu
-    return results, env.rows, env.notes
+            # Fresh proxy processes for every run: a process keeps for its
+            # lifetime whatever the run's noise gave it (in one A/A run the
+            # same code measured 0.75x its twin on the pipeline, in both
+            # repeats, and about 1.0x with new processes), so that repeats
+            # sample it too.  Every other run starts the current one first.
+            with contextlib.ExitStack() as run_stack:
+                run_dir = workdir / f"run-{i + 1}"
+                run_dir.mkdir()
+                starts: list[tuple[str, Path, Sequence[str]]] = [
+                    ("proxy", REPO_ROOT, launcher)]
+                if base_root is not None:
+                    starts.insert(i % 2, ("baseline", base_root, TREE_LAUNCHER))
+                started: dict[str, ProxyProcess] = {}
+                for name, root, how in starts:
+                    (run_dir / name).mkdir()
+                    started[name] = _start_proxy(
+                        run_stack, name, ProxyProcess(
+                            dovecot.port, run_dir / name, max_sessions=max_sessions,
+                            source_root=root, launcher=how),
+                        common, baseline)
+                env = Env(settings, dovecot, started["proxy"], run_dir, users, conc_users,
+                          started.get("baseline"))
+                _run_scenarios(env, only, profile_dir)
+                env.results["failed"] = env.failed
+                env.results["proxy_cpu"] = env.cpu.get("proxy", {})
+                if "baseline" in started:
+                    env.results["baseline_cpu"] = env.cpu.get("baseline", {})
+                for name, proc in env.proxies.items():
+                    lines = proc.log_lines()
+                    if lines:
+                        env.notes.append(
+                            f"the {name} logged {len(lines)} lines, the last: {lines[-1]}")
+            outcome = Outcome(env.results, env.rows, env.notes, env.figures, env.failed,
+                              round(time.monotonic() - t0, 1))
+            outcomes.append(outcome)
+            if on_run is not None:
+                on_run(i, outcome, common)
+    return common, outcomes
 
 
-def render_table(rows: Sequence[Row]) -> str:
-    head = ("Figure", "Direct", "Proxy", "Proxy vs direct", "Bar", "Result")
+def render_table(rows: Sequence[Row], proxy: str = "Proxy") -> str:
+    head = ("Figure", "Direct", proxy, f"{proxy} vs direct", "Bar", "Result")
     body = [(r.figure, r.direct, r.proxy, r.compare, r.bar, r.verdict) for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def render_steps(results: dict[str, Any]) -> str:
+def render_steps(results: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
     seq = results.get("sequential")
     if not seq:
         return ""
+    names = [n for n in ("direct", "baseline", "proxy") if n in seq]
+    head = " | ".join(f"{labels[n]} p50 / p99 (ms)" for n in names)
     lines = [
-        "| Step (scenario 3) | Direct p50 / p99 (ms) | Proxy p50 / p99 (ms) | Proxy max (ms) |",
-        "|---|---|---|---|",
+        f"| Step (scenario 3) | {head} | {labels['proxy']} max (ms) |",
+        "|---|" + "---|" * len(names) + "---|",
     ]
     for step in SESSION_STEPS:
-        d, p = seq["direct"]["steps"][step], seq["proxy"]["steps"][step]
-        lines.append(
-            f"| {step} | {d['p50_ms']:.3f} / {d['p99_ms']:.3f} | "
-            f"{p['p50_ms']:.3f} / {p['p99_ms']:.3f} | {p['max_ms']:.3f} |"
-        )
+        cells = [f"{seq[n]['steps'][step]['p50_ms']:.3f} / {seq[n]['steps'][step]['p99_ms']:.3f}"
+                 for n in names]
+        lines.append(f"| {step} | " + " | ".join(cells)
+                     + f" | {seq['proxy']['steps'][step]['max_ms']:.3f} |")
     return "\n".join(lines)
 
 
-def render_cpu(results: dict[str, Any]) -> str:
+def render_cpu(results: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
     cpu: dict[str, dict[str, Any]] = results.get("proxy_cpu", {})
+    base: dict[str, dict[str, Any]] = results.get("baseline_cpu", {})
     if not cpu:
         return ""
+    if not base:
+        lines = [
+            "| Proxy CPU while measured | Wall (s) | CPU user + sys (s) | Busy (one core) "
+            "| CPU per unit |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in cpu.items():
+            lines.append(
+                f"| {name} | {c['wall_s']:.2f} | {c['user_s']:.2f} + {c['system_s']:.2f} | "
+                f"{c['busy']:.0%} | "
+                f"{c['per_unit']:.3g} {c['per']} |"
+            )
+        return "\n".join(lines)
+    b_label, c_label = labels["baseline"], labels["proxy"]
     lines = [
-        "| Proxy CPU while measured | Wall (s) | CPU user + sys (s) | Busy (one core) "
-        "| CPU per unit |",
-        "|---|---|---|---|---|",
+        f"| Proxy CPU while measured | {b_label}: user + sys (s), busy | "
+        f"{c_label}: user + sys (s), busy | {b_label} per unit | {c_label} per unit "
+        f"| {c_label} / {b_label} |",
+        "|---|---|---|---|---|---|",
     ]
     for name, c in cpu.items():
+        b = base.get(name)
+        if b is None:
+            continue
+        ratio = c["per_unit"] / b["per_unit"] if b["per_unit"] else math.nan
         lines.append(
-            f"| {name} | {c['wall_s']:.2f} | {c['user_s']:.2f} + {c['system_s']:.2f} | "
-            f"{c['busy']:.0%} | "
-            f"{c['per_unit']:.3g} {c['per']} |"
+            f"| {name} | {b['user_s']:.2f} + {b['system_s']:.2f}, {b['busy']:.0%} | "
+            f"{c['user_s']:.2f} + {c['system_s']:.2f}, {c['busy']:.0%} | "
+            f"{b['per_unit']:.3g} {b['per']} | {c['per_unit']:.3g} {c['per']} | "
+            f"{fmt(ratio, 2)}x |"
         )
     return "\n".join(lines)
+
+
+def _print_run(
+    i: int, outcome: Outcome, common: dict[str, Any], *, heading: str, repeat: int,
+    labels: dict[str, str], names: Sequence[str], ab: bool,
+) -> None:
+    """One run's tables, printed as soon as it ends (the heading before the first)."""
+    if i == 0:
+        environment = common["environment"]
+        print(f"\n## {heading}; {environment.get('cpus')} CPUs; Dovecot "
+              f"{environment.get('dovecot', '?')} in {common['dovecot_mode']} mode)")
+        if ab:
+            print(f"\nBaseline: {common['baseline']['spec']} = "
+                  f"{common['baseline']['commit'][:10]} ({common['baseline']['subject']}), "
+                  f"popproxy from {common['baseline']['popproxy_file']}  \n"
+                  f"Current: {common['current']['tree']}, "
+                  f"popproxy from {common['current']['popproxy_file']}")
+    if repeat > 1:
+        print(f"\n### Run {i + 1} of {repeat} ({outcome.seconds:.0f}s)")
+    print()
+    print(render_table(outcome.rows, labels["proxy"]))
+    if ab or repeat > 1:
+        print("\n" + render_figures(outcome.figures, names, labels))
+    for extra in (render_steps(outcome.results, labels), render_cpu(outcome.results, labels)):
+        if extra:
+            print("\n" + extra)
+    for note in outcome.notes:
+        print(f"\nNote: {note}")
+    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -904,8 +1230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, smaller sizes")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    names_help = ", ".join(SCENARIOS) + "; also " + ", ".join(
+        f"{a} (= {n})" for a, n in ALIASES.items())
     ap.add_argument("--only", metavar="NAMES", default="",
-                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+                    help=f"comma-separated subset of: {names_help}")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="A/B run: also measure a proxy started from popproxy/ as of git "
+                    "revision REV (interleaved with direct and the current tree's proxy) and "
+                    "report current / baseline for every figure")
+    ap.add_argument("--repeat", metavar="N", type=int, default=1,
+                    help="run the chosen scenarios N times (the proxies restarted for each) "
+                    "and print each run and the spread (min-max) of every figure")
     ap.add_argument("--dovecot-default-processes", action="store_true",
                     help="run Dovecot in its stock high-security mode (a login and a mail "
                     "process forked per connection) instead of its high-performance mode")
@@ -919,52 +1254,82 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="measure a minimal relay from benchmarks.floor in the proxy's place "
                     "(what any extra hop costs; the idle scenario then means little)")
     args = ap.parse_args(argv)
-    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    only = [ALIASES.get(x, x) for x in (x.strip() for x in args.only.split(",")) if x]
     unknown = [x for x in only if x not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(unknown)}")
+    if not 1 <= args.repeat <= 20:
+        ap.error("--repeat: between 1 and 20")
+    if args.repeat > 1 and (args.profile or args.cprofile):
+        ap.error("--profile and --cprofile profile one run; not with --repeat")
+    baseline: Revision | None = None
+    if args.baseline is not None:
+        skewed = [o for o, v in (("--profile", args.profile), ("--cprofile", args.cprofile),
+                                 ("--relay", args.relay)) if v is not None]
+        if skewed:
+            ap.error(f"--baseline compares two proxies as they run; not with {skewed[0]}")
+        try:
+            baseline = resolve_revision(args.baseline)
+        except ValueError as exc:
+            ap.error(f"--baseline: {exc}")
+    ab = baseline is not None
+    labels = AB_LABELS if ab else LABELS
+    names = ("direct", "baseline", "proxy") if ab else ("direct", "proxy")
     settings = Settings.quick() if args.quick else Settings()
+    if ab:
+        settings = settings.for_ab()
+    mode = "quick" if args.quick else "full"
     started = time.monotonic()
+    subject = "popproxy" if args.relay is None else f"the {args.relay} relay (no POP3 logic)"
+    if baseline is not None:
+        subject = "popproxy A/B"
+    heading = f"{subject} benchmark ({mode}" + (f", {args.repeat} runs" if args.repeat > 1
+                                               else "")
     try:
         with _sigterm_as_interrupt():
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
-            results, rows, notes = run(
+            common, outcomes = run(
                 settings, only, dovecot_performance=not args.dovecot_default_processes,
                 profile_dir=args.profile, cprofile=args.cprofile, relay=args.relay,
+                baseline=baseline, repeat=args.repeat,
+                on_run=partial(_print_run, heading=heading, repeat=args.repeat,
+                               labels=labels, names=names, ab=ab),
             )
     except KeyboardInterrupt:
-        print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)
+        print("interrupted; Dovecot and the proxies were stopped", file=sys.stderr)
         return 130
-    except (RuntimeError, OSError) as exc:  # set-up failed: Dovecot or the proxy
+    except (RuntimeError, OSError, ValueError) as exc:  # set-up failed: Dovecot or a proxy
         print(f"benchmark set-up failed: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:  # from inside a trio nursery
         if group.subgroup(KeyboardInterrupt) is None:
             raise
-        print("interrupted; Dovecot and the proxy were stopped", file=sys.stderr)
+        print("interrupted; Dovecot and the proxies were stopped", file=sys.stderr)
         return 130
     elapsed = time.monotonic() - started
-    mode = "quick" if args.quick else "full"
-    environment = results["environment"]
-    subject = "popproxy" if args.relay is None else f"the {args.relay} relay (no POP3 logic)"
-    print(f"\n## {subject} benchmark ({mode}; {environment.get('cpus')} CPUs; Dovecot "
-          f"{environment.get('dovecot', '?')} in {results['dovecot_mode']} mode; "
-          f"run took {elapsed:.0f}s)\n")
-    print(render_table(rows))
-    for extra in (render_steps(results), render_cpu(results)):
-        if extra:
-            print("\n" + extra)
-    for note in notes:
-        print(f"\nNote: {note}")
+    if args.repeat > 1:
+        print(f"\n### Spread over {args.repeat} runs\n")
+        print(render_spread([o.figures for o in outcomes], names, labels))
+    print(f"\nThe benchmark took {elapsed:.0f}s.")
+    last = outcomes[-1]
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "mode": mode, "settings": asdict(settings), "seconds": round(elapsed, 1),
-            "rows": [asdict(r) | {"verdict": r.verdict} for r in rows], "results": results,
+            "rows": [asdict(r) | {"verdict": r.verdict} for r in last.rows],
+            "results": common | last.results,
+            "figures": [f.as_dict() for f in last.figures],
         }
+        if args.repeat > 1:
+            doc["runs"] = [
+                {"seconds": o.seconds, "rows": [asdict(r) | {"verdict": r.verdict}
+                                                for r in o.rows],
+                 "results": o.results, "figures": [f.as_dict() for f in o.figures]}
+                for o in outcomes
+            ]
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
-    return 1 if results["failed"] else 0
+    return 1 if any(o.failed for o in outcomes) else 0
 
 
 if __name__ == "__main__":
