@@ -111,8 +111,7 @@ class Session:
         self._uids: set[int] = set()  # messages whose UIDL is known
         self._sizes: dict[int, int] = {}  # message sizes from LIST replies
         self._client_ip = host_of(client)
-        self._facts: Facts | None = None
-        self._facts_key: tuple[object, ...] = ()
+        self._facts: Facts | None = None  # see facts()
         self._wake_at: float | None = None
         self._held_until: float | None = None  # a delayed command waits
         self._input = CommandInput(lim)
@@ -160,16 +159,25 @@ class Session:
         try:
             reader = self._reader
             reader.receive_data(data)
-            while reader.has_data and not self._closed:
-                event = reader.next_event(
-                    Expect.SINGLE if reader.in_body else self._expect())
+            entries = self._pipeline.entries
+            while not self._closed:
+                # What the next line may be: the FIFO's head says (a local
+                # reply never waits at the head while a reply is awaited).
+                head = entries[0] if entries and entries[0].local_reply is None else None
+                if reader.in_body or head is None:
+                    expect = (Expect.SINGLE if reader.in_body
+                              else Expect.GREETING if self.state is State.GREETING
+                              else Expect.NOTHING)
+                else:
+                    expect = head.expect
+                event = reader.next_event(expect)
                 if event is NEED_DATA:
                     break
                 if type(event) is BodyChunk:
                     self._on_chunk(event, out, now)
                 else:
                     assert type(event) is Reply
-                    self._on_reply(event, out, now)
+                    self._on_reply(event, head, out, now)
             self._progress(out, now)
             self._end_if_drained(out)
         except UpstreamProtocolError as exc:
@@ -269,6 +277,7 @@ class Session:
     def tls_started(self, now: float) -> Output:
         """The relay finished the TLS handshake after STLS."""
         self.tls = True
+        self._facts = None
         self._input.resume()
         out = _Out()
         self._progress(out, now)
@@ -301,16 +310,18 @@ class Session:
                 or self._reply is not None)
 
     def facts(self) -> Facts:
-        """What policy knows of this session now (rebuilt only when it changes)."""
-        asserted = self._login.asserted_user
-        key = (self.state, self.user, self.tls, asserted)
-        if self._facts is None or self._facts_key != key:
-            self._facts_key = key
-            self._facts = Facts(
-                self.state, self.user, self.client, self.tls,
-                client_ip=self._client_ip, login_user=asserted, sizes=self._sizes,
+        """What policy knows of this session now.
+
+        Built again only after what it holds changed: the state, the user
+        (asserted or logged in), TLS; every such change drops it.
+        """
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = Facts(
+                self.state, self.user, self.client, self.tls, client_ip=self._client_ip,
+                login_user=self._login.asserted_user, sizes=self._sizes,
             )
-        return self._facts
+        return facts
 
     # ------------------------------------------------------------------
     # Client side
@@ -336,15 +347,18 @@ class Session:
         moved = False
         queue = self._input.queue
         pipeline = self._pipeline
+        lim = self.limits
         while (
             queue
             and self.state is not State.GREETING
-            and pipeline.open(self.limits)
+            and pipeline.barrier is None
+            and pipeline.inflight < lim.window
+            and pipeline.inflight_octets < lim.window_octets
             and (self._held_until is None or now >= self._held_until)
         ):
             item = queue.popleft()
             if not isinstance(item, Command):
-                pipeline.add(Pending(INVALID, now, item.reply))
+                pipeline.entries.append(Pending(INVALID, now, item.reply))
                 moved = True
                 continue
             cmd = item
@@ -364,12 +378,14 @@ class Session:
             p = Pending(cmd, now, reply)
             if isinstance(decision, Deny) and decision.delay > 0:
                 p.not_before = now + decision.delay
+            sasl = starts_sasl(cmd)
             # A refusal held back (a tarpit) is a barrier too: nothing behind
             # it is sent upstream, whose reply would have to wait behind it.
-            pipeline.add(p, barrier=cmd.verb in BARRIERS or starts_sasl(cmd)
-                         or p.not_before is not None)
+            pipeline.entries.append(p)
+            if cmd.verb in BARRIERS or sasl or p.not_before is not None:
+                pipeline.barrier = p
             if reply is None:
-                self._forward(p, out, now)
+                self._forward(p, sasl, out, now)
         return moved
 
     def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | None]:
@@ -383,13 +399,14 @@ class Session:
             return decision.reply, decision
         return None, decision
 
-    def _forward(self, p: Pending, out: _Out, now: float) -> None:
+    def _forward(self, p: Pending, sasl: bool, out: _Out, now: float) -> None:
         cmd = p.command
-        # What its reply will look like, worked out once (RFC 1939, 2449, 5034).
-        if starts_sasl(cmd):
+        # What its reply will look like and mean, worked out once.
+        if sasl:
             p.expect = Expect.SASL
         elif is_multiline(cmd):
             p.expect = Expect.MULTI
+        p.login = sasl or completes_login(cmd)
         if self.resolve_uidl and cmd.verb in NAMES_A_MESSAGE:
             self._inject_uidl(p, out, now)
         wire = bytes(cmd)
@@ -399,6 +416,7 @@ class Session:
         self._pipeline.sent(p, len(wire))
         if names_login(cmd):
             self._login.named(cmd)
+            self._facts = None
         elif cmd.verb == "QUIT" and self.state is State.TRANSACTION:
             self._marks.quit_sent = True
 
@@ -436,7 +454,8 @@ class Session:
                 break
             p = entries.popleft()
             self._answer_locally(p, out, now)
-            self._release(p, out)
+            if self._pipeline.barrier is p:
+                self._release(p, out)
             moved = True
         return moved
 
@@ -452,13 +471,14 @@ class Session:
         )
 
     def _release(self, p: Pending, out: _Out) -> None:
-        if self._pipeline.release(p):
-            if p.local_reply is STLS_OK:
-                # Parsing resumes only after the handshake (``tls_started``);
-                # until then every client octet is discarded.
-                out.start_tls = True
-            elif p.command.verb == "STLS" or starts_sasl(p.command):
-                self._input.resume()
+        """The barrier ``p``'s reply is out: what was held back behind it may go."""
+        self._pipeline.barrier = None
+        if p.local_reply is STLS_OK:
+            # Parsing resumes only after the handshake (``tls_started``);
+            # until then every client octet is discarded.
+            out.start_tls = True
+        elif p.command.verb == "STLS" or starts_sasl(p.command):
+            self._input.resume()
 
     def _end_if_drained(self, out: _Out) -> None:
         if (self._client_eof and not self._closed and not self._pipeline.entries
@@ -468,14 +488,8 @@ class Session:
     # ------------------------------------------------------------------
     # Upstream side
 
-    def _expect(self) -> Expect:
-        """What the next upstream line may be, from the head of the FIFO."""
-        if self.state is State.GREETING:
-            return Expect.GREETING
-        head = self._pipeline.head_forwarded()
-        return Expect.NOTHING if head is None else head.expect
-
-    def _on_reply(self, reply: Reply, out: _Out, now: float) -> None:
+    def _on_reply(self, reply: Reply, head: Pending | None, out: _Out, now: float) -> None:
+        """A status line: the greeting, unsolicited, or the reply to ``head``."""
         status, raw = reply.status, reply.raw
         if self.state is State.GREETING:
             out.client.append(raw)  # verbatim, so APOP digests stay valid
@@ -487,7 +501,6 @@ class Session:
                 out.events.append(UpstreamFailed("refused"))
                 self._end_with(out, EndReason.UPSTREAM_REFUSED)
             return
-        head = self._pipeline.head_forwarded()
         if head is None:
             out.events.append(Unsolicited(status.ok, status.code, _decode(status.text)))
             return
@@ -513,7 +526,7 @@ class Session:
                 out.client.append(raw)
                 self._reader.sink = progress.collect(cmd, self._sizes)
             return
-        if status.ok and completes_login(cmd) and self._refuse_login(cmd, out, now):
+        if status.ok and head.login and self._refuse_login(cmd, out, now):
             return
         out.client.append(raw)
         if status.ok and cmd.args and cmd.verb in ("UIDL", "LIST"):
@@ -600,7 +613,7 @@ class Session:
             outcome = Outcome.OK if ok else Outcome.ERR
         self._respond(p, ok, code, _decode(text), octets, False, outcome, out, now)
         verb = cmd.verb
-        if completes_login(cmd):
+        if p.login:
             self._auth_done(cmd, ok, code, out, now)
         elif ok and verb in ("DELE", "RSET"):
             event = self._marks.dele(cmd) if verb == "DELE" else self._marks.reset()
@@ -613,7 +626,8 @@ class Session:
                 if committed is not None:
                     out.events.append(committed)
             self._end_with(out, EndReason.QUIT)
-        self._release(p, out)
+        if self._pipeline.barrier is p:
+            self._release(p, out)
         # Local replies queued behind this one go out now, before the next
         # upstream line is matched to the FIFO head.
         self._flush(out, now)
@@ -626,6 +640,7 @@ class Session:
         self.policy.observe(self.facts(), result, now)
         if ok:
             self.user = result.user
+            self._facts = None
             self._set_state(Trigger.LOGGED_IN, out)
 
     # ------------------------------------------------------------------
@@ -645,6 +660,7 @@ class Session:
         if new is not self.state:
             out.events.append(StateChanged(self.state, new))
             self.state = new
+            self._facts = None
 
     def _end_with(self, out: _Out, reason: EndReason) -> None:
         """End the session (once): report what was cut short, then close."""

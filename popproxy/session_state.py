@@ -26,6 +26,7 @@ from .events import (
 )
 from .pop3 import (
     RETRIEVE,
+    STOPS_PARSING,
     Command,
     Expect,
     LineReader,
@@ -170,7 +171,7 @@ class CommandInput:
             if len(self.queue) + pending >= limit:
                 raise PipelineOverflow(f"more than {limit} commands pipelined")
             self.queue.append(item)
-            if not isinstance(item, Command):
+            if not isinstance(item, Command) or item.verb not in STOPS_PARSING:
                 continue
             if item.verb == "STLS":
                 self.stopped = self.discarding = True
@@ -193,6 +194,7 @@ class Pending:
     wire: int = 0  # octets sent upstream
     internal: bool = False  # the proxy's own command (UIDL n for the audit)
     expect: Expect = Expect.SINGLE  # what its upstream reply looks like
+    login: bool = False  # its reply says whether the client is logged in
 
 
 class Pipeline:
@@ -214,16 +216,6 @@ class Pipeline:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def open(self, limits: SessionLimits) -> bool:
-        """Whether another command may be dispatched now."""
-        return (self.barrier is None and self.inflight < limits.window
-                and self.inflight_octets < limits.window_octets)
-
-    def add(self, p: Pending, *, barrier: bool = False) -> None:
-        self.entries.append(p)
-        if barrier:
-            self.barrier = p
 
     def sent(self, p: Pending, wire: int, *, before: Pending | None = None) -> None:
         """``p`` went upstream (``wire`` octets); ``before``: it goes in front of that entry."""
@@ -251,12 +243,6 @@ class Pipeline:
             return entries[0]
         return None
 
-    def release(self, p: Pending) -> bool:
-        """``p``'s reply is out: True if it was the barrier."""
-        if self.barrier is p:
-            self.barrier = None
-            return True
-        return False
 
 
 class ReplyInProgress:

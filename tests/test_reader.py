@@ -24,7 +24,6 @@ from popproxy.pop3 import (
     State,
     Trigger,
     UpstreamProtocolError,
-    check_verb,
     local_reply,
     stuff,
     transition,
@@ -174,11 +173,15 @@ class TestStates:
             transition(state, trigger)
 
     def test_verbs_by_state(self) -> None:
-        assert check_verb(State.AUTHORIZATION, "USER") is None
-        assert check_verb(State.AUTHORIZATION, "RETR") == b"-ERR RETR is not valid before login\r\n"
-        assert check_verb(State.TRANSACTION, "RETR") is None
-        assert check_verb(State.TRANSACTION, "PASS") == b"-ERR PASS is not valid after login\r\n"
-        assert check_verb(State.UPDATE, "NOOP") == b"-ERR session is ending\r\n"
+        def check(state: State, verb: str) -> bytes | None:
+            return local_reply(state, Command(verb), tls=False, starttls=False,
+                               require_tls_for_auth=False)
+
+        assert check(State.AUTHORIZATION, "USER") is None
+        assert check(State.AUTHORIZATION, "RETR") == b"-ERR RETR is not valid before login\r\n"
+        assert check(State.TRANSACTION, "RETR") is None
+        assert check(State.TRANSACTION, "PASS") == b"-ERR PASS is not valid after login\r\n"
+        assert check(State.UPDATE, "NOOP") == b"-ERR session is ending\r\n"
 
     def test_stls_is_the_proxys(self) -> None:
         stls = Command("STLS")

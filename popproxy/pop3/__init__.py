@@ -49,7 +49,6 @@ from ._sasl import sasl_user as sasl_user
 from ._state import STLS_OK as STLS_OK
 from ._state import State as State
 from ._state import Trigger as Trigger
-from ._state import check_verb as check_verb
 from ._state import local_reply as local_reply
 from ._state import transition as transition
 from ._verbs import AUTH_ONLY as AUTH_ONLY
@@ -61,6 +60,7 @@ from ._verbs import NEVER_FORWARDED as NEVER_FORWARDED
 from ._verbs import PRE_AUTH as PRE_AUTH
 from ._verbs import RETRIEVE as RETRIEVE
 from ._verbs import STANDARD_VERBS as STANDARD_VERBS
+from ._verbs import STOPS_PARSING as STOPS_PARSING
 from ._verbs import completes_login as completes_login
 from ._verbs import is_multiline as is_multiline
 from ._verbs import names_login as names_login
@@ -79,6 +79,7 @@ __all__ = [
     "RETRIEVE",
     "STANDARD_VERBS",
     "STLS_OK",
+    "STOPS_PARSING",
     "BodyChunk",
     "BodyReader",
     "ClientProtocolError",
@@ -98,7 +99,6 @@ __all__ = [
     "Status",
     "Trigger",
     "UpstreamProtocolError",
-    "check_verb",
     "completes_login",
     "has_apop_timestamp",
     "header_values",

@@ -69,23 +69,15 @@ class ResponseReader:
     waiting for one); a body streams in constant memory, whatever its lines.
     """
 
-    __slots__ = ("_body", "_buf", "_pos", "sink", "status_limit")
+    __slots__ = ("_body", "_buf", "_pos", "in_body", "sink", "status_limit")
 
     def __init__(self, status_limit: int = 8192) -> None:
         self.status_limit = status_limit
         self._buf = b""
         self._pos = 0
         self._body: BodyReader | None = None
+        self.in_body = False  # a body is being read: ``expect`` does not matter
         self.sink: Sink | None = None
-
-    @property
-    def in_body(self) -> bool:
-        return self._body is not None
-
-    @property
-    def has_data(self) -> bool:
-        """Octets are buffered that no event has taken yet."""
-        return self._pos < len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         buf, pos = self._buf, self._pos
@@ -106,6 +98,7 @@ class ResponseReader:
                 return BodyChunk(data, False)
             self._pos = pos + end
             self._body = None
+            self.in_body = False
             self.sink = None
             return BodyChunk(data if end == len(data) else data[:end], True)
         nl = buf.find(b"\n", pos)
@@ -126,6 +119,7 @@ class ResponseReader:
             raise UpstreamProtocolError("SASL continuation outside an AUTH exchange")
         if expect is Expect.MULTI and status.ok:
             self._body = BodyReader()
+            self.in_body = True
             return Reply(status, raw, True)
         return Reply(status, raw)
 

@@ -2,8 +2,8 @@
 
 As in h11's ``_state.py``: everything that moves the state machine is in
 this file, as a table, and an illegal move is a bug, not a guess.  The
-session asks ``transition(state, trigger)`` and ``check_verb(state, verb)``;
-it never compares states itself to decide what is allowed.
+session asks ``transition(state, trigger)`` and ``local_reply(state,
+command, ...)``; it never compares states itself to decide what is allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Final
 from ._command import Command
 from ._verbs import AUTH_ONLY, NEVER_FORWARDED, PRE_AUTH, starts_sasl
 
-__all__ = ["STLS_OK", "State", "Trigger", "check_verb", "local_reply", "transition"]
+__all__ = ["STLS_OK", "State", "Trigger", "local_reply", "transition"]
 
 #: The proxy's own answer to an STLS it accepts (RFC 2595 §4).
 STLS_OK: Final = b"+OK Begin TLS negotiation\r\n"
@@ -55,24 +55,6 @@ def transition(state: State, trigger: Trigger) -> State:
         raise ValueError(f"no transition from {state.value} on {trigger.value}") from None
 
 
-def check_verb(state: State, verb: str) -> bytes | None:
-    """The ``-ERR`` line for a verb not valid in ``state``, or None.
-
-    Checked before a command goes upstream, so that the upstream never sees
-    a command out of order (RFC 1939 §3-§6, RFC 2449 §4).  In GREETING the
-    session waits with dispatch, so the check is never asked there.
-    """
-    if state is State.AUTHORIZATION:
-        if verb not in PRE_AUTH:
-            return f"-ERR {verb} is not valid before login\r\n".encode()
-        return None
-    if state is State.TRANSACTION:
-        if verb in AUTH_ONLY:
-            return f"-ERR {verb} is not valid after login\r\n".encode()
-        return None
-    return b"-ERR session is ending\r\n"
-
-
 def local_reply(
     state: State, cmd: Command, *, tls: bool, starttls: bool, require_tls_for_auth: bool
 ) -> bytes | None:
@@ -82,7 +64,7 @@ def local_reply(
     blind policy and audit); credentials wait for TLS where the listener
     requires it (RFC 2595 §2.1); only the proxy may tell the upstream who
     the client is (XCLIENT, XOIP, PROXY); and the verb must be valid in the
-    state (``check_verb``).
+    state.
     """
     verb = cmd.verb
     if verb == "STLS":
@@ -98,4 +80,15 @@ def local_reply(
         return b"-ERR [AUTH] TLS is required to log in: use STLS\r\n"
     if verb in NEVER_FORWARDED:
         return b"-ERR command not allowed\r\n"
-    return check_verb(state, verb)
+    # The verb must be valid in the state (RFC 1939 §3-§6, RFC 2449 §4), so
+    # that the upstream never sees a command out of order.  In GREETING the
+    # session holds dispatch back, so that state is never asked about.
+    if state is State.TRANSACTION:
+        if verb in AUTH_ONLY:
+            return f"-ERR {verb} is not valid after login\r\n".encode()
+        return None
+    if state is State.AUTHORIZATION:
+        if verb not in PRE_AUTH:
+            return f"-ERR {verb} is not valid before login\r\n".encode()
+        return None
+    return b"-ERR session is ending\r\n"

@@ -22,6 +22,7 @@ __all__ = [
     "PRE_AUTH",
     "RETRIEVE",
     "STANDARD_VERBS",
+    "STOPS_PARSING",
     "completes_login",
     "is_multiline",
     "names_login",
@@ -49,6 +50,10 @@ NEVER_FORWARDED: Final = frozenset({"XCLIENT", "XOIP", "PROXY"})
 #: Dispatch barriers: the reply decides the state later commands run in
 #: (AUTH with an argument too: see ``starts_sasl``).
 BARRIERS: Final = frozenset({"PASS", "APOP", "QUIT", "STLS"})
+#: Verbs after which the next client lines may not be parsed as commands:
+#: STLS (what follows is discarded) and AUTH with an argument (what follows
+#: is SASL data; see ``starts_sasl``).
+STOPS_PARSING: Final = frozenset({"STLS", "AUTH"})
 #: Verbs whose first argument is a message number.
 NAMES_A_MESSAGE: Final = frozenset({"RETR", "TOP", "DELE"})
 #: Verbs that read a message (in whole or in part).
