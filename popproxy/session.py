@@ -30,7 +30,6 @@ from .events import (
     ProtocolAnomaly,
     Response,
     StateChanged,
-    UidsLearned,
     Unsolicited,
     UpstreamFailed,
 )
@@ -53,15 +52,22 @@ from .pop3 import (
     completes_login,
     has_apop_timestamp,
     is_multiline,
-    listing_line,
     local_reply,
-    message_number,
     names_login,
     parse_status,
     starts_sasl,
     transition,
 )
-from .session_state import CommandInput, Login, Marks, Output, Pending, Pipeline, ReplyInProgress
+from .session_state import (
+    CommandInput,
+    Listed,
+    Login,
+    Marks,
+    Output,
+    Pending,
+    Pipeline,
+    ReplyInProgress,
+)
 from .session_state import OutputBuilder as _Out
 from .session_state import SessionLimits as SessionLimits
 
@@ -108,8 +114,7 @@ class Session:
         self.user: str | None = None  # authenticated user, once known
         self.commands_sent = 0  # client commands forwarded upstream
         self.apop_timestamp = False
-        self._uids: set[int] = set()  # messages whose UIDL is known
-        self._sizes: dict[int, int] = {}  # message sizes from LIST replies
+        self._listed = Listed()  # UIDLs and sizes the upstream's replies told
         self._client_ip = host_of(client)
         self._facts: Facts | None = None  # see facts()
         self._wake_at: float | None = None
@@ -319,7 +324,7 @@ class Session:
         if facts is None:
             facts = self._facts = Facts(
                 self.state, self.user, self.client, self.tls, client_ip=self._client_ip,
-                login_user=self._login.asserted_user, sizes=self._sizes,
+                login_user=self._login.asserted_user, sizes=self._listed.sizes,
             )
         return facts
 
@@ -426,14 +431,11 @@ class Session:
         Its reply is the proxy's: consumed here, never forwarded.  It goes in
         front of ``p`` in the FIFO, so every client reply keeps its order.
         """
-        number = message_number(p.command.args[0]) if p.command.args else None
-        if number is None or number in self._uids:
-            return
-        probe = Pending(Command("UIDL", (str(number),)), now, internal=True)
-        wire = bytes(probe.command)
-        out.upstream.append(wire)
-        self._pipeline.sent(probe, len(wire), before=p)
-        self._uids.add(number)  # asked once per message, whatever the answer
+        command = self._listed.probe(p.command)
+        if command is not None:
+            wire = bytes(command)
+            out.upstream.append(wire)
+            self._pipeline.sent(Pending(command, now, internal=True), len(wire), before=p)
 
     def _note(self, notes: tuple[Note, ...], cmd: Command, out: _Out) -> None:
         for n in notes:
@@ -507,8 +509,9 @@ class Session:
         if head.internal:
             # Our own UIDL n: single-line either way, and only ours to read.
             self._pipeline.done(head)
-            if status.ok:
-                self._learn("UIDL", status.text, out)
+            learned = self._listed.learn("UIDL", status.text) if status.ok else None
+            if learned is not None:
+                out.events.append(learned)
             self._flush(out, now)
             return
         if status.continuation:
@@ -524,13 +527,15 @@ class Session:
                 progress.hold()
             else:
                 out.client.append(raw)
-                self._reader.sink = progress.collect(cmd, self._sizes)
+                self._reader.sink = progress.collect(cmd, self._listed.sizes)
             return
         if status.ok and head.login and self._refuse_login(cmd, out, now):
             return
         out.client.append(raw)
         if status.ok and cmd.args and cmd.verb in ("UIDL", "LIST"):
-            self._learn(cmd.verb, status.text, out)
+            learned = self._listed.learn(cmd.verb, status.text)
+            if learned is not None:
+                out.events.append(learned)
         self._complete(head, status.ok, status.code, status.text, len(raw), out, now)
 
     def _on_chunk(self, chunk: BodyChunk, out: _Out, now: float) -> None:
@@ -556,20 +561,9 @@ class Session:
                 and self.state is State.AUTHORIZATION,
                 hide_user=self.require_tls_for_auth and not self.tls,
             ))
-        out.events += progress.finished(self._uids)
+        out.events += progress.finished(self._listed.uids)
         status = progress.status
         self._complete(head, status.ok, status.code, status.text, progress.octets, out, now)
-
-    def _learn(self, verb: str, text: bytes, out: _Out) -> None:
-        """A single-line UIDL or LIST reply: the message's UIDL or size."""
-        entry = listing_line(text)
-        if entry is None:
-            return
-        if verb == "UIDL":
-            self._uids.add(entry[0])
-            out.events.append(UidsLearned((entry,)))
-        elif entry[1].isdigit():
-            self._sizes[entry[0]] = int(entry[1])
 
     def _refuse_size(self, cmd: Command, text: bytes, out: _Out, now: float) -> bool:
         """Refuse a RETR whose announced size policy forbids; swallow its body."""

@@ -37,6 +37,7 @@ from .pop3 import (
     Sink,
     Status,
     is_sasl_line,
+    listing_line,
     message_id,
     message_number,
     parse_command,
@@ -47,6 +48,7 @@ from .pop3 import (
 
 __all__ = [
     "CommandInput",
+    "Listed",
     "Login",
     "Marks",
     "Output",
@@ -326,6 +328,38 @@ class ReplyInProgress:
             command, message_number(command.args[0]) if command.args else None,
             facts.octets, facts.sha.hexdigest(), message_id(head), whole, head,
         )
+
+
+class Listed:
+    """What listings taught about the mailbox: which messages' UIDLs are
+    known (the audit names messages by them) and their sizes (for policy)."""
+
+    __slots__ = ("sizes", "uids")
+
+    def __init__(self) -> None:
+        self.uids: set[int] = set()
+        self.sizes: dict[int, int] = {}
+
+    def learn(self, verb: str, text: bytes) -> UidsLearned | None:
+        """A single-line ``UIDL n`` or ``LIST n`` reply's text."""
+        entry = listing_line(text)
+        if entry is None:
+            return None
+        if verb == "UIDL":
+            self.uids.add(entry[0])
+            return UidsLearned((entry,))
+        if entry[1].isdigit():
+            self.sizes[entry[0]] = int(entry[1])
+        return None
+
+    def probe(self, cmd: Command) -> Command | None:
+        """``UIDL n`` to ask before ``cmd``, if it names a message whose UIDL
+        is unknown; asked once per message, whatever the answer."""
+        number = message_number(cmd.args[0]) if cmd.args else None
+        if number is None or number in self.uids:
+            return None
+        self.uids.add(number)
+        return Command("UIDL", (str(number),))
 
 
 class Login:
