@@ -49,6 +49,7 @@ duplicate response headers and an unparsable ``Auth-Wait`` are failures
 from __future__ import annotations
 
 import ipaddress
+import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -263,6 +264,39 @@ def interpret_response(
     return HookRefusal(text[:MAX_REFUSAL_TEXT], wait)
 
 
+class _NoHeadersInTrace(logging.Filter):
+    """Drops httpcore trace records that may quote headers.
+
+    ``receive_response_headers.complete`` lists the response headers, and a
+    ``... exception=`` record may quote an offending header line (h11's
+    errors do): either can hold the hook's ``Auth-Pass`` or our request's.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("receive_response_headers") or "exception=" in message)
+
+
+_HTTPCORE_LOGGERS = ("httpcore.http11", "httpcore.http2", "httpcore.connection",
+                     "httpcore.connection_pool", "httpcore.proxy", "httpcore.socks")
+
+
+def _silence_httpcore_trace() -> None:
+    """Keep credentials out of httpcore's DEBUG trace.
+
+    Its loggers inherit from ``httpcore``: a level set there holds even when
+    the root logger is at DEBUG, and then no trace is even formatted.  The
+    filter covers a logging set-up that turns one of them to DEBUG later.
+    """
+    quiet = logging.getLogger("httpcore")
+    if quiet.getEffectiveLevel() < logging.INFO or quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.INFO)
+    for name in _HTTPCORE_LOGGERS:
+        child = logging.getLogger(name)
+        if not any(isinstance(f, _NoHeadersInTrace) for f in child.filters):
+            child.addFilter(_NoHeadersInTrace())
+
+
 class AuthHttpClient:
     """A pooled HTTP client for the hook; use ``async with`` (closes it).
 
@@ -274,6 +308,7 @@ class AuthHttpClient:
     def __init__(
         self, settings: HookSettings, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
+        _silence_httpcore_trace()
         self._settings = settings
         self._limiter = trio.CapacityLimiter(settings.concurrency)
         self._client = httpx.AsyncClient(
