@@ -190,6 +190,8 @@ def test_refusal_without_wait_and_caps() -> None:
     long = interpret_response(
         [(b"Auth-Status", b"x" * 1000), (b"Auth-Wait", b"86400")], request())
     assert long == HookRefusal("x" * MAX_REFUSAL_TEXT, MAX_AUTH_WAIT)
+    cut = interpret_response([(b"Auth-Status", "\u00e4".encode() * 200)], request())
+    assert cut == HookRefusal("\u00e4" * (MAX_REFUSAL_TEXT // 2), None)
     utf8 = interpret_response([(b"Auth-Status", "Zugang gesperrt \u2013 ruf an".encode())],
                               request())
     assert utf8 == HookRefusal("Zugang gesperrt \u2013 ruf an", None)
@@ -515,3 +517,22 @@ def test_mock_transport_can_stand_in() -> None:
             return await client.lookup(request())
 
     assert trio.run(main) == HookRoute(HostPort("10.0.0.1", 110), "alice", "wonderland")
+
+
+async def test_httpx_runs_on_trio_itself(serve: Serve) -> None:
+    """What the timeouts above rely on: under trio, httpcore picks its trio backend.
+
+    (anyio is httpx's path on asyncio; under trio, httpcore talks to trio
+    directly, so trio's clock and cancellation govern every socket wait.)
+    """
+    responder = await serve(lambda req: ok())
+    streams: list[object] = []
+
+    async def trace(name: str, info: dict[str, object]) -> None:
+        if name == "connection.connect_tcp.complete":
+            streams.append(info["return_value"])
+
+    async with httpx.AsyncClient(trust_env=False) as client:
+        await client.get(responder.url, extensions={"trace": trace})
+    (stream,) = streams
+    assert type(stream).__module__ == "httpcore._backends.trio"

@@ -58,6 +58,7 @@ def test_defaults_and_optional_keys() -> None:
     }, NAMES)
     assert full.auth_http_concurrency == 8
     assert full.auth_http_headers == (("X-Auth-Key", "s3cret"),)
+    assert "s3cret" not in repr(full)
     assert full.rules[0] == RoutingRule(("bob", "b?b"), "new", "bob.smith")
 
 
@@ -96,6 +97,8 @@ def rules(**rule: Any) -> dict[str, Any]:
         ({"auth_http": "ftp://h/x"}, r"^routing\.auth_http: expected an http:// or https://"),
         ({"auth_http": "http:///auth"}, r"^routing\.auth_http: expected an http"),
         ({"auth_http": "http://u:pw@h/auth"}, r"^routing\.auth_http: no credentials in the URL"),
+        ({"auth_http": "ftp://u:pw@h/auth"}, r"^routing\.auth_http: no credentials in the URL"),
+        ({"auth_http": "http://tok3n@h:99999/"}, r"^routing\.auth_http: no credentials"),
         ({"auth_http": "http://h:99999/auth"}, r"^routing\.auth_http: not a valid URL"),
         ({"auth_http": "http://h/a b"}, r"^routing\.auth_http: not a usable URL"),
         ({"auth_http": 1}, r"^routing\.auth_http: expected a URL"),

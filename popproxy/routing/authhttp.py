@@ -80,7 +80,7 @@ __all__ = [
 #: Longest ``Auth-Wait`` honoured, in seconds: a typo in a hook
 #: (``Auth-Wait: 30000``) must not park sessions for hours.
 MAX_AUTH_WAIT = 60
-#: Refusal texts are cut to this many characters: they become a ``-ERR``
+#: Refusal texts are cut to this many octets (UTF-8): they become a ``-ERR``
 #: line, and RFC 2449 §4 bounds responses to 512 octets.
 MAX_REFUSAL_TEXT = 256
 
@@ -261,7 +261,9 @@ def interpret_response(
             shown = raw_wait[:16].decode("ascii", "replace")
             return _failure(f"Auth-Wait is not a number of seconds: {shown!r}")
         wait = min(int(raw_wait), MAX_AUTH_WAIT)
-    return HookRefusal(text[:MAX_REFUSAL_TEXT], wait)
+    if len(status) > MAX_REFUSAL_TEXT:
+        text = status[:MAX_REFUSAL_TEXT].decode("utf-8", "ignore")  # not mid-character
+    return HookRefusal(text, wait)
 
 
 class _NoHeadersInTrace(logging.Filter):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..confparse import ConfigError, Section, parse_duration, parse_int
@@ -73,7 +73,8 @@ class RoutingConfig:
     auth_http: str | None = None
     auth_http_timeout: float = 5.0
     auth_http_concurrency: int = 64
-    auth_http_headers: tuple[tuple[str, str], ...] = ()
+    # repr=False: typically a shared secret, and configs end up in logs.
+    auth_http_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     down_time: float = 10.0
     rules: tuple[RoutingRule, ...] = ()
 
@@ -140,16 +141,19 @@ def _url(value: object, key: str) -> str:
         raise ConfigError(f'{key}: expected a URL such as "http://127.0.0.1:9000/auth"')
     try:
         parts = urllib.parse.urlsplit(value)
+        if "@" in parts.netloc:
+            # A secret in the URL would reach every log line that names the
+            # hook (and this error message, were it echoed).
+            raise ConfigError(
+                f"{key}: no credentials in the URL; send a shared secret with auth_http_headers")
         port = parts.port  # raises ValueError for a port out of range
     except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{key}: not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f'{key}: expected an http:// or https:// URL with a host, got {value!r}')
-    if parts.username is not None or parts.password is not None:
-        # A secret in the URL would reach every log line that names the hook.
-        raise ConfigError(
-            f"{key}: no credentials in the URL; send a shared secret with auth_http_headers")
     if parts.fragment or port == 0 or any(c.isspace() or ord(c) < 0x20 for c in value):
         raise ConfigError(f"{key}: not a usable URL: {value!r}")
     return value
