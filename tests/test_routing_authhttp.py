@@ -437,7 +437,7 @@ async def test_reconfigure_applies_to_the_next_lookup(serve: Serve) -> None:
         assert await client.lookup(request()) == HookRefusal("first", None)
         client.reconfigure(HookSettings(second.url, concurrency=1))
         assert await client.lookup(request()) == HookRefusal("second", None)
-        assert client.settings.concurrency == 1
+        assert client.settings == HookSettings(second.url, concurrency=1)
 
 
 async def test_credentials_never_reach_reasons_or_logs(
@@ -536,3 +536,9 @@ async def test_httpx_runs_on_trio_itself(serve: Serve) -> None:
         await client.get(responder.url, extensions={"trace": trace})
     (stream,) = streams
     assert type(stream).__module__ == "httpcore._backends.trio"
+
+
+async def test_a_client_without_settings_fails_every_lookup() -> None:
+    async with AuthHttpClient() as client:
+        assert client.settings is None
+        assert await client.lookup(request()) == HookFailure("routing.auth_http is not configured")

@@ -264,7 +264,8 @@ async def test_a_bad_reload_keeps_the_old_tables() -> None:
 
 async def test_reload_reconfigures_the_hook() -> None:
     hook = Hook(routes_to_new)
-    async with hook.client() as client:
+    # Created without settings, as a server without auth_http would.
+    async with AuthHttpClient(transport=httpx.MockTransport(hook)) as client:
         router = Router(config(default="legacy"), None, client)
         assert await router.lookup("carol", "pw") == Route("legacy", "default", "carol", "pw")
         router.reload(config(auth_http=HOOK_URL + "?v=2", auth_http_timeout=3.0,

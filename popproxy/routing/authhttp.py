@@ -303,16 +303,20 @@ class AuthHttpClient:
     """A pooled HTTP client for the hook; use ``async with`` (closes it).
 
     One per process, shared by all sessions; ``reconfigure`` applies a
-    reloaded ``[routing]`` to the lookups that start afterwards.
-    ``transport`` is for tests (an ``httpx.MockTransport``).
+    reloaded ``[routing]`` to the lookups that start afterwards.  Without
+    settings (no ``auth_http`` yet: a reload may add one) every lookup is a
+    failure.  ``transport`` is for tests (an ``httpx.MockTransport``).
     """
 
     def __init__(
-        self, settings: HookSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: HookSettings | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         _silence_httpcore_trace()
         self._settings = settings
-        self._limiter = trio.CapacityLimiter(settings.concurrency)
+        self._limiter = trio.CapacityLimiter(settings.concurrency if settings else 1)
         self._client = httpx.AsyncClient(
             transport=transport,
             trust_env=False,
@@ -322,7 +326,7 @@ class AuthHttpClient:
         )
 
     @property
-    def settings(self) -> HookSettings:
+    def settings(self) -> HookSettings | None:
         return self._settings
 
     @property
@@ -355,6 +359,8 @@ class AuthHttpClient:
         Cancellation from outside (the client went away) propagates.
         """
         settings = self._settings
+        if settings is None:
+            return _failure("routing.auth_http is not configured")
         result: HookResult = HookFailure(
             f"no answer from the hook within {settings.timeout:g}s", "timeout")
         with trio.move_on_after(settings.timeout):

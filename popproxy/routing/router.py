@@ -123,9 +123,9 @@ class Router:
     """Per-user routing for one process.
 
     ``user_map`` is required when ``config.map_file`` is set (load it with
-    ``load_map_file``), ``hook`` when ``config.auth_http`` is: create the
-    ``AuthHttpClient`` once, for the life of the server, even without
-    ``auth_http``, if a reload may add it later.
+    ``load_map_file``), ``hook`` when ``config.auth_http`` is: create one
+    ``AuthHttpClient()`` for the life of the server, even without
+    ``auth_http`` (a reload may add it); the router gives it its settings.
     ``clock`` times the lookups for ``observer``.
     """
 
