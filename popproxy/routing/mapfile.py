@@ -137,6 +137,7 @@ def parse_map(
     exact: dict[str, MapEntry] = {}
     globs: list[tuple[str, MapEntry]] = []
     glob_lines: dict[str, int] = {}
+    setdefault = exact.setdefault  # one dict operation per line, not two
     # split("\n"), not splitlines(): line numbers must be what editors show
     # (splitlines also breaks at form feeds and U+2028).
     for number, raw in enumerate(text.split("\n"), 1):
@@ -172,12 +173,8 @@ def parse_map(
                     source, number, f'"{user}" is already on line {glob_lines[key]}')
             glob_lines[key] = number
             globs.append((key, entry))
-        else:
-            previous = exact.get(key)
-            if previous is not None:
-                raise MapFileError(
-                    source, number, f'"{user}" is already on line {previous.line}')
-            exact[key] = entry
+        elif (previous := setdefault(key, entry)) is not entry:
+            raise MapFileError(source, number, f'"{user}" is already on line {previous.line}')
     return UserMap(exact, globs, source)
 
 

@@ -25,7 +25,8 @@ rewritten user and password) and left the choice of server to us.
 
 Observing: ``observer(source, outcome, seconds)`` is called once for each
 source consulted, in order, with ``source`` in ``SOURCES`` and ``outcome``
-in ``OUTCOMES`` (both closed sets, fit for metric labels):
+in ``OUTCOMES`` (both closed sets, fit for metric labels).  It runs inline
+in the lookup: keep it cheap, and it must not raise.
 
 ``hit``      the source routed the user (for ``default``: there is one)
 ``miss``     it had nothing for the user, the next source is asked
