@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popproxy.confparse import ConfigError
 from popproxy.routing import RoutingConfig, RoutingRule, parse_routing
@@ -150,3 +152,34 @@ def test_a_shared_secret_is_not_echoed_in_errors() -> None:
 )
 def test_check_user_name(name: str, ok: bool) -> None:
     assert (check_user_name(name) is None) is ok
+
+
+_toml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False)
+    | st.sampled_from(["legacy", "new", "x", "2s", "0s", "http://h/a", "acc*", "", "a b"])
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["users", "upstream", "backend_user", "X-Key", "other"]), inner,
+        max_size=3),
+    max_leaves=8,
+)
+_routing_keys = st.sampled_from([
+    "default", "map_file", "auth_http", "auth_http_timeout", "auth_http_concurrency",
+    "auth_http_headers", "down_time", "rules", "bogus",
+])
+
+
+@given(st.dictionaries(_routing_keys, _toml_values, max_size=5))
+@settings(max_examples=300)
+def test_any_table_gives_a_config_or_an_error_naming_routing(raw: dict[str, object]) -> None:
+    error: ConfigError | None = None
+    try:
+        cfg = parse_routing(raw, NAMES)
+    except ConfigError as exc:
+        error = exc
+    if error is not None:
+        assert str(error).startswith("routing")
+    else:
+        assert isinstance(cfg, RoutingConfig)
+        assert all(r.upstream in NAMES for r in cfg.rules)
+        assert cfg.default is None or cfg.default in NAMES
