@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.dovecot_fixtures", "tests.proxy_fixtures", "tests.tls_fixtures"]
+pytest_plugins = [
+    "tests.dovecot_fixtures",
+    "tests.proxy_fixtures",
+    "tests.redis_fixtures",
+    "tests.tls_fixtures",
+]

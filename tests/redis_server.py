@@ -226,21 +226,29 @@ class RedisServer:
         except OSError:
             return False
 
-    def command(self, *args: str, timeout: float = 2.0) -> bytes:
-        """Send one command (inline RESP) and return the raw reply: for test set-up."""
+    def command(self, *args: str, db: int = 0, timeout: float = 2.0) -> bytes:
+        """Send one command in database ``db``; its raw RESP reply (for tests)."""
         parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
         request = f"*{len(args)}\r\n{''.join(parts)}".encode()
-        if self.password:
-            request = f"AUTH {self.password}\r\n".encode() + request
+        preamble = [f"AUTH {self.password}"] if self.password else []
+        preamble += [f"SELECT {db}"] if db else []
+        request = "".join(p + "\r\n" for p in preamble).encode() + request
         with socket.create_connection((self.host, self.port), timeout=timeout) as s:
             s.sendall(request)
             s.shutdown(socket.SHUT_WR)
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
-        if self.password:
-            data = data.split(b"\r\n", 1)[1]  # the +OK of AUTH
+        for _ in preamble:
+            data = data.split(b"\r\n", 1)[1]  # their +OK
         return data
+
+    def integer(self, *args: str, db: int = 0) -> int:
+        """A command whose reply is an integer (``:N``), e.g. PTTL, DBSIZE."""
+        reply = self.command(*args, db=db)
+        if not reply.startswith(b":"):
+            raise RedisServerError(f"{args[0]}: expected an integer reply, got {reply[:80]!r}")
+        return int(reply[1:].split(b"\r\n", 1)[0])
 
     def pause(self) -> None:
         """SIGSTOP: the server keeps its sockets but answers nothing."""
