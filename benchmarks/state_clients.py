@@ -52,6 +52,9 @@ from popproxy.state.script import SCRIPT, SCRIPT_SHA
 # coredis twice: as installed, and with its "optimized" mode (runtime
 # validations off), to give it its best case.
 CLIENTS = ("coredis", "coredis-optimized", "valkey-glide")
+# And popproxy's own layer over the chosen client (RedisState.take: the
+# timeout scope, the circuit, argument formatting, reply parsing).
+ROWS = (*CLIENTS, "popproxy RedisState")
 CONCURRENCY = 50
 
 
@@ -204,9 +207,37 @@ async def _run_glide(port: int, redis_pid: int, quick: bool) -> dict[str, Any]:
     return out
 
 
+async def _run_state(port: int, redis_pid: int, quick: bool) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from popproxy.policy.ratelimit import Rate
+    from popproxy.state import Limit, parse_state
+    from popproxy.state.redis import open_redis_state
+
+    config = parse_state({"backend": "redis", "url": f"redis://127.0.0.1:{port}/0",
+                          "key_prefix": "bench:", "timeout": "5s"})
+    async with open_redis_state(config) as state:
+        limits: dict[str, Limit] = {}
+
+        async def call(keys: list[str], args: list[str]) -> Any:
+            # The same work as the raw rows: one GCRA key per task, admitted.
+            limit = limits.get(keys[0])
+            if limit is None:
+                limit = limits[keys[0]] = Limit("bench", keys[0], Rate(1e9, 1.0), 1e9)
+            return await state.take([(limit, 1.0)])
+
+        out = await _measure(call, 300 if quick else 3000, 20 if quick else 200)
+        out.update(_under_trio())
+        out["version"] = "glide " + version("valkey-glide")
+        out["calls"] = dict(state.calls)
+    return out
+
+
 def _child(name: str, port: int, redis_pid: int, quick: bool) -> None:
     try:
-        if name == "valkey-glide":
+        if name == "popproxy RedisState":
+            result = trio.run(_run_state, port, redis_pid, quick)
+        elif name == "valkey-glide":
             result = trio.run(_run_glide, port, redis_pid, quick)
         else:
             result = trio.run(_run_coredis, port, redis_pid, quick, name == "coredis-optimized")
@@ -218,14 +249,14 @@ def _child(name: str, port: int, redis_pid: int, quick: bool) -> None:
 
 
 def _report(results: dict[str, dict[str, Any]]) -> None:
-    print(f"{'client':<26}{'p50 us':>9}{'p99 us':>9}{'calls/s':>10}{'CPU us/call':>13}"
+    print(f"{'client':<34}{'p50 us':>9}{'p99 us':>9}{'calls/s':>10}{'CPU us/call':>13}"
           f"  under trio")
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<26}  {r['error']}")
+            print(f"{name:<34}  {r['error']}")
             continue
         trio_ok = r["sniffio"] == "trio" and r["asyncio_loops"] == 0
-        print(f"{name + ' ' + r['version']:<26}{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}"
+        print(f"{name + ' ' + r['version']:<34}{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}"
               f"{r['calls_per_s']:>10.0f}{r['cpu_us_per_call']:>13.0f}"
               f"  {'yes' if trio_ok else 'NO'} (asyncio loops: {r['asyncio_loops']}, "
               f"threads: {', '.join(r['threads'])})")
@@ -233,7 +264,7 @@ def _report(results: dict[str, dict[str, Any]]) -> None:
     for name, r in results.items():
         f = r.get("fault")
         if f:
-            print(f"{name:<26}  timed out: {f['timed_out']} after {f['out_after_ms']:.0f} ms; "
+            print(f"{name:<34}  timed out: {f['timed_out']} after {f['out_after_ms']:.0f} ms; "
                   f"next call {f['next_call_ms']:.0f} ms, error {f['next_call_error']}, "
                   f"reply right: {f['next_reply_right']}")
 
@@ -242,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--child", choices=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     with RedisServer() as server:
         assert server.proc is not None
-        for name in CLIENTS:
+        for name in ROWS:
             command = [sys.executable, "-m", "benchmarks.state_clients", "--child", name,
                        "--port", str(server.port), "--redis-pid", str(server.proc.pid)]
             if args.quick:

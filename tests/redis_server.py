@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -90,10 +91,17 @@ class RedisServer:
         *,
         host: str = "127.0.0.1",
         password: str | None = None,
+        tls_cert: os.PathLike[str] | str | None = None,
+        tls_key: os.PathLike[str] | str | None = None,
         start_timeout: float = 10.0,
     ) -> None:
         if password is not None and any(c in password for c in ' "\r\n'):
             raise ValueError("unusable password for redis.conf")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("pass both tls_cert and tls_key, or neither")
+        #: (certificate chain, key): then ``port`` speaks TLS only (rediss://).
+        self.tls = None if tls_cert is None or tls_key is None else (
+            Path(tls_cert).resolve(), Path(tls_key).resolve())
         self.host = host
         self.port = 0
         self.password = password
@@ -110,13 +118,23 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/0"
 
     def config_text(self) -> str:
+        if self.tls:
+            listen = [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {self.tls[0]}",
+                f"tls-key-file {self.tls[1]}",
+                "tls-auth-clients no",
+            ]
+        else:
+            listen = [f"port {self.port}"]
         lines = [
             "# Throwaway config written by tests/redis_server.py",
             f"bind {self.host}",
-            f"port {self.port}",
+            *listen,
             f"unixsocket {self.unix_socket}",
             "unixsocketperm 700",
             f"dir {self.root}",
@@ -214,7 +232,7 @@ class RedisServer:
         if self.password:
             request = f"AUTH {self.password}\r\n".encode() + request
         try:
-            with socket.create_connection((self.host, self.port), timeout=timeout) as s:
+            with self._connect(timeout) as s:
                 s.sendall(request)
                 data = b""
                 while b"PONG" not in data and len(data) < 1000:
@@ -226,6 +244,17 @@ class RedisServer:
         except OSError:
             return False
 
+    def _connect(self, timeout: float) -> socket.socket:
+        """A connection to the server (TLS when it speaks TLS, unverified:
+        this is the tests' own helper talking to the tests' own server)."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if not self.tls:
+            return sock
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(sock, server_hostname=self.host)
+
     def command(self, *args: str, db: int = 0, timeout: float = 2.0) -> bytes:
         """Send one command in database ``db``; its raw RESP reply (for tests)."""
         parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
@@ -233,15 +262,16 @@ class RedisServer:
         preamble = [f"AUTH {self.password}"] if self.password else []
         preamble += [f"SELECT {db}"] if db else []
         request = "".join(p + "\r\n" for p in preamble).encode() + request
-        with socket.create_connection((self.host, self.port), timeout=timeout) as s:
+        # QUIT makes the server close once it has answered: read to the end.
+        request += b"QUIT\r\n"
+        with self._connect(timeout) as s:
             s.sendall(request)
-            s.shutdown(socket.SHUT_WR)
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
         for _ in preamble:
             data = data.split(b"\r\n", 1)[1]  # their +OK
-        return data
+        return data.removesuffix(b"+OK\r\n")  # QUIT's
 
     def integer(self, *args: str, db: int = 0) -> int:
         """A command whose reply is an integer (``:N``), e.g. PTTL, DBSIZE."""

@@ -1,9 +1,10 @@
 """RedisState on a real redis-server: the server's clock, shared limits
 across connections, key layout and expiry, EVALSHA/NOSCRIPT, the call
-counter against the server's own statistics, URLs and authentication."""
+counter against the server's own statistics, URLs, authentication, TLS."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from popproxy.state.script import SCRIPT_SHA
 from tests.redis_fixtures import running_redis
 from tests.redis_server import RedisServer
 from tests.state_support import redis_state
+from tests.tls_fixtures import CertFiles
 
 
 def limit(n: float, period: float = 60.0, subject: str = "alice") -> Limit:
@@ -127,7 +129,7 @@ async def test_unix_socket_and_database(redis_server: RedisServer, redis_prefix:
 
 async def test_password_in_the_url(redis_available: None) -> None:
     password = "pw-Hunter2-x"
-    with running_redis(lambda: RedisServer(password=password)) as server:
+    with running_redis(functools.partial(RedisServer, password=password)) as server:
         good = f"redis://:{password}@127.0.0.1:{server.port}/0"
         async with redis_state(server, "p:", url=good) as state:
             assert await state.acquire_lease("user:u", "s1", 1, 30.0)
@@ -139,3 +141,28 @@ async def test_password_in_the_url(redis_available: None) -> None:
         assert password not in str(info.value)
         assert password not in repr(info.value)
         assert info.value.op in ("connect", "acquire_lease")
+
+
+async def test_rediss_checks_the_servers_certificate(
+    redis_available: None,
+    upstream_cert: CertFiles,
+    other_ca_cert: CertFiles,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rediss:// verifies the server against the platform's trust store
+    (here: SSL_CERT_FILE naming the tests' CA, which glide honours)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(upstream_cert.ca))
+    trusted = functools.partial(RedisServer, tls_cert=upstream_cert.cert, tls_key=upstream_cert.key)
+    with running_redis(trusted) as server:
+        assert server.url.startswith("rediss://127.0.0.1:")
+        async with redis_state(server, "tls:") as state:
+            assert await state.acquire_lease("user:u", "s1", 1, 30.0)
+        assert server.integer("EXISTS", "tls:cap:user:u") == 1
+    untrusted = functools.partial(
+        RedisServer, tls_cert=other_ca_cert.cert, tls_key=other_ca_cert.key)
+    with running_redis(untrusted) as server:
+        async with redis_state(server, "tls:") as state:
+            with pytest.raises(StateError) as info:
+                await state.acquire_lease("user:u", "s1", 1, 30.0)
+        assert info.value.op == "acquire_lease"
+        assert server.integer("EXISTS", "tls:cap:user:u") == 0
