@@ -196,20 +196,22 @@ class RedisState:
                 unavailable=False,
             )
         now = "" if self.script_clock is None else repr(self.script_clock())
-        tail: list[str | bytes] = [str(len(keys))]
-        tail += [self.key_prefix + k for k in keys]
-        tail += [script_op, now, *args]
+        prefix = self.key_prefix
+        command: list[str | bytes] = ["EVALSHA", SCRIPT_SHA, str(len(keys))]
+        command += [prefix + k for k in keys]
+        command += [script_op, now, *args]
         self.calls[op] += 1
         reply: object = None
         with trio.move_on_after(self.timeout) as scope:
             try:
                 try:
-                    reply = await self.client.custom_command(["EVALSHA", SCRIPT_SHA, *tail])
+                    reply = await self.client.custom_command(command)
                 except RequestError as exc:
                     if not _is_noscript(exc):
                         raise
                     self.calls["script_load"] += 1
-                    reply = await self.client.custom_command(["EVAL", SCRIPT, *tail])
+                    command[:2] = ["EVAL", SCRIPT]
+                    reply = await self.client.custom_command(command)
             except (GlideTimeoutError, GlideConnectionError, ClosingError) as exc:
                 raise self._fail(op, _reason(exc, self.target), unavailable=True) from None
             except GlideError as exc:  # a script or server error: Redis is there
@@ -233,22 +235,30 @@ class RedisState:
     ) -> Verdict:
         if not items:
             return Verdict((), True)
-        return await self._take("take", items, force)
+        reply = await self._call("take", "take", *self._take_args(items, force))
+        return self._verdict("take", reply, len(items))
 
     async def charge(self, items: Sequence[tuple[Limit, float]]) -> None:
         if items:
-            await self._take("charge", items, True)
+            reply = await self._call("charge", "take", *self._take_args(items, True))
+            self._verdict("charge", reply, len(items))
 
-    async def _take(
-        self, op: str, items: Sequence[tuple[Limit, float]], force: bool
-    ) -> Verdict:
+    @staticmethod
+    def _take_args(
+        items: Sequence[tuple[Limit, float]], force: bool
+    ) -> tuple[list[str], list[str]]:
+        keys = []
         args = ["1" if force else "0"]
         for limit, cost in items:
-            args += [repr(limit.interval), repr(limit.tolerance), repr(float(cost))]
-        reply = await self._call(op, "take", [limit.key for limit, _ in items], args)
-        if isinstance(reply, list) and len(reply) == len(items) + 1:
+            keys.append(limit.key)
+            interval = limit.interval
+            args += [repr(interval), repr(limit.burst * interval), repr(float(cost))]
+        return keys, args
+
+    def _verdict(self, op: str, reply: object, n: int) -> Verdict:
+        if isinstance(reply, list) and len(reply) == n + 1:
             try:
-                return Verdict(tuple(float(w) for w in reply[1:]), reply[0] == 1)
+                return Verdict(tuple([float(w) for w in reply[1:]]), reply[0] == 1)
             except (TypeError, ValueError):
                 pass
         raise self._fail(op, f"unexpected reply {str(reply)[:80]!r}", unavailable=False)
