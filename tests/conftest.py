@@ -1,1 +1,7 @@
-pytest_plugins = ["tests.dovecot_fixtures", "tests.proxy_fixtures", "tests.tls_fixtures"]
+pytest_plugins = [
+    "tests.dovecot_fixtures",
+    "tests.proxy_fixtures",
+    "tests.redis_fixtures",
+    "tests.tls_fixtures",
+    "tests.second_upstream",
+]
