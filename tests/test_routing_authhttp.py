@@ -23,7 +23,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popproxy.confparse import HostPort
+from popproxy.addr import HostPort
 from popproxy.routing.authhttp import (
     MAX_AUTH_WAIT,
     MAX_REFUSAL_TEXT,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popproxy.confparse import HostPort
+from popproxy.addr import HostPort
 from popproxy.routing import Pools
 
 A = HostPort("10.0.1.10", 995)

@@ -13,7 +13,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popproxy.confparse import HostPort
+from popproxy.addr import HostPort
 from popproxy.routing import (
     HTTP_UPSTREAM,
     OUTCOMES,

@@ -59,7 +59,7 @@ from typing import Literal
 import httpx
 import trio
 
-from ..confparse import HostPort
+from ..addr import HostPort
 from .config import RoutingConfig, check_user_name
 
 __all__ = [

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from ..confparse import HostPort
+from ..addr import HostPort
 
 __all__ = ["Pools"]
 

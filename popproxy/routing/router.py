@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from ..confparse import HostPort
+from ..addr import HostPort
 from .authhttp import AuthHttpClient, AuthRequest, HookFailure, HookRefusal, HookSettings
 from .config import RoutingConfig
 from .mapfile import UserMap
