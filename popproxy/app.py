@@ -26,7 +26,7 @@ from .logs import log_observer
 from .metrics import Metrics
 from .observe import SessionInfo, listens_to
 from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
-from .server import Proxy, serve
+from .server import ListenerGroup, Proxy, serve
 from .tls import TLSContexts, check_files
 
 __all__ = ["App", "build", "load", "reload", "run"]
@@ -105,6 +105,10 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
         logger.warning("config.reload_partial",
                        detail="listen and upstream addresses change after a restart")
         new = replace(new, upstream=replace(new.upstream, address=old.upstream.address))
+    if new.server != old.server:
+        logger.warning("config.reload_partial",
+                       detail="[server] workers change after a restart")
+        new = replace(new, server=old.server)
     if new.audit != old.audit or new.metrics != old.metrics:
         # The audit trail tracks every live session (marks, retrievals) to
         # write its records; swapping it under them would lose that, so
@@ -125,19 +129,23 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
 
 async def run(
     config: Config,
-    listeners: Sequence[trio.SocketListener] | None = None,
+    listeners: Sequence[trio.SocketListener] | Sequence[ListenerGroup] | None = None,
     *,
     config_path: str | Path | None = None,
     registry: CollectorRegistry | None = None,
     app: App | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM (drain) or SIGINT; SIGHUP reloads ``config_path``.
 
     Pass ``app`` (from ``build``) to keep a handle on the running parts.
+    ``worker``: this process is worker number ``worker`` of ``popproxy run``
+    with ``[server] workers > 1`` (``popproxy.worker``): it writes its own
+    audit file, and the supervisor, not this process, serves ``[metrics]``.
     """
     app = app or build(config, registry)
-    trail = open_audit(config.audit, app.metrics)
+    trail = open_audit(config.audit, app.metrics, worker=worker)
     if trail is not None:
         # First: a session's records are written before the other observers
         # (logs, metrics) report it closed.
@@ -153,7 +161,7 @@ async def run(
                 # Audit records wait up to 10 ms and are written together
                 # (see popproxy.audit._trail).
                 await nursery.start(trail.write_behind)
-            if config.metrics.address is not None:
+            if config.metrics.address is not None and worker is None:
                 app.metrics_address = await nursery.start(
                     serve_metrics, config.metrics, app.metrics, app.proxy)
             if config_path is not None:

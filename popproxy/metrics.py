@@ -75,7 +75,9 @@ __all__ = [
     "KNOWN_COMMANDS",
     "LATENCY_BUCKETS",
     "SESSION_OUTCOMES",
+    "WORKER_MERGE",
     "Metrics",
+    "WorkerMetrics",
 ]
 
 # --------------------------------------------------------------------------
@@ -495,3 +497,53 @@ class Metrics:
                 child = self.policy_decisions.labels(*key)
                 self._policy[key] = child
         return child
+
+
+# --------------------------------------------------------------------------
+# Several worker processes ([server] workers > 1)
+# --------------------------------------------------------------------------
+
+#: How the supervisor's one ``/metrics`` combines a family over its workers
+#: (``aggregate.merge``), where summing, the default, would be wrong:
+#: ``max``/``min`` over the workers and the supervisor's own value, or
+#: ``supervisor``, the supervisor's value alone.  A gauge added to
+#: ``Metrics`` that must not be summed over processes belongs here.
+WORKER_MERGE: Final = {
+    "popproxy_build": "max",
+    # Probed once, by the supervisor, for all workers.
+    "popproxy_upstream_up": "supervisor",
+    # A reload is decided once, by the supervisor (which checks the file
+    # and passes SIGHUP on only when it is valid), not once per worker.
+    "popproxy_config_reload": "supervisor",
+    "popproxy_config_last_reload_successful": "min",
+    "popproxy_config_last_reload_success_timestamp_seconds": "max",
+}
+
+
+class WorkerMetrics:
+    """The supervisor's own metrics of its worker processes.
+
+    Labelled by worker number (1..``workers``, a restarted worker keeps
+    its number), so the label set is as small as the configuration.
+    """
+
+    def __init__(self, registry: CollectorRegistry, workers: int) -> None:
+        self.up = Gauge(
+            "popproxy_worker_up", "1 while worker process N runs, 0 while it waits to be "
+            "restarted (or has stopped, when draining).",
+            ["worker"], registry=registry,
+        )
+        self.restarts = Counter(
+            "popproxy_worker_restarts", "Worker processes restarted after they exited "
+            "unasked, by worker number.",
+            ["worker"], registry=registry,
+        )
+        for n in range(1, workers + 1):
+            self.up.labels(str(n))
+            self.restarts.labels(str(n))
+
+    def running(self, worker: int, up: bool) -> None:
+        self.up.labels(str(worker)).set(1 if up else 0)
+
+    def restarted(self, worker: int) -> None:
+        self.restarts.labels(str(worker)).inc()

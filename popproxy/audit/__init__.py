@@ -13,6 +13,7 @@ from ._chain import verify_files as verify_files
 from ._records import RecordBuilder as RecordBuilder
 from ._trail import AuditTrail as AuditTrail
 from ._trail import open_audit as open_audit
+from ._trail import worker_path as worker_path
 from .config import AuditConfig as AuditConfig
 from .config import parse_audit as parse_audit
 
@@ -24,4 +25,5 @@ __all__ = [
     "open_audit",
     "parse_audit",
     "verify_files",
+    "worker_path",
 ]

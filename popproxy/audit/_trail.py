@@ -35,7 +35,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 import trio
@@ -47,7 +49,8 @@ from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
 from ._sinks import FileSink, Sink, StreamSink
 from .config import AuditConfig
 
-__all__ = ["AuditTrail", "open_audit"]
+__all__ = ["AuditTrail", "open_audit", "worker_path"]
+
 
 logger = structlog.get_logger("popproxy.audit")
 
@@ -407,15 +410,19 @@ class AuditTrail:
 
 
 def open_audit(config: AuditConfig, metrics: object = None, *,
-               now: Callable[[], datetime] = utcnow) -> AuditTrail | None:
+               now: Callable[[], datetime] = utcnow, worker: int | None = None,
+               ) -> AuditTrail | None:
     """The trail ``config`` asks for; None when the audit is off.
 
     A file that cannot be opened yet is not an error here: the trail starts
     failing (logged, counted, and refusing sessions with ``fail_closed``)
-    and recovers when the file can be written.
+    and recovers when the file can be written.  ``worker`` (``[server]
+    workers > 1``): worker N writes a chain of its own, in ``worker_path``.
     """
     if not config.enabled:
         return None
+    if worker is not None and config.path is not None:
+        config = replace(config, path=worker_path(config.path, worker))
     sinks: list[Sink] = []
     head: ChainHead | None = ChainHead() if config.hash_chain else None
     trail: AuditTrail | None = None
@@ -443,3 +450,15 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
     if head is not None and head.seq:
         logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
     return trail
+
+
+def worker_path(path: Path, worker: int) -> Path:
+    """Worker ``worker``'s audit file: ``audit.jsonl`` -> ``audit.w2.jsonl``.
+
+    Each worker process keeps its own hash chain (two processes cannot
+    append to one chain without coordinating on every record); rotated
+    files are named after the worker's file as usual.
+    """
+    stem, dot, suffix = path.name.rpartition(".")
+    name = f"{stem}.w{worker}.{suffix}" if dot and stem else f"{path.name}.w{worker}"
+    return path.with_name(name)
