@@ -112,8 +112,10 @@ def config_warnings(config: Config) -> list[str]:
             f"login_failures_per_ip = {p.login_failures_per_ip}")
     counted = (f"the rate-limit rules {', '.join(rules)} and " if rules else "") + (
         f"the built-in caps and login throttling ({caps})")
+    shown = config.server.workers
+    shown = f'"{shown}"' if isinstance(shown, str) else shown
     return [
-        f"server.workers = {config.server.workers!r} ({workers} processes) with "
+        f"server.workers = {shown} ({workers} processes) with "
         f'[state] backend = "memory": {counted} are counted by each worker process on its '
         f"own, so a client may get up to {workers} times as much; "
         f'[state] backend = "redis" shares them'
