@@ -9,7 +9,8 @@ that inherits two kinds of file descriptors, named in SPEC (JSON):
   each new connection to one of the processes waiting in ``accept``;
 * its end of a private socket pair, the **channel**: length-prefixed JSON
   frames.  The supervisor's first frame carries the configuration text it
-  validated (``{"op": "start", "config": TEXT}``); after that it asks, and
+  validated (``{"op": "start", "config": TEXT}``); the worker's first,
+  ``{"op": "ready"}``, says it serves.  After that the supervisor asks, and
   the worker answers from a thread of its own, so that an answer never waits
   for the event loop: ``scrape`` (this process's metric families, exactly
   what its own ``/metrics`` would show) and ``health`` (is the event loop
@@ -18,9 +19,10 @@ that inherits two kinds of file descriptors, named in SPEC (JSON):
 
 Everything else is ``app.run`` as a single process runs it: the same
 proxy, policy, observers and SIGHUP reload (the supervisor checks the file
-first and passes SIGHUP on only when it is valid), the same SIGTERM drain
-and SIGINT stop.  Log lines carry ``worker`` and ``pid``; the audit trail
-goes to the worker's own file (``audit.w2.jsonl``).
+first and passes SIGHUP on only when it is valid, and only to workers that
+said they serve), the same SIGTERM drain and SIGINT stop.  Log lines carry
+``worker`` and ``pid``; the audit trail goes to the worker's own file
+(``audit.w2.jsonl``).
 """
 
 from __future__ import annotations
@@ -233,12 +235,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop; the process's exit status."""
-    # A SIGHUP before the proxy's own handler is in place must be neither
-    # fatal (the default) nor lost (a reload the supervisor passed on while
-    # this worker started): hold it until the proxy serves.  Ignored as the
-    # disposition outside trio's handler, so one during shutdown is harmless.
+    # The supervisor passes SIGHUP on only once this worker said it serves
+    # (and so has the proxy's own handler); one from elsewhere before that
+    # must not end the process (the default action), nor one during the
+    # last steps of shutdown, after trio has put the disposition back.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     channel = Channel(socket.socket(fileno=spec.channel))
     try:
         start = channel.receive(time.monotonic() + START_TIMEOUT)
@@ -254,16 +255,17 @@ def run_worker(spec: WorkerSpec) -> int:
     registry = CollectorRegistry()
     proxy_app = app.build(config, registry)
     health = Health(proxy_app.proxy)
-    threading.Thread(target=_answer, args=(channel, registry, health, proxy_app),
-                     name="popproxy-worker-channel", daemon=True).start()
     try:
-        trio.run(_serve, spec, config, proxy_app, health)
+        trio.run(_serve, spec, config, proxy_app, health, channel, registry)
     except KeyboardInterrupt:  # SIGINT before or after the proxy's own handler
         return 130
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return 0
 
 
-async def _serve(spec: WorkerSpec, config: Config, proxy_app: app.App, health: Health) -> None:
+async def _serve(spec: WorkerSpec, config: Config, proxy_app: app.App, health: Health,
+                 channel: Channel, registry: CollectorRegistry) -> None:
     groups = _listener_groups(config, spec.listeners)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_beat, health)
@@ -274,8 +276,13 @@ async def _serve(spec: WorkerSpec, config: Config, proxy_app: app.App, health: H
             nursery.cancel_scope.cancel()
 
         await nursery.start(proxy)
-        # The SIGHUP receiver of app.run is in place: let a held SIGHUP in.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # Serving, with the SIGHUP receiver of app.run in place: say so (the
+        # supervisor waits for this before it passes SIGHUP on or asks
+        # anything), then answer its questions from a thread of our own.
+        with contextlib.suppress(OSError):  # the supervisor is gone: the thread notices
+            channel.send({"op": "ready"}, timeout=10.0)
+        threading.Thread(target=_answer, args=(channel, registry, health, proxy_app),
+                         name="popproxy-worker-channel", daemon=True).start()
 
 
 def _listener_groups(config: Config, fds: Iterable[tuple[int, int]]) -> list[ListenerGroup]:

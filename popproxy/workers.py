@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -81,6 +82,8 @@ KILL_MARGIN: Final = 10.0
 #: How long the HTTP thread waits for the workers' answers.
 SCRAPE_TIMEOUT: Final = 2.5
 HEALTH_TIMEOUT: Final = 1.5
+#: How long a new worker may take to start serving before it is killed.
+READY_TIMEOUT: Final = 60.0
 _WORKER_MAIN: Final = "from popproxy.worker import main; main()"
 
 
@@ -112,8 +115,7 @@ def config_warnings(config: Config) -> list[str]:
             f"login_failures_per_ip = {p.login_failures_per_ip}")
     counted = (f"the rate-limit rules {', '.join(rules)} and " if rules else "") + (
         f"the built-in caps and login throttling ({caps})")
-    shown = config.server.workers
-    shown = f'"{shown}"' if isinstance(shown, str) else shown
+    shown = f'"{config.server.workers}"' if config.server.workers == "auto" else str(workers)
     return [
         f"server.workers = {shown} ({workers} processes) with "
         f'[state] backend = "memory": {counted} are counted by each worker process on its '
@@ -149,6 +151,8 @@ class _Slot:
     backoff: Backoff
     process: trio.Process | None = None
     channel: Channel | None = None
+    ready: bool = False  # it said it serves: SIGHUP and questions may go to it
+    generation: int = 0  # the configuration it was started with (Supervisor.generation)
     started: float = 0.0
     last: list[Metric] | None = None  # its last answer to a scrape
 
@@ -186,6 +190,7 @@ class Supervisor:
         self.config = config
         self.path = path
         self.text = text
+        self.generation = 0  # good reloads so far
         self.sockets = list(sockets)
         self.metrics = metrics
         self.worker_metrics = WorkerMetrics(metrics.registry, workers)
@@ -220,7 +225,7 @@ class Supervisor:
                        nursery: trio.Nursery) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await trio.to_thread.run_sync(self.reload)
+                await self.reload()
             elif self.stop(signal.Signals(signum)) and signum == signal.SIGTERM:
                 nursery.start_soon(self._kill_after, self.config.limits.drain_timeout + KILL_MARGIN)
 
@@ -234,6 +239,7 @@ class Supervisor:
                 logger.error("worker.spawn_failed", worker=slot.number, error=str(exc))
             if process is not None:
                 try:
+                    await self._until_ready(slot, process)
                     status = await process.wait()
                 finally:
                     with trio.CancelScope(shield=True):
@@ -273,8 +279,9 @@ class Supervisor:
             theirs.close()
         channel = Channel(ours)
         with self._view:
-            slot.process, slot.channel, slot.last = process, channel, None
+            slot.process, slot.channel, slot.last, slot.ready = process, channel, None, False
         slot.started = trio.current_time()
+        slot.generation = self.generation
         self.worker_metrics.running(slot.number, True)
         logger.info("worker.started", worker=slot.number, pid=process.pid)
         if self.stopping is not None:  # stopped while it was being started
@@ -288,12 +295,40 @@ class Supervisor:
             logger.warning("worker.start_failed", worker=slot.number, error=str(exc))
         return process
 
+    async def _until_ready(self, slot: _Slot, process: trio.Process) -> None:
+        """Wait for the worker's ``ready``; kill it if none comes in time."""
+        channel = slot.channel
+        assert channel is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            message = await trio.to_thread.run_sync(channel.receive, deadline,
+                                                    abandon_on_cancel=True)
+        except TimeoutError:
+            logger.error("worker.start_timeout", worker=slot.number, pid=process.pid,
+                         detail=f"not serving {READY_TIMEOUT:.0f}s after it was started")
+            process.kill()
+            return
+        except (OSError, ValueError):
+            return  # it ended while starting: process.wait() tells how
+        if message.get("op") != "ready":
+            logger.error("worker.bad_answer", worker=slot.number, error=repr(message)[:200])
+            process.kill()
+            return
+        with self._view:
+            slot.ready = True
+        if slot.generation != self.generation and self.stopping is None:
+            # A reload was passed on while it started, from text it had not
+            # been given: it reads the file now, as the others did.
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
+
     def _retire(self, slot: _Slot) -> None:
         """A worker has exited: keep its last counts, drop its channel (a thread)."""
         with self._view:
             if slot.last is not None:
                 self.retired.add(slot.last, WORKER_MERGE)
             channel, slot.channel, slot.process, slot.last = slot.channel, None, None, None
+            slot.ready = False
         self.worker_metrics.running(slot.number, False)
         if channel is not None:
             with contextlib.suppress(OSError):
@@ -335,10 +370,10 @@ class Supervisor:
         for _, listener in self.sockets:
             listener.socket.close()
 
-    def reload(self) -> bool:
+    async def reload(self) -> bool:
         """SIGHUP: check the file; pass SIGHUP on only if it is valid."""
         try:
-            config, text = read_config(self.path)
+            config, text = await trio.to_thread.run_sync(read_config, self.path)
         except ConfigError as exc:
             logger.error("config.reload_failed", error=str(exc))
             self.metrics.config_reload(False)
@@ -349,15 +384,20 @@ class Supervisor:
         for warning in config_warnings(config):
             logger.warning("config.per_process_limits", detail=warning)
         self.text = text
+        self.generation += 1
         self.metrics.config_reload(True)
-        signalled = 0
+        signalled = starting = 0
         for slot in self.slots:
             process = slot.process
-            if process is not None and process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGHUP)
-                    signalled += 1
-        logger.info("config.passed_on", workers=signalled)
+            if process is None or process.returncode is not None:
+                continue
+            if not slot.ready:
+                starting += 1  # signalled once it serves (_until_ready)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
+                signalled += 1
+        logger.info("config.passed_on", workers=signalled, starting=starting)
         return True
 
     # -- the HTTP thread side ----------------------------------------------
@@ -365,7 +405,7 @@ class Supervisor:
     def collect(self) -> list[Metric]:
         """All workers' metrics and the supervisor's, merged (``/metrics``)."""
         with self._view:
-            live = [(s, s.channel) for s in self.slots if s.channel is not None]
+            live = [(s, s.channel) for s in self.slots if s.channel is not None and s.ready]
         answers = ask_all([c for _, c in live if c is not None], "scrape", SCRAPE_TIMEOUT)
         own = list(self.metrics.registry.collect())
         with self._view:
@@ -385,16 +425,19 @@ class Supervisor:
     def worker_health(self) -> list[WorkerHealth]:
         """Every worker's liveness and readiness, asked now (``/healthz``)."""
         with self._view:
-            slots = [(s, s.channel, s.process) for s in self.slots]
-        asked = [(s, c, p) for s, c, p in slots if c is not None and p is not None]
+            slots = [(s, s.channel, s.process, s.ready) for s in self.slots]
+        asked = [(s, c, p) for s, c, p, ready in slots if c is not None and p is not None and ready]
         answers = dict(zip(
             [s.number for s, _, _ in asked],
             ask_all([c for _, c, _ in asked if c is not None], "health", HEALTH_TIMEOUT),
             strict=True,
         ))
         out = []
-        for slot, _, process in slots:
+        for slot, _, process, ready in slots:
             n = slot.number
+            if process is not None and not ready:
+                out.append(WorkerHealth(n, True, False, f"worker {n} is starting"))
+                continue
             if process is None:
                 if self.stopping is not None:
                     out.append(WorkerHealth(n, True, False, f"worker {n} has stopped"))

@@ -197,6 +197,42 @@ async def test_sighup_reaches_both_and_a_bad_file_is_rejected_once(
     assert sample(values, "popproxy_config_last_reload_successful") == 1
 
 
+async def test_sighup_while_the_workers_start_reaches_each_once(
+    tmp_path: Path, dovecot: Dovecot, mailboxes: None
+) -> None:
+    """A worker takes SIGHUP only once it serves (before that, the signal's
+    default action would end it): the supervisor holds it back until then."""
+    async with running_popproxy(config_text(dovecot), tmp_path,
+                                wait_listening=False) as running:
+        for n in (1, 2):
+            await running.wait_for("worker.started", worker=n)
+        running.process.send_signal(signal.SIGHUP)
+        passed = await running.wait_for("config.passed_on")
+        assert passed["workers"] + passed["starting"] == 2
+        for n in (1, 2):
+            await running.wait_for("listening", worker=n)
+            await running.wait_for("config.reloaded", worker=n)
+        for n in (1, 2):
+            assert len(running.matching("config.reloaded", worker=n)) == 1
+        assert running.matching("worker.exited") == []
+
+
+async def test_a_worker_restarted_after_a_rejected_reload_runs_the_last_good_one(
+    proxy: Popproxy, dovecot: Dovecot
+) -> None:
+    good = proxy.config.read_text()
+    proxy.config.write_text(good + NOOP_DENIED + "[limits]\nidle_timeout = 0\n")
+    mark = len(proxy.records)
+    proxy.process.send_signal(signal.SIGHUP)
+    await proxy.wait_for("config.reload_failed", since=mark)
+    os.kill(proxy.worker_pids()[2], signal.SIGKILL)
+    started = await proxy.wait_for("worker.started", since=mark, worker=2)
+    await proxy.wait_for("listening", since=mark, pid=started["pid"])
+    served = await sessions_until_both_served(proxy, dovecot, commands=("NOOP",))
+    assert all(replies[3].startswith(b"+OK") for _, replies, _ in served)
+    assert proxy.matching("worker.start_failed", since=mark) == []
+
+
 async def test_sigterm_drains_both_workers(proxy: Popproxy, dovecot: Dovecot) -> None:
     pids = set(proxy.worker_pids().values())
     opened: list[tuple[trio.SocketStream, LineReader, int]] = []
