@@ -514,3 +514,19 @@ def test_each_worker_writes_its_own_audit_chain(tmp_path: Path) -> None:
         trail.close()
     assert paths == [tmp_path / "audit.w1.jsonl", tmp_path / "audit.w2.jsonl",
                      tmp_path / "audit.jsonl"]
+
+
+def test_run_with_workers_says_when_it_cannot_listen(
+    tmp_path: Path, captured: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "p.toml"
+        path.write_text(f'[listen]\naddress = "127.0.0.1:{port}"\n'
+                        '[upstream]\naddress = "127.0.0.1:110"\n[server]\nworkers = 2\n')
+        assert main(["run", "-c", str(path)]) == 1
+    err = captured.readouterr().err
+    assert err.startswith("popproxy: cannot listen: ")
+    assert "Address already in use" in err
