@@ -11,7 +11,9 @@ the manner of gunicorn's arbiter:
 * **SIGHUP**: the supervisor reads and checks the file first; a bad one is
   rejected here, once (``config.reload_failed``), and no worker hears of
   it; a good one is passed on (SIGHUP to every worker, each reloads as a
-  single process does), and new workers start with it;
+  single process does; a worker still starting gets it once it says it
+  serves, since before that the signal would end it), and new workers
+  start with it, even if the file has been spoiled since;
 * **SIGTERM**: passed on, the supervisor's own copies of the listening
   sockets are closed (so that no connection waits in a backlog nobody
   accepts from), each worker drains, and the supervisor exits when the
@@ -68,6 +70,7 @@ from .worker import Channel, WorkerSpec, from_wire, parse_text
 __all__ = [
     "KILL_MARGIN",
     "Backoff",
+    "Supervised",
     "Supervisor",
     "config_warnings",
     "read_config",
@@ -457,12 +460,12 @@ class Supervisor:
 
 
 @dataclass
-class _Started:
-    """What ``supervise`` reports once everything listens (for tests)."""
+class Supervised:
+    """What ``supervise`` reports once it listens (for embedding and tests)."""
 
     supervisor: Supervisor
     listeners: list[trio.SocketListener] = field(default_factory=list)
-    metrics_address: object = None
+    metrics_address: HostPort | None = None  # the real one when [metrics] asked for port 0
 
 
 async def supervise(
@@ -471,7 +474,7 @@ async def supervise(
     text: str,
     *,
     python: str = sys.executable,
-    task_status: trio.TaskStatus[_Started] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Supervised] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, start ``config.server.worker_count()`` workers, supervise them."""
     workers = config.server.worker_count()
@@ -490,7 +493,7 @@ async def supervise(
         logger.warning("config.per_process_limits", detail=warning)
     logger.info("workers.starting", workers=workers,
                 addresses=[str(HostPort.of(*lst.socket.getsockname()[:2])) for _, lst in sockets])
-    started = _Started(supervisor, [lst for _, lst in sockets])
+    started = Supervised(supervisor, [lst for _, lst in sockets])
     async with trio.open_nursery() as nursery:
         if config.metrics.address is not None:
             health = WorkersHealth(supervisor, supervisor.worker_health)
