@@ -79,8 +79,12 @@ class Health:
         """Called from the event loop: it is running."""
         self._heartbeat = self.clock()
 
+    def lag(self) -> float:
+        """Seconds since the event loop last beat."""
+        return self.clock() - self._heartbeat
+
     def alive(self) -> tuple[bool, str]:
-        lag = self.clock() - self._heartbeat
+        lag = self.lag()
         if lag > self.stale_after:
             return False, f"event loop unresponsive for {lag:.0f}s"
         return True, "ok"

@@ -315,7 +315,8 @@ def _answer(channel: Channel, registry: CollectorRegistry, health: Health,
             answer["families"] = to_wire(registry.collect())
         elif op == "health":
             alive, why = health.alive()
-            answer |= {"alive": alive, "why": why, "listening": proxy_app.proxy.listening,
+            answer |= {"alive": alive, "why": why, "lag": round(health.lag(), 3),
+                       "listening": proxy_app.proxy.listening,
                        "sessions": proxy_app.proxy.active}
         else:
             answer["error"] = f"unknown op {op!r}"

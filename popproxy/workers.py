@@ -7,7 +7,9 @@ the manner of gunicorn's arbiter:
 
 * a worker that exits unasked is restarted, after a delay that doubles
   while it keeps dying young (``Backoff``); logged (``worker.exited``,
-  ``worker.restart``) and counted (``popproxy_worker_restarts_total``);
+  ``worker.restart``) and counted (``popproxy_worker_restarts_total``); one
+  whose event loop is stuck (asked every ``WATCH_SECONDS``; no sign of life
+  for ``STUCK_AFTER``) is killed and so restarted (``worker.stuck``);
 * **SIGHUP**: the supervisor reads and checks the file first; a bad one is
   rejected here, once (``config.reload_failed``), and no worker hears of
   it; a good one is passed on (SIGHUP to every worker, each reloads as a
@@ -87,6 +89,11 @@ SCRAPE_TIMEOUT: Final = 2.5
 HEALTH_TIMEOUT: Final = 1.5
 #: How long a new worker may take to start serving before it is killed.
 READY_TIMEOUT: Final = 60.0
+#: How often a worker is asked whether its event loop runs, and how long it
+#: may fail to say so before it is killed (and restarted).  A loop stuck
+#: this long fails /healthz too (health.STALE_AFTER).
+WATCH_SECONDS: Final = 10.0
+STUCK_AFTER: Final = 30.0
 _WORKER_MAIN: Final = "from popproxy.worker import main; main()"
 
 
@@ -189,6 +196,8 @@ class Supervisor:
         *,
         backoff: Callable[[], Backoff] = Backoff,
         python: str = sys.executable,
+        watch_every: float = WATCH_SECONDS,
+        stuck_after: float = STUCK_AFTER,
     ) -> None:
         self.config = config
         self.path = path
@@ -199,6 +208,8 @@ class Supervisor:
         self.worker_metrics = WorkerMetrics(metrics.registry, workers)
         self.slots = [_Slot(n, backoff()) for n in range(1, workers + 1)]
         self.python = python
+        self.watch_every = watch_every
+        self.stuck_after = stuck_after
         self.stopping: signal.Signals | None = None
         self._stop = trio.Event()
         self._view = threading.Lock()
@@ -243,7 +254,11 @@ class Supervisor:
             if process is not None:
                 try:
                     await self._until_ready(slot, process)
-                    status = await process.wait()
+                    async with trio.open_nursery() as nursery:
+                        if slot.ready:
+                            nursery.start_soon(self._watch, slot, process)
+                        status = await process.wait()
+                        nursery.cancel_scope.cancel()
                 finally:
                     with trio.CancelScope(shield=True):
                         if process.returncode is None:  # we are being torn down
@@ -319,11 +334,38 @@ class Supervisor:
             return
         with self._view:
             slot.ready = True
+        logger.info("worker.ready", worker=slot.number, pid=process.pid,
+                    seconds=round(trio.current_time() - slot.started, 3))
         if slot.generation != self.generation and self.stopping is None:
             # A reload was passed on while it started, from text it had not
             # been given: it reads the file now, as the others did.
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGHUP)
+
+    async def _watch(self, slot: _Slot, process: trio.Process) -> None:
+        """Kill the worker if it is stuck (gunicorn's worker timeout): its
+        event loop has not run, or it has not answered, for ``stuck_after``."""
+        channel = slot.channel
+        assert channel is not None
+        silent_since: float | None = None
+        while True:
+            await trio.sleep(self.watch_every)
+            if self.stopping is not None:
+                return  # draining: SIGTERM's own deadline applies
+            (answer,) = await trio.to_thread.run_sync(
+                ask_all, [channel], "health", HEALTH_TIMEOUT, abandon_on_cancel=True)
+            now = trio.current_time()
+            if answer is None:
+                silent_since = now if silent_since is None else silent_since
+                stuck, why = now - silent_since, "no answer"
+            else:
+                silent_since = None
+                stuck, why = float(answer.get("lag", 0.0)), "event loop not running"
+            if stuck >= self.stuck_after:
+                logger.error("worker.stuck", worker=slot.number, pid=process.pid,
+                             detail=f"{why} for {stuck:.0f}s: killed")
+                process.kill()
+                return
 
     def _retire(self, slot: _Slot) -> None:
         """A worker has exited: keep its last counts, drop its channel (a thread)."""
@@ -474,9 +516,12 @@ async def supervise(
     text: str,
     *,
     python: str = sys.executable,
+    watch_every: float = WATCH_SECONDS,
+    stuck_after: float = STUCK_AFTER,
     task_status: trio.TaskStatus[Supervised] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind, start ``config.server.worker_count()`` workers, supervise them."""
+    """Bind, start ``config.server.worker_count()`` workers, supervise them
+    until they have all stopped (after SIGTERM or SIGINT)."""
     workers = config.server.worker_count()
     sockets: list[tuple[int, trio.SocketListener]] = []
     try:
@@ -488,7 +533,8 @@ async def supervise(
             listener.socket.close()
         raise
     metrics = Metrics(CollectorRegistry())
-    supervisor = Supervisor(config, path, text, sockets, metrics, workers, python=python)
+    supervisor = Supervisor(config, path, text, sockets, metrics, workers, python=python,
+                            watch_every=watch_every, stuck_after=stuck_after)
     for warning in config_warnings(config):
         logger.warning("config.per_process_limits", detail=warning)
     logger.info("workers.starting", workers=workers,

@@ -228,6 +228,8 @@ def refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # a listener closing while we connected: ask again
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -9,15 +9,18 @@ an answer or an exit, with a deadline; no test sleeps to let time pass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
+from popproxy.workers import Supervised, read_config, supervise
 from tests.dovecot import Dovecot
 from tests.dovecot_fixtures import MailboxFactory
 from tests.popproxy_process import (
@@ -65,9 +68,11 @@ async def proxy(tmp_path: Path, dovecot: Dovecot, mailboxes: None) -> AsyncItera
 
 
 async def both_workers_listening(running: Popproxy) -> dict[int, int]:
-    """Worker number -> pid, once both workers accept."""
+    """Worker number -> pid, once both workers accept and the supervisor
+    knows it (``worker.ready``: it asks, and passes SIGHUP, only then)."""
     for n in (1, 2):
         await running.wait_for("listening", worker=n)
+        await running.wait_for("worker.ready", worker=n)
     pids = running.worker_pids()
     assert sorted(pids) == [1, 2]
     assert len(set(pids.values())) == 2
@@ -310,7 +315,7 @@ async def test_kill_9_of_one_worker_is_followed_by_a_restart(
     assert restart["delay"] > 0
     started = await proxy.wait_for("worker.started", since=mark, worker=1)
     assert started["pid"] != victim
-    await proxy.wait_for("listening", since=mark, worker=1, pid=started["pid"])
+    await proxy.wait_for("worker.ready", since=mark, worker=1, pid=started["pid"])
     # The new worker 1 serves too.
     await sessions_until_both_served(proxy, dovecot)
 
@@ -392,3 +397,43 @@ async def test_one_worker_is_one_process_as_before(
     assert "worker" not in closed
     assert running.matching("worker.started") == []
     assert running.matching("workers.starting") == []
+
+
+async def test_a_worker_stuck_for_long_is_killed_and_restarted(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """gunicorn's worker timeout: the supervisor (run in this process, with
+    short timings) kills a worker that stops answering, and restarts it."""
+    path = tmp_path / "popproxy.toml"
+    path.write_text('[listen]\naddress = "127.0.0.1:0"\n[upstream]\naddress = "127.0.0.1:9"\n'
+                    '[log]\nlevel = "warning"\nformat = "json"\n[server]\nworkers = 2\n')
+    config, text = read_config(path)
+    supervised: Supervised = await nursery.start(partial(
+        supervise, config, path, text, watch_every=0.1, stuck_after=1.0))
+    supervisor = supervised.supervisor
+    restarts = partial(supervisor.metrics.registry.get_sample_value,
+                       "popproxy_worker_restarts_total")
+    with trio.fail_after(30):
+        while True:
+            if all(slot.ready for slot in supervisor.slots):
+                break
+            await trio.sleep(0.05)
+    first, second = (slot.process for slot in supervisor.slots)
+    assert first is not None
+    assert second is not None
+    os.kill(second.pid, signal.SIGSTOP)
+    try:
+        with trio.fail_after(30):
+            while True:
+                slot = supervisor.slots[1]
+                if slot.ready and slot.process is not None and slot.process.pid != second.pid:
+                    break
+                await trio.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second.pid, signal.SIGCONT)
+    assert second.returncode == -signal.SIGKILL
+    assert restarts({"worker": "2"}) == 1
+    assert restarts({"worker": "1"}) == 0
+    assert supervisor.slots[0].process is first  # the other one was left alone
+    supervisor.stop(signal.SIGINT)
