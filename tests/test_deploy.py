@@ -31,7 +31,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from popproxy.config import Config, HostPort, LimitsConfig, load_config
-from popproxy.metrics import Metrics
+from popproxy.metrics import Metrics, WorkerMetrics
 from tests.proxy_fixtures import RunningProxy
 from tests.test_metrics_support import start_metrics
 
@@ -498,6 +498,7 @@ def dashboard() -> dict[str, Any]:
 def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
+    WorkerMetrics(registry, 1)  # the supervisor's own, with [server] workers > 1
     names = set()
     for family in registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}

@@ -13,14 +13,19 @@ import contextlib
 import os
 import signal
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from popproxy.workers import Supervised, read_config, supervise
+from tests.clients import ensure_program, unavailable
 from tests.dovecot import Dovecot
 from tests.dovecot_fixtures import MailboxFactory
 from tests.popproxy_process import (
@@ -157,6 +162,39 @@ async def test_two_workers_serve_500_sessions_and_metrics_add_up(
                   version=__import__("popproxy").__version__) == 1
     assert await http_get(proxy.metrics, "/healthz") == (200, "ok\n")
     assert await http_get(proxy.metrics, "/readyz") == (200, "ready\n")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    reason = ensure_program("promtool", "prometheus")
+    if reason is not None:
+        unavailable(reason)
+    return "promtool"
+
+
+async def test_the_merged_exposition_passes_promtool(
+    proxy: Popproxy, dovecot: Dovecot, promtool: str
+) -> None:
+    """The merged view is well-formed: promtool's linter on the text format
+    (as on a single process's, in test_prometheus), and client_python's
+    strict parser on OpenMetrics (which promtool does not read)."""
+    await sessions_until_both_served(proxy, dovecot)
+    text = await trio.to_thread.run_sync(get_metrics, proxy.metrics, "text/plain")
+    done = await trio.run_process([promtool, "check", "metrics"], stdin=text,
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+    assert (done.stdout + done.stderr) == b""
+    om = await trio.to_thread.run_sync(
+        get_metrics, proxy.metrics, "application/openmetrics-text; version=1.0.0")
+    families = {f.name: f for f in openmetrics_families(om.decode())}  # type: ignore[no-untyped-call]
+    assert families["popproxy_build"].type == "info"
+    assert families["popproxy_session_duration_seconds"].type == "histogram"
+
+
+def get_metrics(address: str, accept: str) -> bytes:
+    request = urllib.request.Request(f"http://{address}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bytes(response.read())
 
 
 async def test_sighup_reaches_both_and_a_bad_file_is_rejected_once(
