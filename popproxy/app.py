@@ -8,9 +8,12 @@ else, so ``popproxy run``, ``popproxy demo`` and the tests run the same thing.
 from __future__ import annotations
 
 import gc
+import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -26,10 +29,11 @@ from .logs import log_observer
 from .metrics import Metrics
 from .observe import SessionInfo, listens_to
 from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
+from .routing import AuthHttpClient, Router, UserMap, load_map_file
 from .server import Proxy, serve
 from .tls import TLSContexts, check_files
 
-__all__ = ["App", "build", "load", "reload", "run"]
+__all__ = ["App", "build", "load", "reload", "run", "user_map"]
 
 logger = structlog.get_logger("popproxy.app")
 
@@ -39,6 +43,8 @@ class App:
     proxy: Proxy
     metrics: Metrics
     policy: SwitchablePolicy
+    # Routed mode: the auth_http client (closed when ``run`` ends).
+    hook: AuthHttpClient | None = None
     reloads: int = 0  # attempts, successful or not
     metrics_address: HostPort | None = None  # where /metrics answers, once started
     _reloaded: trio.Event = field(default_factory=trio.Event)
@@ -62,15 +68,50 @@ def load(path: str | Path) -> Config:
     """
     config = load_config(path)
     check_files(config)
+    user_map(config)  # a bad map file is a configuration error too
     return config
 
 
+def user_map(config: Config) -> UserMap | None:
+    """Read ``routing.map_file``, if any; ``MapFileError`` names file and line.
+
+    The last map read is kept and used again while the file is unchanged
+    (same size and modification time): a reload validates the file and
+    then installs it without reading 100,000 lines twice.
+    """
+    routing = config.routing
+    if routing is None or routing.map_file is None:
+        return None
+    names = frozenset(u.name for u in config.upstreams)
+    try:
+        st = os.stat(routing.map_file)
+    except OSError:
+        return load_map_file(routing.map_file, names)  # raises, naming the file
+    key = (str(routing.map_file), st.st_mtime_ns, st.st_size, names)
+    cached = _last_map.get(key)
+    if cached is None:
+        cached = load_map_file(routing.map_file, names)
+        _last_map.clear()
+        _last_map[key] = cached
+    return cached
+
+
+_last_map: dict[tuple[str, int, int, frozenset[str]], UserMap] = {}
+
+
 def build(config: Config, registry: CollectorRegistry | None = None) -> App:
-    """A proxy with policy and the log and metrics observers attached."""
+    """A proxy with policy and the log and metrics observers attached
+    (and, in routed mode, its router)."""
     policy = SwitchablePolicy(PolicyEngine(config.policy))
     proxy = Proxy(config, observers=[log_observer], policy=policy)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     _announce_rules(metrics, config)
+    hook: AuthHttpClient | None = None
+    if config.routing is not None:
+        hook = AuthHttpClient()  # the router gives it its settings
+        proxy.router = Router(config.routing, user_map(config), hook,
+                              observer=metrics.route_lookup)
+    proxy.pools_for(config)
     proxy.observers.append(metrics.observe)
     proxy.admission.append(lambda peer: policy.current.admit_client(peer))
 
@@ -80,7 +121,7 @@ def build(config: Config, registry: CollectorRegistry | None = None) -> App:
             policy.current.session_ended(info.client, info.user)
 
     proxy.observers.append(session_counts)
-    return App(proxy, metrics, policy)
+    return App(proxy, metrics, policy, hook)
 
 
 def reload(app: App, load: Callable[[], Config]) -> bool:
@@ -99,12 +140,31 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
         app.metrics.config_reload(False)
         app._count_reload()
         return False
+    if (new.routing is None) != (old.routing is None):
+        logger.error("config.reload_failed",
+                     error="routing: switching between routed and transparent mode "
+                           "needs a restart")
+        app.metrics.config_reload(False)
+        app._count_reload()
+        return False
     if [lc.addresses for lc in new.listeners] != [lc.addresses for lc in old.listeners] or (
-        new.upstream.address != old.upstream.address
+        new.routing is None and new.upstream.address != old.upstream.address
     ):
         logger.warning("config.reload_partial",
                        detail="listen and upstream addresses change after a restart")
         new = replace(new, upstream=replace(new.upstream, address=old.upstream.address))
+    router = app.proxy.router
+    if new.routing is not None and router is not None:
+        # Routed mode: upstreams, rules and the map apply to new logins; a
+        # bad map file keeps the old configuration, as a bad file does.
+        try:
+            router.reload(new.routing, user_map(new))
+        except (ConfigError, ValueError) as exc:
+            logger.error("config.reload_failed", error=str(exc))
+            app.metrics.config_reload(False)
+            app._count_reload()
+            return False
+        app.proxy.pools_for(new)
     if new.audit != old.audit or new.metrics != old.metrics:
         # The audit trail tracks every live session (marks, retrievals) to
         # write its records; swapping it under them would lose that, so
@@ -148,7 +208,7 @@ async def run(
     # run every few hundred allocations on the per-command path.
     gc.freeze()
     try:
-        async with trio.open_nursery() as nursery:
+        async with app.hook or _nothing(), trio.open_nursery() as nursery:
             if trail is not None:
                 # Audit records wait up to 10 ms and are written together
                 # (see popproxy.audit._trail).
@@ -166,6 +226,11 @@ async def run(
             trail.close()
 
 
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
+
+
 def _announce_rules(metrics: Metrics, config: Config) -> None:
     """Create every rule's series at zero, so rate() sees its first decision."""
     metrics.policy_rules(
@@ -178,4 +243,20 @@ def _announce_rules(metrics: Metrics, config: Config) -> None:
 async def _reload_on_sighup(app: App, load: Callable[[], Config]) -> None:
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
-            reload(app, load)
+            # Reading files (the configuration, certificates, a map of
+            # 100,000 lines) happens in a thread, not in the sessions' loop.
+            loaded = await trio.to_thread.run_sync(_attempt, load)
+            reload(app, partial(_outcome, loaded))
+
+
+def _attempt(load: Callable[[], Config]) -> Config | ConfigError:
+    try:
+        return load()
+    except ConfigError as exc:
+        return exc
+
+
+def _outcome(loaded: Config | ConfigError) -> Config:
+    if isinstance(loaded, ConfigError):
+        raise loaded
+    return loaded

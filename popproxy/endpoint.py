@@ -126,7 +126,7 @@ async def serve_metrics(
     health = Health(proxy)
     app = make_app(metrics.registry, health)
     server = await trio.to_thread.run_sync(_bind, config.address, app)
-    metrics.upstream_up.set_function(health.upstream_up)
+    metrics.upstream_up.source = health.upstreams
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": _POLL_SECONDS},
         name="popproxy-metrics-http", daemon=True,

@@ -43,7 +43,12 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
@@ -68,6 +73,8 @@ from .events import (
 )
 from .observe import SessionInfo
 from .pop3 import KNOWN_VERBS
+from .routing import OUTCOMES as ROUTE_OUTCOMES
+from .routing import SOURCES as ROUTE_SOURCES
 
 __all__ = [
     "AUTH_MECHANISMS",
@@ -199,6 +206,34 @@ class _CommandStats:
         return [commands, duration]
 
 
+class _UpstreamUp:
+    """``popproxy_upstream_up{upstream,address}``, read from ``source`` at scrape time.
+
+    ``source`` (``health.Health.upstreams``, set by the metrics endpoint)
+    gives (upstream, address, up) for every configured address; the label
+    values come from the configuration, so they are bounded.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, object, bool]]] = lambda: ()
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for upstream, address, up in self.source():
+            family.add_metric([upstream, str(address)], 1.0 if up else 0.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "popproxy_upstream_up", "1 if the upstream address accepted a TCP connection at "
+            "the last health probe (cached for a few seconds) and is not marked down after a "
+            "failed connect, else 0.", labels=["upstream", "address"])
+
+
 class Metrics:
     """Every popproxy metric, on one registry, moved by the session events.
 
@@ -286,10 +321,17 @@ class Metrics:
             "by reason.",
             ["reason"], registry=r,
         )
-        self.upstream_up = Gauge(
-            "popproxy_upstream_up", "1 if the upstream accepted a TCP connection at the last "
-            "health probe (cached for a few seconds), else 0.",
-            registry=r,
+        self.upstream_up = _UpstreamUp()
+        r.register(self.upstream_up)
+        self.route_lookups = Counter(
+            "popproxy_route_lookups", "Routed mode: route look-ups, by source "
+            "(rule/map/http/default) and outcome (hit/miss/refused/timeout/error).",
+            ["source", "outcome"], registry=r,
+        )
+        self.route_lookup_duration = Histogram(
+            "popproxy_route_lookup_duration_seconds",
+            "Routed mode: time to consult each route source.",
+            ["source"], buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
         )
 
         # Audit and configuration
@@ -348,6 +390,11 @@ class Metrics:
         self._reloads = {True: self.config_reloads.labels("ok"),
                          False: self.config_reloads.labels("fail")}
         self._policy: dict[tuple[str, str, str], Counter] = {}
+        self._lookups: dict[tuple[str, str], Counter] = {
+            (source, outcome): self.route_lookups.labels(source, outcome)
+            for source in ROUTE_SOURCES for outcome in ROUTE_OUTCOMES}
+        self._lookup_durations: dict[str, Histogram] = {
+            source: self.route_lookup_duration.labels(source) for source in ROUTE_SOURCES}
         self.config_last_reload_successful.set(1)
         self.config_last_reload_success.set_to_current_time()
 
@@ -460,6 +507,13 @@ class Metrics:
     def audit_error(self) -> None:
         """An audit record could not be written (called by the audit trail)."""
         self.audit_errors.inc()
+
+    def route_lookup(self, source: str, outcome: str, seconds: float) -> None:
+        """A routed mode look-up consulted ``source`` (``routing.Router``'s observer)."""
+        child = self._lookups.get((source, outcome))
+        if child is not None:
+            child.inc()
+            self._lookup_durations[source].observe(seconds)
 
     def config_reload(self, ok: bool) -> None:
         """A configuration reload (SIGHUP) succeeded or was rejected."""

@@ -338,7 +338,7 @@ class Session:
             if self._login.sasl_expected:
                 line = cmds.sasl_line(self._login)
                 if line is not None:
-                    out.upstream.append(line)
+                    self._sasl_response(line, out, now)
             else:
                 cmds.parse(len(self._pipeline.entries), out.events)
             moved = self._dispatch(out, now)
@@ -392,6 +392,10 @@ class Session:
             if reply is None:
                 self._forward(p, sasl, out, now)
         return moved
+
+    def _sasl_response(self, line: bytes, out: _Out, now: float) -> None:
+        """A client's SASL response (CRLF included) in an AUTH exchange."""
+        out.upstream.append(line)
 
     def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | None]:
         """The core's own checks, then policy; a None reply means forward."""
@@ -464,13 +468,16 @@ class Session:
     def _answer_locally(self, p: Pending, out: _Out, now: float) -> None:
         reply = p.local_reply or b""
         out.client.append(reply)
-        status = parse_status(reply.rstrip(b"\r\n"))
+        first = reply[: reply.find(b"\r\n")]  # a local CAPA reply has more lines
+        status = parse_status(first)
         ok = status is not None and status.ok
         self._respond(
             p, ok, status.code if status else None,
-            _decode(status.text if status else reply.rstrip()), len(reply), True,
+            _decode(status.text if status else first), len(reply), True,
             Outcome.OK if ok else Outcome.DENIED, out, now,
         )
+        if p.closes:
+            self._end_with(out, EndReason.QUIT)
 
     def _release(self, p: Pending, out: _Out) -> None:
         """The barrier ``p``'s reply is out: what was held back behind it may go."""

@@ -24,6 +24,7 @@ from .events import (
     ProtocolAnomaly,
     UidsLearned,
 )
+from .front import Credentials
 from .pop3 import (
     RETRIEVE,
     STOPS_PARSING,
@@ -90,12 +91,15 @@ class Output:
     # After writing ``to_client``: start TLS on the client connection, then
     # call ``Session.tls_started``.  Nothing the client sent after STLS is kept.
     start_tls: bool = False
+    # Routed mode: look the route up and log in upstream with these, then
+    # call ``Session.routed_login``.  Never logged, never in an event.
+    login: Credentials | None = None
 
 
 class OutputBuilder:
     """Accumulates an ``Output`` without quadratic concatenation."""
 
-    __slots__ = ("client", "close", "events", "start_tls", "upstream")
+    __slots__ = ("client", "close", "events", "login", "start_tls", "upstream")
 
     def __init__(self) -> None:
         self.client: list[bytes] = []
@@ -103,6 +107,7 @@ class OutputBuilder:
         self.events: list[Event] = []
         self.close: EndReason | None = None
         self.start_tls = False
+        self.login: Credentials | None = None
 
     def done(self) -> Output:
         c = self.client
@@ -113,6 +118,7 @@ class OutputBuilder:
             self.events,
             self.close,
             self.start_tls,
+            self.login,
         )
 
 
@@ -197,6 +203,7 @@ class Pending:
     internal: bool = False  # the proxy's own command (UIDL n for the audit)
     expect: Expect = Expect.SINGLE  # what its upstream reply looks like
     login: bool = False  # its reply says whether the client is logged in
+    closes: bool = False  # the session ends once its (local) reply is out
 
 
 class Pipeline:
@@ -368,7 +375,8 @@ class Login:
     Only the user name is kept from SASL data; nothing here holds a password.
     """
 
-    __slots__ = ("asserted_user", "mech", "responses", "sasl_expected", "sasl_user")
+    __slots__ = ("asserted_user", "mech", "responses", "routed", "sasl_expected",
+                 "sasl_user")
 
     def __init__(self) -> None:
         self.asserted_user: str | None = None  # from USER, before PASS succeeds
@@ -376,6 +384,9 @@ class Login:
         self.sasl_user: str | None = None
         self.responses = 0  # SASL client responses so far
         self.sasl_expected = False  # the next client line is a SASL response
+        # Routed mode: the login being routed (user, mechanism) and, once
+        # known, where it went (upstream, route).
+        self.routed: tuple[str, str, str | None, str | None] | None = None
 
     def named(self, cmd: Command) -> None:
         """A USER or AUTH command went upstream."""
@@ -398,6 +409,8 @@ class Login:
 
     def user_for(self, cmd: Command) -> str | None:
         """Who the login that ``cmd`` completes is for."""
+        if self.routed is not None:
+            return self.routed[0]
         if cmd.verb == "PASS":
             return self.asserted_user
         if cmd.verb == "APOP":
@@ -409,13 +422,17 @@ class Login:
 
         A SASL exchange is over with it.
         """
-        if cmd.verb in ("PASS", "APOP"):
+        upstream = route = None
+        if self.routed is not None:
+            mechanism, upstream, route = self.routed[1:]
+        elif cmd.verb in ("PASS", "APOP"):
             mechanism = "USER" if cmd.verb == "PASS" else "APOP"
         else:
             mechanism = self.mech or "?"
-        result = AuthResult(mechanism, self.user_for(cmd), ok, code)
+        result = AuthResult(mechanism, self.user_for(cmd), ok, code, upstream, route)
         self.sasl_expected = False
         self.mech = self.sasl_user = None
+        self.routed = None
         return result
 
 
