@@ -191,3 +191,20 @@ class TestLogin:
         out: Output = s.routed_login(b"+OK\r\n", 2, upstream="new", route="rule")
         assert out.to_client == b"-ERR [IN-USE] too many sessions for this user\r\n"
         assert out.close == EndReason.LOGIN_REFUSED
+
+
+def test_failed_routed_logins_count_for_the_login_throttle() -> None:
+    """As in transparent mode: after N failures the next PASS never reaches a route."""
+    from popproxy.policy.config import parse_policy
+    from popproxy.policy.engine import PolicyEngine
+
+    engine = PolicyEngine(parse_policy({"protections": {
+        "login_failures_per_user": 2, "login_failure_delay": "1s"}}))
+    s = started(policy=engine, client="192.0.2.5:4000")
+    for attempt in range(2):
+        login(s, b"USER alice\r\nPASS wrong\r\n")
+        s.routed_login(b"-ERR [AUTH] Authentication failed.\r\n", 2 + attempt)
+    out = s.receive_client(b"USER alice\r\nPASS right\r\n", 5)
+    assert out.login is None  # not routed: refused by the throttle (after its delay)
+    out = s.tick(7)
+    assert out.to_client == b"-ERR [AUTH] too many failed logins, try again later\r\n"
