@@ -328,7 +328,7 @@ class Relay:
             if data:
                 out = session.receive_client(data, now)
             elif broken:
-                out = session.client_gone(now)
+                out = session.close(EndReason.CLIENT_CLOSED)
             else:  # EOF: a half-close still gets its replies
                 out = session.client_closed(now)
         else:

@@ -13,7 +13,7 @@ audit events) is the ``Session``'s.
 from __future__ import annotations
 
 from .front import GREETING, Credentials, LoginFront, Step
-from .policy import Decision, Policy, allow_all
+from .policy import Ask, Decision, Policy, allow_all
 from .pop3 import Command, State, Status, Trigger, parse_status
 from .session import Session
 from .session_state import Output, OutputBuilder, Pending, SessionLimits
@@ -74,7 +74,7 @@ class RoutedSession(Session):
         login = self._login
         if login.routed is not None:
             login.routed = (*login.routed[:2], upstream, route)
-        if status.ok and self._refuse_login(head.command, out, now):
+        if status.ok and self._admit_login(head, status, reply, out, now):
             return out.done()
         out.client.append(reply)
         self._complete(head, status.ok, status.code, status.text, len(reply), out, now)
@@ -84,7 +84,7 @@ class RoutedSession(Session):
     # ------------------------------------------------------------------
     # The seams of Session this mode fills in
 
-    def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | None]:
+    def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | Ask | None]:
         reply, decision = super()._judge(cmd, now)
         if reply is None and cmd.verb == "CAPA" and self.state is State.AUTHORIZATION:
             reply = self._front.capa(offer_stls=self.starttls and not self.tls,

@@ -25,6 +25,7 @@ from .events import (
     UidsLearned,
 )
 from .front import Credentials
+from .policy import Ask, Effect
 from .pop3 import (
     RETRIEVE,
     STOPS_PARSING,
@@ -37,6 +38,7 @@ from .pop3 import (
     PipelineOverflow,
     Sink,
     Status,
+    UpstreamProtocolError,
     is_sasl_line,
     listing_line,
     message_id,
@@ -94,12 +96,17 @@ class Output:
     # Routed mode: look the route up and log in upstream with these, then
     # call ``Session.routed_login``.  Never logged, never in an event.
     login: Credentials | None = None
+    # Shared state: put this question, then call ``Session.answered`` with
+    # what its ``then`` makes of the answer; and these updates to make.
+    ask: Ask | None = None
+    effects: list[Effect] = field(default_factory=list)
 
 
 class OutputBuilder:
     """Accumulates an ``Output`` without quadratic concatenation."""
 
-    __slots__ = ("client", "close", "events", "login", "start_tls", "upstream")
+    __slots__ = ("ask", "client", "close", "effects", "events", "login", "start_tls",
+                 "upstream")
 
     def __init__(self) -> None:
         self.client: list[bytes] = []
@@ -108,6 +115,8 @@ class OutputBuilder:
         self.close: EndReason | None = None
         self.start_tls = False
         self.login: Credentials | None = None
+        self.ask: Ask | None = None
+        self.effects: list[Effect] = []
 
     def done(self) -> Output:
         c = self.client
@@ -119,6 +128,8 @@ class OutputBuilder:
             self.close,
             self.start_tls,
             self.login,
+            self.ask,
+            self.effects,
         )
 
 
@@ -300,11 +311,13 @@ class ReplyInProgress:
             return self.listing.add
         return None
 
-    def take(self, data: bytes) -> bytes:
+    def take(self, data: bytes, capa_octets: int) -> bytes:
         """A raw chunk of the body: what of it goes to the client now."""
         self.octets += len(data)
         if self.capa is not None:
             self.capa += data
+            if len(self.capa) > capa_octets:
+                raise UpstreamProtocolError("CAPA reply too long")
             return b""
         return b"" if self.swallowed else data
 
@@ -347,17 +360,17 @@ class Listed:
         self.uids: set[int] = set()
         self.sizes: dict[int, int] = {}
 
-    def learn(self, verb: str, text: bytes) -> UidsLearned | None:
-        """A single-line ``UIDL n`` or ``LIST n`` reply's text."""
+    def learn(self, verb: str, text: bytes, events: list[Event]) -> None:
+        """A single-line ``UIDL n`` or ``LIST n`` reply's text (a UIDL learned
+        is an event: the audit can name the message)."""
         entry = listing_line(text)
         if entry is None:
-            return None
+            return
         if verb == "UIDL":
             self.uids.add(entry[0])
-            return UidsLearned((entry,))
-        if entry[1].isdigit():
+            events.append(UidsLearned((entry,)))
+        elif entry[1].isdigit():
             self.sizes[entry[0]] = int(entry[1])
-        return None
 
     def probe(self, cmd: Command) -> Command | None:
         """``UIDL n`` to ask before ``cmd``, if it names a message whose UIDL
