@@ -112,6 +112,11 @@ class FileSink:
     ``sync_spacing`` seconds after the previous one.  Under load that bounds
     the fsync rate (and its CPU and journal traffic) while every record is
     still on disk within about ``sync_spacing`` plus one fsync.
+
+    ``auto_rotate = False`` leaves rotation to the owner: ``write`` never
+    rotates, ``rotation_due`` says when the file has reached
+    ``rotate_size`` and ``rotate()`` does it (the trail with signed
+    checkpoints ends each file with a checkpoint first).
     """
 
     sync_spacing = 0.05
@@ -124,9 +129,11 @@ class FileSink:
         fsync_on_rotate: bool = True,
         now: Callable[[], datetime],
         on_error: ErrorHandler | None = None,
+        auto_rotate: bool = True,
     ) -> None:
         self.path = path
         self.rotate_size = rotate_size
+        self.auto_rotate = auto_rotate
         self.fsync_on_rotate = fsync_on_rotate
         self._now = now
         self._on_error = on_error
@@ -162,7 +169,7 @@ class FileSink:
 
     def write(self, data: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open()
-        if self.rotate_size is not None and self.size > 0 and (
+        if self.auto_rotate and self.rotate_size is not None and self.size > 0 and (
             self.size + len(data) > self.rotate_size
         ):
             fd = self._rotate(fd)
@@ -182,6 +189,22 @@ class FileSink:
             self._drop_fd()
             raise
         self.size += written
+
+    @property
+    def rotation_due(self) -> bool:
+        """With ``auto_rotate = False``: the file has reached ``rotate_size``."""
+        return self.rotate_size is not None and self.size >= self.rotate_size
+
+    def rotate(self) -> None:
+        """Sync and rename the live file now; the next write starts a new one.
+        A failure is logged and reported (``on_error``); the file goes on."""
+        if self._fd is not None and self.size > 0:
+            self._rotate(self._fd)
+
+    def dup_fd(self) -> int | None:
+        """A duplicate of the live file's descriptor (the caller closes it),
+        to sync it from another thread while this sink writes and rotates."""
+        return os.dup(self._fd) if self._fd is not None else None
 
     def _rotated_name(self) -> Path:
         stamp = self._now().strftime("%Y%m%dT%H%M%S%fZ")

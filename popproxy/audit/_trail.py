@@ -28,11 +28,29 @@ again (each new batch and each ``refusal()`` tries).  If the queue is full,
 new records are dropped *before* they are chained, so the chain stays
 intact, and an ``audit.lost`` record with the count is written on recovery.
 With ``fail_closed`` the proxy refuses new sessions while a sink is failing.
+
+Signed checkpoints (``sign_key``; see ``_checkpoint``).  A checkpoint is an
+``audit.checkpoint`` record, chained, that signs the record before it.
+While ``write_behind`` runs, checkpoints are its business alone: a task of
+its own writes one every ``checkpoint_interval``, when the render has
+counted ``checkpoint_records`` records since the last (it only sets an
+event: nothing is signed on a command's or a session's path), and when the
+file has reached ``rotate_size`` (the file then ends with the checkpoint
+and is rotated; with checkpoints the trail rotates the file, not the sink).
+After each, the trail file is synced and the copy appended to
+``checkpoint_path`` and synced, in a worker thread, so the copy is never
+ahead of the trail on disk.  Outside ``write_behind`` (tools, tests) all
+of this happens inline, at the end of the batch that reaches the count or
+the size.  ``close()`` writes a last checkpoint.  A signature that fails,
+or a copy that cannot be written, is logged and counted, tried again within
+a second, and with ``fail_closed`` refuses new sessions until it works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -43,9 +61,10 @@ from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
 from ._chain import ChainHead, canonical, read_head
+from ._checkpoint import CheckpointFile, checkpoint_record
 from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
 from ._sinks import FileSink, Sink, StreamSink
-from .config import AuditConfig
+from .config import AuditConfig, default_origin
 
 __all__ = ["AuditTrail", "open_audit"]
 
@@ -54,6 +73,16 @@ logger = structlog.get_logger("popproxy.audit")
 
 def _noop(*args: object) -> None:
     return None
+
+
+# Stands in a batch for "a checkpoint here": the render signs the head of
+# the chain as it stands at that point.
+_CHECKPOINT: Record = {"event": "audit.checkpoint"}
+_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+# How soon a checkpoint that failed (signature, copy) is tried again.
+CHECKPOINT_RETRY = 1.0
+# Copies of checkpoints kept while ``checkpoint_path`` cannot be written.
+COPY_LIMIT = 10_000
 
 
 class Writer:
@@ -167,13 +196,29 @@ class _Render:
         render = trail.head.link if trail.head is not None else canonical
         lines: list[bytes] = []
         size = 0
+        since = trail._since_checkpoint
         for record in records:
+            if record is _CHECKPOINT:
+                if since and (line := trail._checkpoint_line()) is not None:
+                    lines.append(line)
+                    size += len(line) + 1
+                    since = 0
+                continue
             if trail._queued and any(w.full(len(lines), size) for w in trail._writers):
                 trail._lost(record)
                 continue
             line = render(record)
             lines.append(line)
             size += len(line) + 1
+            since += 1
+        if trail.signer is not None:
+            if since >= trail._checkpoint_every:
+                if trail._checkpoint_task:
+                    trail._checkpoint_due.set()
+                elif (line := trail._checkpoint_line()) is not None:
+                    lines.append(line)
+                    since = 0
+            trail._since_checkpoint = since
         if not lines:
             raise structlog.DropEvent
         count = len(lines)
@@ -204,6 +249,7 @@ class AuditTrail:
         now: Callable[[], datetime] = utcnow,
         max_pending_lines: int = 100_000,
         max_pending_bytes: int = 64 << 20,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.head = head if config.hash_chain else None
@@ -223,6 +269,23 @@ class AuditTrail:
         self._dropped = 0
         self._dropped_since: str | None = None
         self._closed = False
+        # Signed checkpoints (None: off).
+        self.signer = config.signer if self.head is not None else None
+        origin = config.origin or default_origin()
+        self.origin = origin if worker is None else f"{origin}/w{worker}"
+        self._checkpoint_every = config.checkpoint_records
+        self._since_checkpoint = 0  # records chained since the last checkpoint
+        self._checkpoint_task = False  # write_behind's checkpoint task runs
+        self._checkpoint_due = trio.Event()
+        self._rotation_wanted = False
+        self._sealing = False
+        self._sign_failed = False
+        self._copy_failed = False
+        self._copies: list[bytes] = []  # checkpoint lines for checkpoint_path
+        self._copy_file = (CheckpointFile(config.checkpoint_path)
+                           if self.signer is not None and config.checkpoint_path else None)
+        self.checkpoints = 0  # written so far
+        self._file_sinks = [s for s in sinks if isinstance(s, FileSink)]
         # Proxy._emit calls the observer only for the events the builder uses.
         self.event_types = self.builder.event_types
         self._log = structlog.wrap_logger(
@@ -295,6 +358,13 @@ class AuditTrail:
         elif self._sync_due:
             self._sync_due = False
             self._sync(now=False)
+        if self.signer is not None and not self._checkpoint_task and not self._sealing:
+            # No write_behind task: checkpoint work happens here.
+            if self._rotation_wanted:
+                self._seal_and_rotate()
+            job = self._copy_job()
+            if job is not None:
+                self._copied(*self._run_copy(*job))
 
     async def write_behind(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -304,18 +374,145 @@ class AuditTrail:
         What waits is written on the way out."""
         self._deferred = True
         try:
-            task_status.started()
-            while True:
-                await self._due.wait()
-                # A batch started.  Records that join it while we sleep go
-                # with it; one that starts a new batch after a session's
-                # close wrote this one sets the next event.
-                self._due = trio.Event()
-                await trio.sleep(BATCH_WAIT)
-                self.flush()
+            async with trio.open_nursery() as nursery:
+                if self.signer is not None:
+                    self._checkpoint_task = True
+                    nursery.start_soon(self._checkpointer)
+                task_status.started()
+                while True:
+                    await self._due.wait()
+                    # A batch started.  Records that join it while we sleep go
+                    # with it; one that starts a new batch after a session's
+                    # close wrote this one sets the next event.
+                    self._due = trio.Event()
+                    await trio.sleep(BATCH_WAIT)
+                    self.flush()
         finally:
             self._deferred = False
+            self._checkpoint_task = False
             self.flush()
+
+    async def _checkpointer(self) -> None:
+        """write_behind's second task: checkpoints, and their copies."""
+        interval = self.config.checkpoint_interval
+        last = trio.current_time()
+        while True:
+            deadline = last + interval
+            if self._sign_failed or self._copy_failed:
+                deadline = min(deadline, trio.current_time() + CHECKPOINT_RETRY)
+            with trio.move_on_at(deadline):
+                await self._checkpoint_due.wait()
+            self._checkpoint_due = trio.Event()
+            try:
+                if self._rotation_wanted:
+                    self._seal_and_rotate()
+                elif self._since_checkpoint:
+                    self.checkpoint()
+                job = self._copy_job()
+                if job is not None:
+                    self._copied(*await trio.to_thread.run_sync(self._run_copy, *job))
+            except Exception as exc:  # a bug: keep the proxy up, say so
+                logger.error("audit.checkpoint_failed", error_type=type(exc).__name__)
+                self._count_error()
+            if not self._sign_failed:
+                last = trio.current_time()
+
+    # --------------------------------------------------------- checkpoints
+
+    def checkpoint(self) -> None:
+        """Write what waits, then a checkpoint over it (unless nothing was
+        written since the last one).  Never raises."""
+        if self.signer is None or self._closed:
+            return
+        self._batch.append(_CHECKPOINT)
+        self.flush()
+
+    def _checkpoint_line(self) -> bytes | None:
+        """For the render: sign the chain's head, chain the checkpoint record
+        after it and return its line (None if signing failed)."""
+        head, signer = self.head, self.signer
+        assert head is not None
+        assert signer is not None
+        try:
+            record = checkpoint_record(signer, self.origin, head.seq, head.hash,
+                                       rfc3339(self.now()))
+        except Exception as exc:
+            if not self._sign_failed:
+                logger.error("audit.sign_failed", error_type=type(exc).__name__,
+                             error=str(exc), seq=head.seq)
+            self._sign_failed = True
+            self._count_error()
+            return None
+        if self._sign_failed:
+            logger.warning("audit.sign_recovered", seq=head.seq)
+            self._sign_failed = False
+        line = head.link(record)
+        self.checkpoints += 1
+        if self._copy_file is not None:
+            if len(self._copies) >= COPY_LIMIT:
+                del self._copies[0]
+                logger.error("audit.checkpoint_copy_dropped", path=str(self._copy_file.path))
+            self._copies.append(line)
+        logger.debug("audit.checkpoint", seq=head.seq, signed=head.seq - 1,
+                     origin=self.origin)
+        return line
+
+    def _seal_and_rotate(self) -> None:
+        """End the live file with a checkpoint, then rotate it."""
+        self._rotation_wanted = False
+        self._sealing = True
+        try:
+            self.checkpoint()
+        finally:
+            self._sealing = False
+        for w in self._writers:
+            if isinstance(w.sink, FileSink) and not w.pending and w.sink.rotation_due:
+                w.sink.rotate()
+
+    def _copy_job(self) -> tuple[list[int], list[bytes]] | None:
+        """What the next copy to ``checkpoint_path`` is: the trail's files to
+        sync first (duplicated descriptors) and the lines.  None: nothing to
+        do, or not yet (lines of the trail still wait to be written: a copy
+        must never be ahead of the trail)."""
+        if not self._copies or self._copy_file is None or self.failing:
+            return None
+        copies, self._copies = self._copies, []
+        fds = [fd for s in self._file_sinks if (fd := s.dup_fd()) is not None]
+        return fds, copies
+
+    def _run_copy(self, fds: list[int], copies: list[bytes]
+                  ) -> tuple[list[bytes], Exception | None]:
+        """Sync the trail, then append ``copies`` to ``checkpoint_path`` and
+        sync it (blocking: a worker thread runs it, or ``close``)."""
+        assert self._copy_file is not None
+        try:
+            for fd in fds:
+                _datasync(fd)
+            self._copy_file.append(b"".join(line + b"\n" for line in copies))
+        except Exception as exc:
+            return copies, exc
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return [], None
+
+    def _copied(self, left: list[bytes], exc: Exception | None) -> None:
+        assert self._copy_file is not None
+        if exc is None:
+            if self._copy_failed:
+                logger.warning("audit.checkpoint_copy_recovered", path=str(self._copy_file.path))
+                self._copy_failed = False
+            return
+        if not self._copy_failed:
+            logger.error("audit.checkpoint_copy_failed", path=str(self._copy_file.path),
+                         error=str(exc))
+        self._copy_failed = True
+        self._count_error()
+        self._copies[:0] = left  # in order, before any made meanwhile
+        if len(self._copies) > COPY_LIMIT:
+            del self._copies[:len(self._copies) - COPY_LIMIT]
+            logger.error("audit.checkpoint_copy_dropped", path=str(self._copy_file.path))
 
     def _write(self, data: bytes, lines: int) -> None:
         queued = False
@@ -326,6 +523,15 @@ class AuditTrail:
             self._queued = True
             self._count_error()
         self._count_written()
+        if self.signer is not None and not self._sealing and not self._rotation_wanted:
+            for sink in self._file_sinks:
+                if not sink.auto_rotate and sink.rotation_due:
+                    # Sign the file's end, then rotate: write_behind's task
+                    # does it, or _flush when there is none.
+                    self._rotation_wanted = True
+                    if self._checkpoint_task:
+                        self._checkpoint_due.set()
+                    break
 
     def _count_written(self) -> None:
         """Count the records that have now reached every sink."""
@@ -378,25 +584,40 @@ class AuditTrail:
         return not self._queued
 
     def refusal(self) -> str | None:
-        """For ``Proxy.admission``: a reason to refuse new sessions, or None."""
-        if not self.config.fail_closed or not self.failing:
+        """For ``Proxy.admission``: a reason to refuse new sessions, or None.
+
+        With ``fail_closed``: while a sink fails, or checkpoints cannot be
+        signed or copied."""
+        if not self.config.fail_closed:
             return None
-        if self.retry():
+        if self._sign_failed or self._copy_failed:
+            # write_behind's task tries again within CHECKPOINT_RETRY.
+            return "audit trail unavailable"
+        if not self.failing or self.retry():
             return None
         return "audit trail unavailable"
 
     def close(self) -> None:
-        """Write what is left (sessions still open, queued lines), sync, close."""
+        """Write what is left (sessions still open, queued lines) and, with
+        ``sign_key``, a last checkpoint over it; sync, close."""
         if self._closed:
             return
         try:
             self._deferred = False
+            self._checkpoint_task = False
             for record in self.builder.close_all():
                 self.record(record)
             self.flush()
+            self.checkpoint()  # the last one: signs all written
             self.retry()
             if self.config.fsync != "never":
                 self._sync(now=True)
+            if self._copies:
+                job = self._copy_job()
+                if job is not None:
+                    self._copied(*self._run_copy(*job))
+            if self._copies:
+                logger.error("audit.checkpoints_not_copied", checkpoints=len(self._copies))
         finally:
             self._closed = True
             for w in self._writers:
@@ -407,8 +628,12 @@ class AuditTrail:
 
 
 def open_audit(config: AuditConfig, metrics: object = None, *,
-               now: Callable[[], datetime] = utcnow) -> AuditTrail | None:
+               now: Callable[[], datetime] = utcnow,
+               worker: int | None = None) -> AuditTrail | None:
     """The trail ``config`` asks for; None when the audit is off.
+
+    ``worker`` (a number) is added to the checkpoints' origin as ``/w<N>``
+    when several processes each write a trail of their own.
 
     A file that cannot be opened yet is not an error here: the trail starts
     failing (logged, counted, and refusing sessions with ``fail_closed``)
@@ -434,12 +659,16 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
                 # than fork the old one silently; verify shows the restart.
                 logger.error("audit.chain_head_unreadable", path=str(config.path),
                              error=str(exc))
+        signed = config.signer is not None and config.hash_chain
+        # With checkpoints the trail rotates (a file ends with a checkpoint),
+        # and always syncs the file it rotates away: a copy of its checkpoint
+        # in checkpoint_path must not be ahead of it on disk.
         sinks.append(FileSink(config.path, rotate_size=config.rotate_size,
-                              fsync_on_rotate=config.fsync != "never", now=now,
-                              on_error=on_error))
+                              fsync_on_rotate=config.fsync != "never" or signed, now=now,
+                              on_error=on_error, auto_rotate=not signed))
     if config.to_stdout:
         sinks.append(StreamSink())
-    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now)
+    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now, worker=worker)
     if head is not None and head.seq:
         logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
     return trail
