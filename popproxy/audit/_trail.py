@@ -214,7 +214,10 @@ class _Render:
         if trail.signer is not None:
             if since >= trail._checkpoint_every:
                 if trail._checkpoint_task:
-                    trail._checkpoint_due.set()
+                    # After a failed signature the task tries again on its
+                    # timer, not at once (it would spin).
+                    if not trail._sign_failed:
+                        trail._checkpoint_due.set()
                 elif (line := trail._checkpoint_line()) is not None:
                     lines.append(line)
                     since = 0
@@ -406,8 +409,8 @@ class AuditTrail:
             try:
                 if self._rotation_wanted:
                     self._seal_and_rotate()
-                elif self._since_checkpoint:
-                    self.checkpoint()
+                elif self._since_checkpoint or self._batch:
+                    self.checkpoint()  # writes what waits first
                 job = self._copy_job()
                 if job is not None:
                     self._copied(*await trio.to_thread.run_sync(self._run_copy, *job))
