@@ -285,6 +285,7 @@ class AuditTrail:
         self._sign_failed = False
         self._copy_failed = False
         self._copies: list[bytes] = []  # checkpoint lines for checkpoint_path
+        self._just_signed: list[int] = []  # checkpoints in the batch being written
         self._copy_file = (CheckpointFile(config.checkpoint_path)
                            if self.signer is not None and config.checkpoint_path else None)
         self.checkpoints = 0  # written so far
@@ -356,6 +357,10 @@ class AuditTrail:
             self._dropped_since = None
             batch.insert(0, lost)
         self._log.info(None, records=batch)
+        if self._just_signed:
+            for seq in self._just_signed:  # written now (or queued, if the sink fails)
+                logger.debug("audit.checkpoint", seq=seq, signed=seq - 1, origin=self.origin)
+            self._just_signed.clear()
         if self._fsync_always:
             self._sync(now=True)
         elif self._sync_due:
@@ -456,8 +461,7 @@ class AuditTrail:
                 del self._copies[0]
                 logger.error("audit.checkpoint_copy_dropped", path=str(self._copy_file.path))
             self._copies.append(line)
-        logger.debug("audit.checkpoint", seq=head.seq, signed=head.seq - 1,
-                     origin=self.origin)
+        self._just_signed.append(head.seq)
         return line
 
     def _seal_and_rotate(self) -> None:
