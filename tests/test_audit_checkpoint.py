@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from popproxy.audit import AuditConfig, AuditTrail, ChainHead, _trail, open_audit
-from popproxy.audit._chain import rotated_files
+from popproxy.audit._chain import read_head, rotated_files
 from popproxy.audit._checkpoint import parse_checkpoint_text
 from popproxy.audit._note import Signer, Verifier, open_note
 from popproxy.audit._verify import verify_trail
@@ -184,6 +184,24 @@ class TestWhatAndWhen:
                               verifiers=[signer.verifier])
         assert report.ok
         assert report.chains[0].tail == 0
+
+
+def test_a_copy_named_like_the_trail_is_not_a_rotated_file(tmp_path: Path) -> None:
+    """``audit.jsonl.checkpoints`` beside ``audit.jsonl``: never taken for
+    a rotated file, where the chain would resume from at start."""
+    path = tmp_path / "audit.jsonl"
+    copy = tmp_path / "audit.jsonl.checkpoints"
+    trail = open_audit(AuditConfig(enabled=True, sink="file", path=path, rotate_size=600,
+                                   signer=CountingSigner(), checkpoint_path=copy))
+    assert trail is not None
+    for i in range(4):
+        session(trail, f"s{i}")
+    trail.close()
+    assert copy not in rotated_files(path)
+    assert len(rotated_files(path)) >= 1
+    path.unlink()  # rotated just before a restart: the chain goes on from the newest
+    newest = rotated_files(path)[-1].read_bytes().splitlines()[-1]
+    assert read_head(path).hash == json.loads(newest)["hash"]
 
 
 class TestWriteBehind:

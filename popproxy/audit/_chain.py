@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,11 +169,20 @@ def head_of_file(path: Path) -> ChainHead | None:
     return None
 
 
+# What FileSink adds to a rotated file's name: ".<UTC time>", maybe "-<n>".
+_ROTATED = re.compile(r"\.\d{8}T\d{12}Z(?:-\d+)?")
+
+
 def rotated_files(path: Path) -> list[Path]:
-    """Files rotated away from ``path``, oldest first (their names sort by time)."""
-    prefix = path.name + "."
+    """Files rotated away from ``path``, oldest first (their names sort by time).
+
+    Only names as rotation makes them count: ``audit.jsonl.checkpoints``
+    next to ``audit.jsonl`` is not one of its rotated files.
+    """
+    prefix = path.name
     try:
-        names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(prefix))
+        names = sorted(p.name for p in path.parent.iterdir()
+                       if p.name.startswith(prefix) and _ROTATED.fullmatch(p.name[len(prefix):]))
     except FileNotFoundError:
         return []
     return [path.parent / n for n in names]
