@@ -91,35 +91,57 @@ class TrailReport:
         return not self.problems and all(c.ok for c in self.chains)
 
 
+def _chain_link(raw: bytes, key: str) -> tuple[int, str] | None:
+    record = loads_record(raw) if raw else None
+    if record is None:
+        return None
+    seq, value = record.get("seq"), record.get(key)
+    if isinstance(seq, int) and isinstance(value, str) and isinstance(record.get("hash"), str):
+        return seq, value
+    return None
+
+
 def _scan(data: bytes) -> tuple[set[str], tuple[int, str] | None, tuple[int, str] | None]:
-    """A file's checkpoint origins, its first (seq, prev) and last (seq, hash)."""
+    """A file's checkpoint origins, its first (seq, prev) and last (seq, hash).
+
+    Reads only what it needs: the lines with a checkpoint in them, and
+    lines from each end up to the first record there.
+    """
     origins: set[str] = set()
-    first: tuple[int, str] | None = None
-    last: tuple[int, str] | None = None
-    for raw in data.split(b"\n"):
-        record = loads_record(raw) if raw else None
-        if record is None:
-            continue
-        seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
-        if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(digest, str)):
-            continue
-        if first is None:
-            first = (seq, prev)
-        last = (seq, digest)
-        if _MARK in raw and isinstance(record.get("origin"), str):
+    pos = data.find(_MARK)
+    while pos >= 0:
+        start = data.rfind(b"\n", 0, pos) + 1
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end
+        record = loads_record(data[start:end])
+        if record is not None and isinstance(record.get("origin"), str):
             origins.add(record["origin"])
+        pos = data.find(_MARK, end)
+    first = last = None
+    for raw in data.split(b"\n", 64):  # the first record is near the top
+        if (first := _chain_link(raw, "prev")) is not None:
+            break
+    end = len(data)
+    while end > 0 and last is None:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        last = _chain_link(data[start:end].rstrip(b"\n"), "hash")
+        end = start
     return origins, first, last
 
 
-def group_chains(files: Sequence[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
-    """The files, grouped into chains.
+def group_chains(files: Sequence[tuple[str, bytes]],
+                 scans: Sequence[tuple[set[str], tuple[int, str] | None,
+                                       tuple[int, str] | None]] | None = None,
+                 ) -> list[list[int]]:
+    """The files, grouped into chains (as indexes into ``files``).
 
     Files whose checkpoints name the same origin, and a file whose first
     record continues another's last, are one chain.  With at most one origin
     among them (one proxy, today's case) all files are one chain, so a break
     between them is reported as a break, not as two chains.
     """
-    scans = [_scan(data) for _, data in files]
+    if scans is None:
+        scans = [_scan(data) for _, data in files]
     parent = list(range(len(files)))
 
     def find(i: int) -> int:
@@ -145,10 +167,10 @@ def group_chains(files: Sequence[tuple[str, bytes]]) -> list[list[tuple[str, byt
         if first is not None and (j := by_end.get((first[0] - 1, first[1]))) is not None:
             union(i, j)
     if len({find(i) for i in by_origin.values()}) <= 1:
-        return [list(files)] if files else []
-    groups: dict[int, list[tuple[str, bytes]]] = {}
-    for i, f in enumerate(files):
-        groups.setdefault(find(i), []).append(f)
+        return [list(range(len(files)))] if files else []
+    groups: dict[int, list[int]] = {}
+    for i in range(len(files)):
+        groups.setdefault(find(i), []).append(i)
     return list(groups.values())
 
 
@@ -233,10 +255,12 @@ def verify_trail(
             message, _ = _check_note(record, e.seq, verifiers)
             if message is not None:
                 report.problems.append(f"{e.where}: shipped {message}")
-    groups = group_chains(files)
+    scans = [_scan(data) for _, data in files]
+    grouped = group_chains(files, scans)
+    groups = [[files[i] for i in indexes] for indexes in grouped]
     chains = report.chains = [ChainReport([name for name, _ in group]) for group in groups]
-    for chain, group in zip(chains, groups, strict=True):
-        chain.origins = sorted(set().union(*(_scan(data)[0] for _, data in group)))
+    for chain, indexes in zip(chains, grouped, strict=True):
+        chain.origins = sorted(set().union(*(scans[i][0] for i in indexes)))
     # Shipped checkpoints go to the chain of their origin.
     assigned: list[list[Shipped]] = [[] for _ in chains]
     for e in entries:
