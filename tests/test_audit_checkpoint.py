@@ -258,6 +258,43 @@ class TestWriteBehind:
             assert signer.calls == ["popproxy.audit._trail.AuditTrail._checkpointer"]
         trail.close()
 
+    async def test_a_failing_rotation_is_tried_once_an_interval(
+        self, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A rename that fails is logged and counted once; the file goes on
+        and the task tries again each interval, not each batch (which would
+        sign a checkpoint per batch)."""
+        from popproxy.audit import _sinks
+
+        path = tmp_path / "audit.jsonl"
+        signer = CountingSigner()
+        counts = Counts()
+        trail = open_audit(AuditConfig(enabled=True, sink="file", path=path, rotate_size=600,
+                                       signer=signer, checkpoint_interval=60.0), counts)
+        assert trail is not None
+        real_rename = os.rename
+
+        def no_rename(src: Any, dst: Any) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(_sinks.os, "rename", no_rename)
+        async with writing_behind(trail):
+            for i in range(10):
+                session(trail, f"s{i}")
+                await trio.testing.wait_all_tasks_blocked()
+            assert rotated_files(path) == []
+            assert len(signer.calls) == 1  # the first attempt signed the file's end
+            assert counts.errors == 1
+            monkeypatch.setattr(_sinks.os, "rename", real_rename)
+            await elapse(mock_clock, 61.0)
+            assert len(rotated_files(path)) == 1
+            assert len(signer.calls) == 2
+        trail.close()
+        files = [*rotated_files(path), path]
+        assert verify_trail([(str(f), f.read_bytes()) for f in files],
+                            verifiers=[signer.verifier]).ok
+
     async def test_the_copy_follows_a_sync_of_the_trail(
         self, tmp_path: Path, mock_clock: trio.testing.MockClock,
         monkeypatch: pytest.MonkeyPatch

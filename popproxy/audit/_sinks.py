@@ -195,6 +195,11 @@ class FileSink:
         """With ``auto_rotate = False``: the file has reached ``rotate_size``."""
         return self.rotate_size is not None and self.size >= self.rotate_size
 
+    @property
+    def rotate_failed(self) -> bool:
+        """The last rotation could not rename the file (logged once)."""
+        return self._rotate_failed
+
     def rotate(self) -> None:
         """Sync and rename the live file now; the next write starts a new one.
         A failure is logged and reported (``on_error``); the file goes on."""

@@ -289,7 +289,7 @@ class AuditTrail:
         self._copy_file = (CheckpointFile(config.checkpoint_path)
                            if self.signer is not None and config.checkpoint_path else None)
         self.checkpoints = 0  # written so far
-        self._file_sinks = [s for s in sinks if isinstance(s, FileSink)]
+        self._file_sinks = [s for s in sinks if isinstance(s, FileSink)]  # to sync
         # Proxy._emit calls the observer only for the events the builder uses.
         self.event_types = self.builder.event_types
         self._log = structlog.wrap_logger(
@@ -412,7 +412,7 @@ class AuditTrail:
                 await self._checkpoint_due.wait()
             self._checkpoint_due = trio.Event()
             try:
-                if self._rotation_wanted:
+                if self._rotation_wanted or self._rotation_due(retry=True):
                     self._seal_and_rotate()
                 elif self._since_checkpoint or self._batch:
                     self.checkpoint()  # writes what waits first
@@ -463,6 +463,16 @@ class AuditTrail:
             self._copies.append(line)
         self._just_signed.append(head.seq)
         return line
+
+    def _rotation_due(self, *, retry: bool) -> bool:
+        """A file the trail rotates has reached ``rotate_size`` (and its lines
+        are all written).  After a rename that failed, only when ``retry``:
+        the checkpoint task tries again once an interval, not every batch."""
+        return any(
+            isinstance(w.sink, FileSink) and not w.sink.auto_rotate and not w.pending
+            and w.sink.rotation_due and (retry or not w.sink.rotate_failed)
+            for w in self._writers
+        )
 
     def _seal_and_rotate(self) -> None:
         """End the live file with a checkpoint, then rotate it."""
@@ -530,15 +540,13 @@ class AuditTrail:
             self._queued = True
             self._count_error()
         self._count_written()
-        if self.signer is not None and not self._sealing and not self._rotation_wanted:
-            for sink in self._file_sinks:
-                if not sink.auto_rotate and sink.rotation_due:
-                    # Sign the file's end, then rotate: write_behind's task
-                    # does it, or _flush when there is none.
-                    self._rotation_wanted = True
-                    if self._checkpoint_task:
-                        self._checkpoint_due.set()
-                    break
+        if (self.signer is not None and not self._sealing and not self._rotation_wanted
+                and self._rotation_due(retry=False)):
+            # Sign the file's end, then rotate: write_behind's task does it,
+            # or _flush when there is none.
+            self._rotation_wanted = True
+            if self._checkpoint_task:
+                self._checkpoint_due.set()
 
     def _count_written(self) -> None:
         """Count the records that have now reached every sink."""
