@@ -265,7 +265,6 @@ class TestWriteBehind:
         """A rename that fails is logged and counted once; the file goes on
         and the task tries again each interval, not each batch (which would
         sign a checkpoint per batch)."""
-        from popproxy.audit import _sinks
 
         path = tmp_path / "audit.jsonl"
         signer = CountingSigner()
@@ -278,7 +277,7 @@ class TestWriteBehind:
         def no_rename(src: Any, dst: Any) -> None:
             raise PermissionError(1, "Operation not permitted")
 
-        monkeypatch.setattr(_sinks.os, "rename", no_rename)
+        monkeypatch.setattr(os, "rename", no_rename)
         async with writing_behind(trail):
             for i in range(10):
                 session(trail, f"s{i}")
@@ -286,7 +285,7 @@ class TestWriteBehind:
             assert rotated_files(path) == []
             assert len(signer.calls) == 1  # the first attempt signed the file's end
             assert counts.errors == 1
-            monkeypatch.setattr(_sinks.os, "rename", real_rename)
+            monkeypatch.setattr(os, "rename", real_rename)
             await elapse(mock_clock, 61.0)
             assert len(rotated_files(path)) == 1
             assert len(signer.calls) == 2
