@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.tls_bench
 	$(BIN)/python -m benchmarks.metrics_bench
 	$(BIN)/python -m benchmarks.audit_bench
+	$(BIN)/python -m benchmarks.audit_bench --checkpoints
 	$(BIN)/python -m benchmarks.routing_bench
 
 # The working tree against another revision, interleaved, twice:
