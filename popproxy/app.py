@@ -28,9 +28,13 @@ from .events import Event, SessionClosed
 from .logs import log_observer
 from .metrics import Metrics
 from .observe import SessionInfo, listens_to
-from .policy.engine import BUILTIN_RULE_NAMES, PolicyEngine, SwitchablePolicy
+from .policy import Deny
+from .policy.engine import BUILTIN_RULE_NAMES, SwitchablePolicy
+from .policy.shared import SharedEngine, engine_for
 from .routing import AuthHttpClient, Router, UserMap, load_map_file
 from .server import Proxy, serve
+from .state import StateError, open_state
+from .state.client import StateClient
 from .tls import TLSContexts, check_files
 
 __all__ = ["App", "build", "load", "reload", "run", "user_map"]
@@ -102,7 +106,8 @@ _last_map: dict[tuple[str, int, int, frozenset[str]], UserMap] = {}
 def build(config: Config, registry: CollectorRegistry | None = None) -> App:
     """A proxy with policy and the log and metrics observers attached
     (and, in routed mode, its router)."""
-    policy = SwitchablePolicy(PolicyEngine(config.policy))
+    policy = SwitchablePolicy(engine_for(config.policy, config.state.backend,
+                                         config.state.on_error))
     proxy = Proxy(config, observers=[log_observer], policy=policy)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     _announce_rules(metrics, config)
@@ -130,7 +135,7 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
     Reloadable: policy (rules, mode, protections), limits and listener
     settings (certificates are read again) for new sessions and commands.
     Rate-limit state survives for rules whose name did not change.  Listen
-    and upstream addresses, [audit] and [metrics] need a restart.
+    and upstream addresses, [audit], [metrics] and [state] need a restart.
     """
     old = app.proxy.config
     try:
@@ -165,6 +170,12 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
             app._count_reload()
             return False
         app.proxy.pools_for(new)
+    if new.state != old.state:
+        # The connection to the shared state, and which engine asks it, are
+        # made at start: a live session may hold leases in the old one.
+        logger.warning("config.reload_partial",
+                       detail="[state] changes take effect after a restart")
+        new = replace(new, state=old.state)
     if new.audit != old.audit or new.metrics != old.metrics:
         # The audit trail tracks every live session (marks, retrievals) to
         # write its records; swapping it under them would lose that, so
@@ -208,7 +219,10 @@ async def run(
     # run every few hundred allocations on the per-command path.
     gc.freeze()
     try:
-        async with app.hook or _nothing(), trio.open_nursery() as nursery:
+        async with app.hook or _nothing(), _shared_state(app) as state, \
+                trio.open_nursery() as nursery:
+            if state is not None:
+                await nursery.start(state.renew_leases)
             if trail is not None:
                 # Audit records wait up to 10 ms and are written together
                 # (see popproxy.audit._trail).
@@ -229,6 +243,46 @@ async def run(
 @asynccontextmanager
 async def _nothing() -> AsyncIterator[None]:
     yield
+
+
+@asynccontextmanager
+async def _shared_state(app: App) -> AsyncIterator[StateClient | None]:
+    """With ``[state] backend = "redis"``: connect, and let the policy's
+    questions reach it (``Proxy.state``) and the per-IP cap be asked as a
+    gate.  Nothing with ``memory``: the engine then counts in-process."""
+    config = app.proxy.config.state
+    if config.backend == "memory":
+        yield None
+        return
+    try:
+        async with open_state(config) as backend:
+            client = StateClient(backend, lease_time=config.lease_time,
+                                 errors=app.metrics.state_error)
+            app.proxy.state = client
+            policy = app.policy
+
+            async def per_ip_cap(info: SessionInfo) -> str | None:
+                engine = policy.current
+                ask = engine.client_lease(info.client) if isinstance(engine, SharedEngine) else None
+                if ask is None:
+                    return None
+                decision = await client.decide(ask, info.id)
+                if isinstance(decision, Deny):
+                    return decision.reply.removeprefix(b"-ERR [SYS/TEMP] ").rstrip().decode()
+                return None
+
+            app.proxy.gates.append(per_ip_cap)
+            logger.info("state.ready", backend=config.backend, url=config.redacted_url,
+                        on_error=config.on_error)
+            try:
+                yield client
+            finally:
+                app.proxy.gates.remove(per_ip_cap)
+                app.proxy.state = None
+    except StateError as exc:
+        # Cannot even set the client up (a bad TLS setting, say): the
+        # proxy must not start half-configured.
+        raise ConfigError(f"state.url: {exc.reason}") from None
 
 
 def _announce_rules(metrics: Metrics, config: Config) -> None:

@@ -31,6 +31,7 @@ from .confparse import (
 )
 from .policy.config import PolicyConfig, parse_policy
 from .routing.config import RoutingConfig, parse_routing
+from .state.config import StateConfig, parse_state
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TLS_MODES = ("none", "implicit", "starttls")
@@ -43,6 +44,7 @@ __all__ = [
     "ListenConfig",
     "LogConfig",
     "MetricsConfig",
+    "StateConfig",
     "UpstreamConfig",
     "load_config",
     "parse_address",
@@ -133,6 +135,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     # ``[upstream]`` (as ``default``) and every ``[upstreams.NAME]``.
     upstreams: tuple[UpstreamConfig, ...] = ()
     # ``[routing]``: routed mode; None: transparent mode.
@@ -335,6 +338,7 @@ _SECTIONS = {
     "audit": parse_audit,
     "metrics": parse_metrics,
     "policy": parse_policy,
+    "state": parse_state,
 }
 
 
@@ -363,6 +367,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         audit=parse_audit(raw["audit"]) if "audit" in raw else AuditConfig(),
         metrics=parse_metrics(raw.get("metrics", {})),
         policy=parse_policy(raw.get("policy", {})),
+        state=parse_state(raw["state"]) if "state" in raw else StateConfig(),
         upstreams=upstreams,
         routing=routing,
     )

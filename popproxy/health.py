@@ -8,8 +8,10 @@ blocking call, a deadlock), which a restart would cure.
 ``/readyz`` (readiness) says the proxy can take sessions: its listeners
 accept (``Proxy.listening``, false while draining) and the upstream (in
 routed mode: ``routing.default``'s, else the first named one) has an address
-that accepts a TCP connection.  Every address of every upstream is probed
-for ``popproxy_upstream_up{upstream,address}``, which is 0 also while a
+that accepts a TCP connection.  While the shared state (``[state] backend =
+"redis"``) fails, it answers 200 with a body starting "degraded:".
+Every address of every upstream is probed for
+``popproxy_upstream_up{upstream,address}``, which is 0 also while a
 session's failed connect has the address marked down in the pool.  The
 probes run on the HTTP thread with a short timeout and their results are
 cached for a few seconds, so a burst of probes or scrapes does not turn
@@ -141,4 +143,12 @@ class Health:
         alive, why = self.alive()
         if not alive:
             return False, why
+        state = getattr(self.proxy, "state", None)
+        health = state.health() if state is not None else None
+        if health is not None and health.degraded:
+            # Still ready: on_error says what sessions get meanwhile, and
+            # every replica shares the same Redis, so taking this one out
+            # of the load balancer would help no client.
+            return True, (f"degraded: shared state ({health.backend}) failing: "
+                          f"{health.last_error_op}: {health.last_error_reason}")
         return True, "ready"

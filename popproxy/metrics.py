@@ -75,6 +75,7 @@ from .observe import SessionInfo
 from .pop3 import KNOWN_VERBS
 from .routing import OUTCOMES as ROUTE_OUTCOMES
 from .routing import SOURCES as ROUTE_SOURCES
+from .state.base import OPS as STATE_OPS
 
 __all__ = [
     "AUTH_MECHANISMS",
@@ -334,6 +335,12 @@ class Metrics:
             ["source"], buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
         )
 
+        self.state_errors = Counter(
+            "popproxy_state_errors", "Shared state ([state] backend = \"redis\"): calls "
+            "that failed or timed out, by operation; on_error said what happened instead.",
+            ["op"], registry=r,
+        )
+
         # Audit and configuration
         self.audit_records = Counter(
             "popproxy_audit_records", "Audit records written.", registry=r
@@ -395,6 +402,7 @@ class Metrics:
             for source in ROUTE_SOURCES for outcome in ROUTE_OUTCOMES}
         self._lookup_durations: dict[str, Histogram] = {
             source: self.route_lookup_duration.labels(source) for source in ROUTE_SOURCES}
+        self._state_errors = {op: self.state_errors.labels(op) for op in STATE_OPS}
         self.config_last_reload_successful.set(1)
         self.config_last_reload_success.set_to_current_time()
 
@@ -514,6 +522,11 @@ class Metrics:
         if child is not None:
             child.inc()
             self._lookup_durations[source].observe(seconds)
+
+    def state_error(self, op: str) -> None:
+        """A shared-state call failed (``state.StateClient``'s ``errors``)."""
+        child = self._state_errors.get(op)
+        (child if child is not None else self.state_errors.labels(op)).inc()
 
     def config_reload(self, ok: bool) -> None:
         """A configuration reload (SIGHUP) succeeded or was rejected."""

@@ -22,6 +22,7 @@ from .front import Credentials
 from .observe import SessionInfo
 from .routed import RoutedSession
 from .session import Output, Session
+from .state.client import StateClient
 from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import LoginOutcome
 
@@ -72,7 +73,7 @@ class Relay:
     def __init__(
         self, config: Config, tls: TLSContexts, emit: Emit, conn: Connection,
         upstream: Stream | None, session: Session, info: SessionInfo, stats: Stats,
-        route_login: RouteLogin | None = None,
+        route_login: RouteLogin | None = None, state: StateClient | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
@@ -81,6 +82,7 @@ class Relay:
         # In routed mode there is none until a login succeeded.
         self.upstream = upstream
         self.route_login = route_login
+        self.state = state  # puts policy's questions to the shared state
         self.session = session
         self.info = info
         self.stats = stats
@@ -258,6 +260,16 @@ class Relay:
             if out.close is not None:
                 self.finish(out.close)
                 return
+            if out.effects or out.ask is not None:
+                # Shared state: updates first (a failed login is counted
+                # before the next one is judged), then the question the
+                # session waits on.  Each call is bounded by state.timeout.
+                assert self.state is not None
+                await self.state.apply(out.effects)
+                if out.ask is not None:
+                    decision = await self.state.decide(out.ask, self.info.id)
+                    out = self.session.answered(decision, trio.current_time())
+                    continue
             if out.login is not None:
                 out = await self.log_in(out.login)
                 continue

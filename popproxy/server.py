@@ -39,6 +39,7 @@ from .relay import RECEIVE_SIZE, Connection, Relay, Stats, send_quietly
 from .routed import RoutedSession
 from .routing import Pools, Router
 from .session import Session, SessionLimits
+from .state.client import StateClient
 from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import LoginOutcome, open_pool, route_login
 
@@ -57,6 +58,8 @@ Stream = trio.abc.Stream
 ConnectUpstream = Callable[[], Awaitable[Stream]]
 # Asked with the client's address before a session starts: a reason refuses it.
 Admission = Callable[[str], "str | None"]
+# Asked after every Admission said yes: may await (the shared per-IP cap).
+Gate = Callable[[SessionInfo], Awaitable["str | None"]]
 
 
 def session_limits(limits: LimitsConfig) -> SessionLimits:
@@ -82,16 +85,21 @@ class Proxy:
 
     ``admission`` callables are asked before each new session; one that
     returns a reason refuses the session with ``-ERR [SYS/TEMP] <reason>``
-    (the audit's ``fail_closed`` uses this).  ``listening`` is true while the
-    listeners accept (for readiness probes).  ``observers`` may be changed
-    at any time (see ``observe.Dispatcher``).
+    (the audit's ``fail_closed`` uses this).  ``gates`` are asked after
+    them, only when all said yes, and may wait (the shared state's per-IP
+    cap).  ``state``: the shared state, when policy asks it questions.
+    ``listening`` is true while the listeners accept (for readiness
+    probes).  ``observers`` may be changed at any time (see
+    ``observe.Dispatcher``).
     """
 
     config: Config
     observers: list[Observer] = field(default_factory=list)
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
     policy: Policy = allow_all
+    state: StateClient | None = None
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())
     active: int = 0
     listening: bool = False
@@ -197,6 +205,10 @@ class Proxy:
             # Whatever ended the session, the core reports what was cut
             # short (a RETR in flight, marks) before the session is closed.
             end = session.close(ending.reason)
+            if self.state is not None:
+                # Session-cap slots go back (bounded by state.timeout).
+                await self.state.release(info.id)
+                now = trio.current_time()
             self._emit(info, [
                 *end.events,
                 SessionClosed(ending.reason, now - started, stats.rx, stats.tx,
@@ -231,7 +243,12 @@ class Proxy:
         # and SessionClosed un-counts them all.
         refusals = [admit(info.client) for admit in self.admission]
         refusal = next((r for r in refusals if r is not None), None)
-        if self.active > self.config.limits.max_sessions:
+        over = self.active > self.config.limits.max_sessions
+        for gate in self.gates if refusal is None and not over else ():
+            refusal = await gate(info)
+            if refusal is not None:
+                break
+        if over:
             ending.reason = EndReason.SESSION_LIMIT
         elif refusal is not None:
             ending.reason, ending.detail = EndReason.REFUSED, refusal
@@ -309,7 +326,8 @@ class Proxy:
                     client_tls=isinstance(conn.client, trio.SSLStream),
                 )
 
-            relay = Relay(cfg, self.tls, self._emit, conn, None, session, info, stats, login)
+            relay = Relay(cfg, self.tls, self._emit, conn, None, session, info, stats, login,
+                          self.state)
             return await relay.run(b"")
         link, events, error = await open_pool(
             cfg.upstream, pools.candidates(cfg.upstream.name), pools=pools,
@@ -329,7 +347,8 @@ class Proxy:
             return why
         self._emit(info, events)
         try:
-            relay = Relay(cfg, self.tls, self._emit, conn, link.stream, session, info, stats)
+            relay = Relay(cfg, self.tls, self._emit, conn, link.stream, session, info, stats,
+                          state=self.state)
             return await relay.run(link.greeting)
         finally:
             with trio.CancelScope(shield=True):

@@ -39,6 +39,7 @@ BUILTIN_RULE_NAMES = (
     "builtin:login-throttle",
     "builtin:max-message-size",
     "builtin:max-sessions-per-user",
+    "builtin:shared-state",  # [state] on_error = "deny" while the shared state fails
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -148,10 +149,14 @@ class PolicyEngine:
             if result is not None:
                 return result
         if completes_login(command):
-            keys = self._failure_keys(facts, command)
-            return self._throttle(keys, self._local_failures(keys, now), facts, command, now,
-                                  notes)
+            return self._login_throttle(facts, command, now, notes)
         return self._after_throttle(facts, command, now, notes)
+
+    def _login_throttle(
+        self, facts: Facts, command: Command, now: float, notes: list[Note]
+    ) -> Decision | Ask:
+        keys = self._failure_keys(facts, command)
+        return self._throttle(keys, self._local_failures(keys, now), facts, command, now, notes)
 
     def _failure_keys(self, facts: Facts, command: Command) -> tuple[str, ...]:
         """The failed-login keys of a login: its client address and its user."""
@@ -372,27 +377,43 @@ class PolicyEngine:
 
     def observe(self, facts: Facts, event: Event, now: float) -> Effect | None:
         if isinstance(event, AuthResult):
-            ip = facts.client_ip or host_of(facts.client)
-            p = self.config.protections
             if event.ok:
                 if event.user:
                     self.state.failures.clear("user:" + event.user)
                 return None
-            if event.code in _NOT_CREDENTIAL_FAILURES:
-                return None  # right password, busy mailbox: not a guess to count
-            keep = max(p.login_failures_per_ip, p.login_failures_per_user)
-            if ip:
-                self.state.failures.add("ip:" + ip, now, keep)
-            if event.user:
-                self.state.failures.add("user:" + event.user, now, keep)
+            keys = self._failed_login_keys(facts, event)
+            keep = self._failures_kept()
+            for key in keys:
+                self.state.failures.add(key, now, keep)
         elif (
             isinstance(event, Response) and event.ok and not event.local
             and event.command.verb in RETRIEVE
         ):
-            self._charge_octets(facts, event.command.verb, event.octets, now)
+            for rule, key in self._octet_budgets(facts, event.command.verb, now):
+                assert rule.limit is not None
+                bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
+                bucket.take(now, event.octets)
         return None
 
-    def _charge_octets(self, facts: Facts, verb: str, octets: int, now: float) -> None:
+    @staticmethod
+    def _failed_login_keys(facts: Facts, event: AuthResult) -> tuple[str, ...]:
+        """The keys a failed login counts under (none when the credentials
+        were not the problem: right password, busy mailbox)."""
+        if event.code in _NOT_CREDENTIAL_FAILURES:
+            return ()
+        ip = facts.client_ip or host_of(facts.client)
+        return tuple(k for k in (f"ip:{ip}" if ip else "",
+                                 f"user:{event.user}" if event.user else "") if k)
+
+    def _failures_kept(self) -> int:
+        p = self.config.protections
+        return max(p.login_failures_per_ip, p.login_failures_per_user)
+
+    def _octet_budgets(
+        self, facts: Facts, verb: str, now: float
+    ) -> list[tuple[Rule, str]]:
+        """The octet-budget rules a retrieval is charged to, with their keys."""
+        found: list[tuple[Rule, str]] = []
         when: dt.datetime | None = None
         for rule in self.config.rules:
             if rule.action != "rate_limit" or rule.limit is None or not rule.limit.octets:
@@ -403,8 +424,8 @@ class PolicyEngine:
                 continue
             key = self._bucket_key(rule, facts)
             if key is not None:
-                bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
-                bucket.take(now, octets)
+                found.append((rule, key))
+        return found
 
     def admit_login(self, facts: Facts, user: str, now: float) -> Deny | Ask | None:
         limit = self.config.protections.max_sessions_per_user

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Bucket", "BucketTable", "Limit", "Rate"]
+__all__ = ["Bucket", "BucketTable", "Limit", "Rate", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,25 @@ class Limit:
         rule names have no ``/``."""
         return f"rl:{self.rule}/{self.subject}"
 
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to ``take``: per limit, in the order asked, the seconds to
+    wait before it would admit (0.0: it admits now); ``charged`` says whether
+    the costs were taken (only when all admit, or when forced)."""
+
+    waits: tuple[float, ...]
+    charged: bool
+
+    @property
+    def allowed(self) -> bool:
+        return all(w == 0.0 for w in self.waits)
+
+    @property
+    def retry_after(self) -> float:
+        """The longest wait (0.0 when allowed)."""
+        return max(self.waits, default=0.0)
 
 
 class Bucket:

@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..policy.ratelimit import Limit
+from ..policy.ratelimit import Limit, Verdict
 
 __all__ = [
+    "OPS",
     "Limit",
     "SharedState",
     "StateError",
@@ -39,24 +40,10 @@ __all__ = [
 
 Clock = Callable[[], float]
 
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The answer to ``take``: per limit, in the order asked, the seconds to
-    wait before it would admit (0.0: it admits now); ``charged`` says whether
-    the costs were taken (only when all admit, or when forced)."""
-
-    waits: tuple[float, ...]
-    charged: bool
-
-    @property
-    def allowed(self) -> bool:
-        return all(w == 0.0 for w in self.waits)
-
-    @property
-    def retry_after(self) -> float:
-        """The longest wait (0.0 when allowed)."""
-        return max(self.waits, default=0.0)
+#: The operations, as ``StateError.op`` and ``popproxy_state_errors_total{op}``
+#: name them ("connect": opening the client at start).
+OPS = ("take", "charge", "record_failure", "count_failures", "clear_failures",
+       "acquire_lease", "renew_leases", "release_leases", "connect")
 
 
 class StateError(Exception):
