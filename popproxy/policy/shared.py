@@ -77,6 +77,9 @@ class SharedEngine(PolicyEngine):
         super().__init__(config, wallclock=wallclock, state=state)
         self.on_error = on_error
         self._limits: dict[tuple[str, str], Limit] = {}
+        # Users a login's question found without failed logins: their
+        # success needs no clearing (a round trip saved on most logins).
+        self._clean: dict[str, None] = {}
 
     def reloaded(self, config: PolicyConfig) -> SharedEngine:
         return SharedEngine(config, on_error=self.on_error, wallclock=self.wallclock,
@@ -89,6 +92,14 @@ class SharedEngine(PolicyEngine):
             return None
         notes.append(Note("builtin:shared-state", "deny", True))
         return Deny(UNAVAILABLE.reply, UNAVAILABLE.rule, notes=tuple(notes))
+
+    def _seen(self, key: str, *, clean: bool) -> None:
+        if not clean:
+            self._clean.pop(key, None)
+            return
+        if len(self._clean) >= _MAX_LIMITS:
+            del self._clean[next(iter(self._clean))]
+        self._clean[key] = None
 
     def _limit(self, rule: Rule, subject: str) -> Limit:
         key = (rule.name, subject)
@@ -118,6 +129,9 @@ class SharedEngine(PolicyEngine):
                 counts = self._local_failures(keys, now)
             else:
                 counts = answer  # type: ignore[assignment]
+                for key, count in zip(keys, counts, strict=True):
+                    if key.startswith("user:"):
+                        self._seen(key, clean=not count)
             return self._throttle(keys, counts, facts, command, now, notes)
 
         window = self.config.protections.login_failure_window
@@ -178,7 +192,16 @@ class SharedEngine(PolicyEngine):
         super().observe(facts, event, now)  # this process's counts
         if isinstance(event, AuthResult):
             if event.ok:
-                return ClearFailures((f"user:{event.user}",)) if event.user else None
+                # Not when the login's question found none (AUTH does not
+                # name the user in time: then always).  A failure another
+                # session recorded in between stays until the window ends.
+                if not event.user:
+                    return None
+                key = f"user:{event.user}"
+                if key in self._clean:
+                    del self._clean[key]
+                    return None
+                return ClearFailures((key,))
             keys = self._failed_login_keys(facts, event)
             if not keys:
                 return None
