@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.tls_bench
 	$(BIN)/python -m benchmarks.metrics_bench
 	$(BIN)/python -m benchmarks.audit_bench
+	$(BIN)/python -m benchmarks.audit_bench --checkpoints
+	$(BIN)/python -m benchmarks.routing_bench
 	$(BIN)/python -m benchmarks.workers_bench
 
 # The working tree against another revision, interleaved, twice:

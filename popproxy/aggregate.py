@@ -9,11 +9,10 @@ supervisor asks all of them at once and merges:
 
 * counters and histograms are summed, sample by sample; so are gauges
   (``popproxy_sessions_active`` of two workers is the sessions of both);
-* ``metrics.WORKER_MERGE`` names the exceptions: ``max`` or ``min`` over the
+* ``WORKER_MERGE`` names the exceptions: ``max`` or ``min`` over the
   workers and the supervisor (timestamps, ``..._successful`` flags, build
-  info), or ``supervisor``, the supervisor's own value alone (the upstream
-  probe, which it runs once for all; configuration reloads, which it
-  decides once for all);
+  info, the upstream addresses' state), or ``supervisor``, the supervisor's
+  own value alone (configuration reloads, which it decides once for all);
 * a worker that died leaves its last answered counters and histograms
   behind (``Retired``), so a total never goes down when a worker is
   replaced, which Prometheus would take for a counter reset.  What it
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
 
 from .health import Health, ProxyStatus
@@ -40,8 +40,10 @@ from .worker import Channel
 
 __all__ = [
     "SUMMED_TYPES",
+    "WORKER_MERGE",
     "Retired",
     "WorkerHealth",
+    "WorkerMetrics",
     "WorkersCollector",
     "WorkersHealth",
     "ask_all",
@@ -87,6 +89,57 @@ def _rule(family: Metric | _Family, rules: Mapping[str, str]) -> str:
     return "max" if family.type in _MAX_TYPES else "sum"
 
 
+# --------------------------------------------------------------------------
+# The rules, and the supervisor's own metrics
+# --------------------------------------------------------------------------
+
+#: How the supervisor's one ``/metrics`` combines a family over its workers
+#: (``merge``), where summing, the default, would be wrong:
+#: ``max``/``min`` over the workers and the supervisor's own value, or
+#: ``supervisor``, the supervisor's value alone.  A gauge added to
+#: ``Metrics`` that must not be summed over processes belongs here.
+WORKER_MERGE: Final = {
+    "popproxy_build": "max",
+    # Each worker's probes and its pools' marks: an address is up when it
+    # is up for every worker.
+    "popproxy_upstream_up": "min",
+    # A reload is decided once, by the supervisor (which checks the file
+    # and passes SIGHUP on only when it is valid), not once per worker.
+    "popproxy_config_reload": "supervisor",
+    "popproxy_config_last_reload_successful": "min",
+    "popproxy_config_last_reload_success_timestamp_seconds": "max",
+}
+
+
+class WorkerMetrics:
+    """The supervisor's own metrics of its worker processes.
+
+    Labelled by worker number (1..``workers``, a restarted worker keeps
+    its number), so the label set is as small as the configuration.
+    """
+
+    def __init__(self, registry: CollectorRegistry, workers: int) -> None:
+        self.up = Gauge(
+            "popproxy_worker_up", "1 while worker process N runs, 0 while it waits to be "
+            "restarted (or has stopped, when draining).",
+            ["worker"], registry=registry,
+        )
+        self.restarts = Counter(
+            "popproxy_worker_restarts", "Worker processes restarted after they exited "
+            "unasked, by worker number.",
+            ["worker"], registry=registry,
+        )
+        for n in range(1, workers + 1):
+            self.up.labels(str(n))
+            self.restarts.labels(str(n))
+
+    def running(self, worker: int, up: bool) -> None:
+        self.up.labels(str(worker)).set(1 if up else 0)
+
+    def restarted(self, worker: int) -> None:
+        self.restarts.labels(str(worker)).inc()
+
+
 class Retired:
     """What dead workers counted: their last answered counters and histograms."""
 
@@ -113,7 +166,7 @@ def merge(
     """The supervisor's families and its workers' as one exposition.
 
     Families come in the supervisor's order, then any only workers have;
-    samples in the order first seen.  ``rules`` (``metrics.WORKER_MERGE``)
+    samples in the order first seen.  ``rules`` (``WORKER_MERGE``)
     maps a family name to ``sum``, ``max``, ``min`` or ``supervisor``.
     """
     out: dict[str, _Family] = {}
@@ -213,6 +266,7 @@ class WorkerHealth:
     alive: bool
     listening: bool
     why: str  # "ok", or what is wrong, naming the worker
+    degraded: str | None = None  # "degraded: ..." while its shared state fails
 
 
 class WorkersHealth(Health):
@@ -222,7 +276,8 @@ class WorkersHealth(Health):
     runs and answers, with an event loop that beats (a worker that died
     and waits for its restart, or is stuck, fails it).  ``/readyz``: not
     draining, every worker accepts on the listeners, the upstream accepts a
-    connection (probed once, by the supervisor, not by every worker).
+    connection (probed once, by the supervisor, not by every worker); and
+    "degraded: ..." (still 200) while a worker's shared state fails.
     """
 
     def __init__(self, status: ProxyStatus, workers: Callable[[], list[WorkerHealth]],
@@ -249,7 +304,8 @@ class WorkersHealth(Health):
         alive, why = self._own()
         if not alive:
             return alive, why
-        for w in self.workers():
+        workers = self.workers()
+        for w in workers:
             if not w.alive:
                 return False, w.why
             if not w.listening:
@@ -257,4 +313,7 @@ class WorkersHealth(Health):
         error = self.upstream_error()
         if error is not None:
             return False, error
+        for w in workers:
+            if w.degraded is not None:
+                return True, f"{w.degraded} (worker {w.worker})"
         return True, "ready"

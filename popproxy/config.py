@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .confparse import (
     parse_size,
 )
 from .policy.config import PolicyConfig, parse_policy
+from .routing.config import RoutingConfig, parse_routing
 from .state.config import StateConfig, parse_state
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,6 +77,12 @@ class ListenConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
+    """One upstream: ``[upstream]`` (named ``default``) or ``[upstreams.NAME]``.
+
+    ``address`` and then ``fallbacks`` are its pool: tried in that order, an
+    address that fails to connect or greet skipped for ``routing.down_time``.
+    """
+
     address: HostPort = HostPort("127.0.0.1", 110)
     connect_timeout: float = 5.0
     # How long a command may wait for the upstream's next octet.
@@ -86,6 +94,13 @@ class UpstreamConfig:
     # Tell the upstream who the client is: Dovecot's XCLIENT (when its
     # greeting says [XCLIENT]) or a PROXY protocol header.
     forward_client: str = "none"  # "none" | "xclient" | "proxy-v1" | "proxy-v2"
+    name: str = "default"
+    fallbacks: tuple[HostPort, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[HostPort, ...]:
+        """The pool, in the order addresses are tried."""
+        return (self.address, *self.fallbacks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +157,27 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenConfig, ...] = (ListenConfig(),)
+    # The upstream of transparent mode: ``[upstream]``.  In routed mode it is
+    # ``routing.default``'s (or the first named one), for health checks.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    # ``[upstream]`` (as ``default``) and every ``[upstreams.NAME]``.
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    # ``[routing]``: routed mode; None: transparent mode.
+    routing: RoutingConfig | None = None
+
+    def named_upstream(self, name: str) -> UpstreamConfig:
+        """``[upstreams.NAME]``, or ``[upstream]`` for ``default``."""
+        for upstream in self.upstreams or (self.upstream,):
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -226,13 +254,22 @@ def _listeners(raw: object) -> tuple[ListenConfig, ...]:
     return (_listen(raw),)
 
 
-def _upstream(raw: object) -> UpstreamConfig:
-    s = Section(raw, "upstream")
+def _upstream(raw: object, name: str = "default", key: str = "upstream") -> UpstreamConfig:
+    s = Section(raw, key)
     d = UpstreamConfig()
     if not s.has("address"):
-        raise ConfigError("upstream.address: required (the POP3 server to proxy to)")
+        raise ConfigError(f"{key}.address: required (the POP3 server to proxy to)")
+    value = s.get("address")
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{key}.address: give at least one address")
+        pool = tuple(parse_address(v, f"{s.key('address')}[{i}]") for i, v in enumerate(value))
+    else:
+        pool = (parse_address(value, s.key("address")),)
     cfg = UpstreamConfig(
-        address=parse_address(s.get("address"), s.key("address")),
+        address=pool[0],
+        fallbacks=pool[1:],
+        name=name,
         connect_timeout=parse_duration(
             s.get("connect_timeout", d.connect_timeout), s.key("connect_timeout")
         ),
@@ -250,6 +287,28 @@ def _upstream(raw: object) -> UpstreamConfig:
     )
     s.finish()
     return cfg
+
+
+def _upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, ...]:
+    """``[upstream]`` (the one named ``default``) and ``[upstreams.NAME]``."""
+    found: list[UpstreamConfig] = []
+    if "upstream" in raw:
+        found.append(_upstream(raw["upstream"]))
+    named = raw.get("upstreams", {})
+    if not isinstance(named, Mapping):
+        raise ConfigError("upstreams: expected tables such as [upstreams.legacy]")
+    for name, table in named.items():
+        if not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(f"upstreams.{name}: a name is letters, digits, '-' and '_'")
+        if name == "default" and "upstream" in raw:
+            raise ConfigError("upstreams.default: [upstream] is already the one named default")
+        if name == "http":
+            raise ConfigError("upstreams.http: 'http' stands for servers the auth hook names")
+        found.append(_upstream(table, name, f"upstreams.{name}"))
+    return tuple(found)
+
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _limits(raw: object) -> LimitsConfig:
@@ -317,6 +376,8 @@ def _server(raw: object) -> ServerConfig:
 _SECTIONS = {
     "listen": _listeners,
     "upstream": _upstream,
+    "upstreams": _upstreams,
+    "routing": parse_routing,
     "limits": _limits,
     "log": _log,
     "audit": parse_audit,
@@ -332,18 +393,30 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     for name in raw:
         if name not in _SECTIONS:
             raise ConfigError(f"{name}: unknown section")
-    if "upstream" not in raw:
-        raise ConfigError("upstream: required section (where is the POP3 server?)")
+    if "routing" not in raw:
+        if "upstreams" in raw:
+            raise ConfigError("upstreams: named upstreams are only used with [routing]")
+        if "upstream" not in raw:
+            raise ConfigError("upstream: required section (where is the POP3 server?)")
+    upstreams = _upstreams(raw)
+    if not upstreams:
+        raise ConfigError("upstreams: [routing] needs [upstream] or [upstreams.NAME] tables")
+    routing = (parse_routing(raw["routing"], frozenset(u.name for u in upstreams))
+               if "routing" in raw else None)
+    default = next((u for u in upstreams if routing is not None and u.name == routing.default),
+                   upstreams[0])
     return Config(
         listeners=_listeners(raw.get("listen", {})),
-        upstream=_upstream(raw["upstream"]),
+        upstream=default,
         limits=_limits(raw.get("limits", {})),
         log=_log(raw.get("log", {})),
         audit=parse_audit(raw["audit"]) if "audit" in raw else AuditConfig(),
         metrics=parse_metrics(raw.get("metrics", {})),
         policy=parse_policy(raw.get("policy", {})),
-        server=_server(raw.get("server", {})),
         state=parse_state(raw["state"]) if "state" in raw else StateConfig(),
+        upstreams=upstreams,
+        routing=routing,
+        server=_server(raw.get("server", {})),
     )
 
 

@@ -124,7 +124,7 @@ async def serve_metrics(
     if config.address is None:
         raise ValueError("serve_metrics: [metrics] address is not set")
     health = Health(proxy)
-    metrics.upstream_up.set_function(health.upstream_up)
+    metrics.upstream_up.source = health.upstreams
     await serve_http(config.address, make_app(metrics.registry, health), health,
                      task_status=task_status)
 

@@ -229,12 +229,20 @@ class Deletions(Event):
 
 @dataclass(frozen=True, slots=True)
 class AuthResult(Event):
-    """The outcome of USER/PASS, APOP or AUTH as the upstream answered it."""
+    """The outcome of USER/PASS, APOP or AUTH as the upstream answered it.
+
+    In routed mode, ``upstream`` names the upstream that answered (a
+    configured name, or "http" for a server the auth hook named) and
+    ``route`` what chose it ("rule", "map", "http", "default"); both are
+    None in transparent mode and when no upstream was reached.
+    """
 
     mechanism: str  # "USER", "APOP" or the SASL mechanism name
     user: str | None
     ok: bool
     code: str | None
+    upstream: str | None = None
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,10 +313,14 @@ class SessionClosed(Event):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConnected(Event):
-    """Emitted by the trio shell: the connection to upstream is up."""
+    """Emitted by the trio shell: the connection to upstream is up.
+
+    ``name`` is the upstream's (``default`` for ``[upstream]``).
+    """
 
     address: str
     duration: float
+    name: str = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,7 +116,8 @@ def _closed(info: SessionInfo, event: Any) -> None:
 
 def _auth(info: SessionInfo, event: Any) -> None:
     logger.info("auth", user=event.user, mechanism=event.mechanism,
-                outcome="ok" if event.ok else "fail", code=event.code)
+                outcome="ok" if event.ok else "fail", code=event.code,
+                **({"upstream": event.upstream, "route": event.route} if event.upstream else {}))
 
 
 def _greeting(info: SessionInfo, event: Any) -> None:

@@ -18,7 +18,10 @@ Every label set is created at zero up front, so dashboards and ``rate()``
 see a series before its first event (policy rules come from the
 configuration: ``policy_rules`` creates theirs).
 
-The HTTP endpoint that serves them is ``endpoint.py``.
+The HTTP endpoint that serves them is ``endpoint.py``.  With ``[server]
+workers > 1`` the supervisor serves one view of all workers and sums each
+family over them, except those ``aggregate.WORKER_MERGE`` names: a gauge
+that must not be summed over processes belongs there.
 
 Usage::
 
@@ -43,7 +46,12 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
@@ -68,6 +76,9 @@ from .events import (
 )
 from .observe import SessionInfo
 from .pop3 import KNOWN_VERBS
+from .routing import OUTCOMES as ROUTE_OUTCOMES
+from .routing import SOURCES as ROUTE_SOURCES
+from .state.base import OPS as STATE_OPS
 
 __all__ = [
     "AUTH_MECHANISMS",
@@ -75,9 +86,7 @@ __all__ = [
     "KNOWN_COMMANDS",
     "LATENCY_BUCKETS",
     "SESSION_OUTCOMES",
-    "WORKER_MERGE",
     "Metrics",
-    "WorkerMetrics",
 ]
 
 # --------------------------------------------------------------------------
@@ -201,6 +210,34 @@ class _CommandStats:
         return [commands, duration]
 
 
+class _UpstreamUp:
+    """``popproxy_upstream_up{upstream,address}``, read from ``source`` at scrape time.
+
+    ``source`` (``health.Health.upstreams``, set by the metrics endpoint)
+    gives (upstream, address, up) for every configured address; the label
+    values come from the configuration, so they are bounded.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, object, bool]]] = lambda: ()
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for upstream, address, up in self.source():
+            family.add_metric([upstream, str(address)], 1.0 if up else 0.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "popproxy_upstream_up", "1 if the upstream address accepted a TCP connection at "
+            "the last health probe (cached for a few seconds) and is not marked down after a "
+            "failed connect, else 0.", labels=["upstream", "address"])
+
+
 class Metrics:
     """Every popproxy metric, on one registry, moved by the session events.
 
@@ -288,10 +325,23 @@ class Metrics:
             "by reason.",
             ["reason"], registry=r,
         )
-        self.upstream_up = Gauge(
-            "popproxy_upstream_up", "1 if the upstream accepted a TCP connection at the last "
-            "health probe (cached for a few seconds), else 0.",
-            registry=r,
+        self.upstream_up = _UpstreamUp()
+        r.register(self.upstream_up)
+        self.route_lookups = Counter(
+            "popproxy_route_lookups", "Routed mode: route look-ups, by source "
+            "(rule/map/http/default) and outcome (hit/miss/refused/timeout/error).",
+            ["source", "outcome"], registry=r,
+        )
+        self.route_lookup_duration = Histogram(
+            "popproxy_route_lookup_duration_seconds",
+            "Routed mode: time to consult each route source.",
+            ["source"], buckets=LATENCY_BUCKETS, unit="seconds", registry=r,
+        )
+
+        self.state_errors = Counter(
+            "popproxy_state_errors", "Shared state ([state] backend = \"redis\"): calls "
+            "that failed or timed out, by operation; on_error said what happened instead.",
+            ["op"], registry=r,
         )
 
         # Audit and configuration
@@ -350,6 +400,12 @@ class Metrics:
         self._reloads = {True: self.config_reloads.labels("ok"),
                          False: self.config_reloads.labels("fail")}
         self._policy: dict[tuple[str, str, str], Counter] = {}
+        self._lookups: dict[tuple[str, str], Counter] = {
+            (source, outcome): self.route_lookups.labels(source, outcome)
+            for source in ROUTE_SOURCES for outcome in ROUTE_OUTCOMES}
+        self._lookup_durations: dict[str, Histogram] = {
+            source: self.route_lookup_duration.labels(source) for source in ROUTE_SOURCES}
+        self._state_errors = {op: self.state_errors.labels(op) for op in STATE_OPS}
         self.config_last_reload_successful.set(1)
         self.config_last_reload_success.set_to_current_time()
 
@@ -463,6 +519,18 @@ class Metrics:
         """An audit record could not be written (called by the audit trail)."""
         self.audit_errors.inc()
 
+    def route_lookup(self, source: str, outcome: str, seconds: float) -> None:
+        """A routed mode look-up consulted ``source`` (``routing.Router``'s observer)."""
+        child = self._lookups.get((source, outcome))
+        if child is not None:
+            child.inc()
+            self._lookup_durations[source].observe(seconds)
+
+    def state_error(self, op: str) -> None:
+        """A shared-state call failed (``state.StateClient``'s ``errors``)."""
+        child = self._state_errors.get(op)
+        (child if child is not None else self.state_errors.labels(op)).inc()
+
     def config_reload(self, ok: bool) -> None:
         """A configuration reload (SIGHUP) succeeded or was rejected."""
         self._reloads[ok].inc()
@@ -497,53 +565,3 @@ class Metrics:
                 child = self.policy_decisions.labels(*key)
                 self._policy[key] = child
         return child
-
-
-# --------------------------------------------------------------------------
-# Several worker processes ([server] workers > 1)
-# --------------------------------------------------------------------------
-
-#: How the supervisor's one ``/metrics`` combines a family over its workers
-#: (``aggregate.merge``), where summing, the default, would be wrong:
-#: ``max``/``min`` over the workers and the supervisor's own value, or
-#: ``supervisor``, the supervisor's value alone.  A gauge added to
-#: ``Metrics`` that must not be summed over processes belongs here.
-WORKER_MERGE: Final = {
-    "popproxy_build": "max",
-    # Probed once, by the supervisor, for all workers.
-    "popproxy_upstream_up": "supervisor",
-    # A reload is decided once, by the supervisor (which checks the file
-    # and passes SIGHUP on only when it is valid), not once per worker.
-    "popproxy_config_reload": "supervisor",
-    "popproxy_config_last_reload_successful": "min",
-    "popproxy_config_last_reload_success_timestamp_seconds": "max",
-}
-
-
-class WorkerMetrics:
-    """The supervisor's own metrics of its worker processes.
-
-    Labelled by worker number (1..``workers``, a restarted worker keeps
-    its number), so the label set is as small as the configuration.
-    """
-
-    def __init__(self, registry: CollectorRegistry, workers: int) -> None:
-        self.up = Gauge(
-            "popproxy_worker_up", "1 while worker process N runs, 0 while it waits to be "
-            "restarted (or has stopped, when draining).",
-            ["worker"], registry=registry,
-        )
-        self.restarts = Counter(
-            "popproxy_worker_restarts", "Worker processes restarted after they exited "
-            "unasked, by worker number.",
-            ["worker"], registry=registry,
-        )
-        for n in range(1, workers + 1):
-            self.up.labels(str(n))
-            self.restarts.labels(str(n))
-
-    def running(self, worker: int, up: bool) -> None:
-        self.up.labels(str(worker)).set(1 if up else 0)
-
-    def restarted(self, worker: int) -> None:
-        self.restarts.labels(str(worker)).inc()

@@ -9,7 +9,7 @@ session's; the relay only knows how to do I/O, keep time and stop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -18,17 +18,25 @@ import trio
 from . import sockio
 from .config import Config, ListenConfig
 from .events import EndReason, Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
+from .front import Credentials
 from .observe import SessionInfo
+from .routed import RoutedSession
 from .session import Output, Session
+from .state.client import StateClient
 from .tls import TLSContexts, TLSHandshakeError, handshake
+from .upstream import LoginOutcome
 
-__all__ = ["RECEIVE_SIZE", "Connection", "Emit", "Relay", "Stats", "send_quietly"]
+__all__ = ["RECEIVE_SIZE", "Connection", "Emit", "Relay", "RouteLogin", "Stats", "send_quietly"]
 
 logger = structlog.get_logger("popproxy.relay")
 
 RECEIVE_SIZE = 262144
 Stream = trio.abc.Stream
 Emit = Callable[[SessionInfo, Iterable[Event]], None]
+
+
+# Routed mode: route and log in with a session's credentials.
+RouteLogin = Callable[[Credentials], Awaitable[LoginOutcome]]
 
 
 @dataclass
@@ -64,13 +72,17 @@ class Relay:
 
     def __init__(
         self, config: Config, tls: TLSContexts, emit: Emit, conn: Connection,
-        upstream: Stream, session: Session, info: SessionInfo, stats: Stats,
+        upstream: Stream | None, session: Session, info: SessionInfo, stats: Stats,
+        route_login: RouteLogin | None = None, state: StateClient | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
         self._emit = emit
         self.conn = conn
+        # In routed mode there is none until a login succeeded.
         self.upstream = upstream
+        self.route_login = route_login
+        self.state = state  # puts policy's questions to the shared state
         self.session = session
         self.info = info
         self.stats = stats
@@ -92,18 +104,29 @@ class Relay:
             self.finished.set()
 
     async def run(self, greeting: bytes) -> EndReason:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            if greeting:
-                # Read while opening the link (STLS or XCLIENT needed it).
-                async with self.lock:
-                    await self.process(False, greeting)
-            if self.reason is None:
-                nursery.start_soon(self.pump_client, self.client_scope, self.client_pump_done)
-                nursery.start_soon(self.pump_upstream)
-                nursery.start_soon(self.watchdog)
-                await self.finished.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                if isinstance(self.session, RoutedSession):
+                    async with self.lock:  # the proxy greets; no upstream yet
+                        await self.deliver(self.session.start(trio.current_time()), False)
+                elif greeting:
+                    # Read while opening the link (STLS or XCLIENT needed it).
+                    async with self.lock:
+                        await self.process(False, greeting)
+                if self.reason is None:
+                    nursery.start_soon(self.pump_client, self.client_scope,
+                                       self.client_pump_done)
+                    if self.upstream is not None:
+                        nursery.start_soon(self.pump_upstream)
+                    nursery.start_soon(self.watchdog)
+                    await self.finished.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.route_login is not None and self.upstream is not None:
+                with trio.CancelScope(shield=True):
+                    # Closing without QUIT: the upstream discards marks.
+                    await sockio.close(self.upstream)
         assert self.reason is not None
         return self.reason
 
@@ -120,6 +143,7 @@ class Relay:
     async def _pump(self, from_client: bool) -> None:
         while self.reason is None:
             stream = self.conn.client if from_client else self.upstream
+            assert stream is not None
             broken = False
             try:
                 data = await sockio.receive(stream, RECEIVE_SIZE)
@@ -236,6 +260,19 @@ class Relay:
             if out.close is not None:
                 self.finish(out.close)
                 return
+            if out.effects or out.ask is not None:
+                # Shared state: updates first (a failed login is counted
+                # before the next one is judged), then the question the
+                # session waits on.  Each call is bounded by state.timeout.
+                assert self.state is not None
+                await self.state.apply(out.effects)
+                if out.ask is not None:
+                    decision = await self.state.decide(out.ask, self.info.id)
+                    out = self.session.answered(decision, trio.current_time())
+                    continue
+            if out.login is not None:
+                out = await self.log_in(out.login)
+                continue
             if not out.start_tls:
                 return
             if not await self.start_client_tls():
@@ -248,6 +285,35 @@ class Relay:
                 self.nursery.start_soon(self.pump_client, self.client_scope,
                                         self.client_pump_done)
             out = self.session.tls_started(trio.current_time())
+
+    async def log_in(self, credentials: Credentials) -> Output:
+        """Routed mode: look the route up, connect, log in upstream.
+
+        Runs with the lock held: the session waits for this login anyway
+        (PASS and AUTH are barriers), and every step is bounded (the hook's
+        timeout, connect_timeout, response_timeout).
+        """
+        session = self.session
+        assert isinstance(session, RoutedSession)
+        assert self.route_login is not None
+        outcome = await self.route_login(credentials)
+        del credentials  # the password is not needed any more
+        self._emit(self.info, outcome.events)
+        now = trio.current_time()
+        self.last_upstream = now
+        if outcome.upstream is not None:
+            self.upstream = outcome.upstream
+            assert self.nursery is not None
+            self.nursery.start_soon(self.pump_upstream)
+        out = session.routed_login(outcome.reply, now, upstream=outcome.name,
+                                   route=outcome.route)
+        if outcome.rest:
+            more = session.receive_upstream(outcome.rest, now)
+            out.to_client += more.to_client
+            out.to_upstream += more.to_upstream
+            out.events += more.events
+            out.close = out.close or more.close
+        return out
 
     async def start_client_tls(self) -> bool:
         """STLS (RFC 2595): the handshake on the raw client stream."""
@@ -274,7 +340,7 @@ class Relay:
             if data:
                 out = session.receive_client(data, now)
             elif broken:
-                out = session.client_gone(now)
+                out = session.close(EndReason.CLIENT_CLOSED)
             else:  # EOF: a half-close still gets its replies
                 out = session.client_closed(now)
         else:
@@ -283,12 +349,14 @@ class Relay:
         return out
 
     async def write(
-        self, client: Stream, upstream: Stream, out: Output, stats: Stats, seconds: float
+        self, client: Stream, upstream: Stream | None, out: Output, stats: Stats,
+        seconds: float,
     ) -> bool:
         """Write what the session produced; False if a peer is gone or stuck."""
         deadline = trio.current_time() + seconds
         try:
             if out.to_upstream:
+                assert upstream is not None
                 if not await sockio.send_all(upstream, out.to_upstream, deadline):
                     return False
                 stats.up_tx += len(out.to_upstream)

@@ -31,15 +31,17 @@ from .events import (
     SessionOpened,
     TlsEstablished,
     TlsFailed,
-    UpstreamConnected,
-    UpstreamFailed,
 )
+from .front import Credentials
 from .observe import Dispatcher, Observer, SessionInfo
 from .policy import Policy, allow_all
 from .relay import RECEIVE_SIZE, Connection, Relay, Stats, send_quietly
+from .routed import RoutedSession
+from .routing import Pools, Router
 from .session import Session, SessionLimits
+from .state.client import StateClient
 from .tls import TLSContexts, TLSHandshakeError, handshake
-from .upstream import UpstreamError, UpstreamLink, open_upstream
+from .upstream import LoginOutcome, open_pool, route_login
 
 __all__ = ["Proxy", "serve", "session_limits"]
 
@@ -49,10 +51,15 @@ LINGER_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
 PROXY_HEADER_TIMEOUT = 5.0
+# Without [routing], how long an upstream address that failed is skipped
+# (when [upstream] lists several); routing.down_time otherwise.
+DOWN_TIME = 10.0
 Stream = trio.abc.Stream
 ConnectUpstream = Callable[[], Awaitable[Stream]]
 # Asked with the client's address before a session starts: a reason refuses it.
 Admission = Callable[[str], "str | None"]
+# Asked after every Admission said yes: may await (the shared per-IP cap).
+Gate = Callable[[SessionInfo], Awaitable["str | None"]]
 
 
 def session_limits(limits: LimitsConfig) -> SessionLimits:
@@ -78,38 +85,56 @@ class Proxy:
 
     ``admission`` callables are asked before each new session; one that
     returns a reason refuses the session with ``-ERR [SYS/TEMP] <reason>``
-    (the audit's ``fail_closed`` uses this).  ``listening`` is true while the
-    listeners accept (for readiness probes).  ``observers`` may be changed
-    at any time (see ``observe.Dispatcher``).
+    (the audit's ``fail_closed`` uses this).  ``gates`` are asked after
+    them, only when all said yes, and may wait (the shared state's per-IP
+    cap).  ``state``: the shared state, when policy asks it questions.
+    ``listening`` is true while the listeners accept (for readiness
+    probes).  ``observers`` may be changed at any time (see
+    ``observe.Dispatcher``).
     """
 
     config: Config
     observers: list[Observer] = field(default_factory=list)
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
     policy: Policy = allow_all
+    state: StateClient | None = None
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())
     active: int = 0
     listening: bool = False
+    # Routed mode (``[routing]``): where logins go.  ``pools``: the upstreams'
+    # addresses and which are down (made from the configuration when None).
+    router: Router | None = None
+    pools: Pools | None = None
     _dispatcher: Dispatcher = field(default_factory=lambda: Dispatcher([]), repr=False)
 
-    async def _connect(self) -> Stream:
+    async def _connect(self, address: HostPort) -> Stream:
         if self.connect_upstream is not None:
             return await self.connect_upstream()
-        addr = self.config.upstream.address
-        family = _ip_family(addr.host)
+        family = _ip_family(address.host)
         if family is None:  # a name: resolve, and try its addresses in turn
-            return await trio.open_tcp_stream(addr.host, addr.port)
+            return await trio.open_tcp_stream(address.host, address.port)
         # An address: one socket and one connect.  open_tcp_stream's
         # happy-eyeballs machinery (a nursery, a task per attempt) is a
         # fifth of the proxy's CPU per session when there is nothing to race.
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
-            await sock.connect((addr.host, addr.port))
+            await sock.connect((address.host, address.port))
         except BaseException:
             sock.close()
             raise
         return trio.SocketStream(sock)  # sets TCP_NODELAY
+
+    def pools_for(self, config: Config) -> Pools:
+        """The address pools of ``config``'s upstreams (kept across reloads)."""
+        upstreams = {u.name: u.addresses for u in config.upstreams or (config.upstream,)}
+        down_time = config.routing.down_time if config.routing else DOWN_TIME
+        if self.pools is None:
+            self.pools = Pools(upstreams, down_time, clock=trio.current_time)
+        else:
+            self.pools.reconfigure(upstreams, down_time)
+        return self.pools
 
     def _emit(self, info: SessionInfo, events: Iterable[Event]) -> None:
         dispatcher = self._dispatcher
@@ -131,7 +156,8 @@ class Proxy:
             client, real = header
             if real is not None:
                 via, peer = peer, real
-        session = Session(
+        kind = RoutedSession if self.config.routing is not None else Session
+        session = kind(
             session_limits(self.config.limits), self.policy, client=peer,
             tls=listener.tls == "implicit", starttls=listener.tls == "starttls",
             require_tls_for_auth=listener.require_tls_for_auth,
@@ -179,6 +205,10 @@ class Proxy:
             # Whatever ended the session, the core reports what was cut
             # short (a RETR in flight, marks) before the session is closed.
             end = session.close(ending.reason)
+            if self.state is not None:
+                # Session-cap slots go back (bounded by state.timeout).
+                await self.state.release(info.id)
+                now = trio.current_time()
             self._emit(info, [
                 *end.events,
                 SessionClosed(ending.reason, now - started, stats.rx, stats.tx,
@@ -213,7 +243,12 @@ class Proxy:
         # and SessionClosed un-counts them all.
         refusals = [admit(info.client) for admit in self.admission]
         refusal = next((r for r in refusals if r is not None), None)
-        if self.active > self.config.limits.max_sessions:
+        over = self.active > self.config.limits.max_sessions
+        for gate in self.gates if refusal is None and not over else ():
+            refusal = await gate(info)
+            if refusal is not None:
+                break
+        if over:
             ending.reason = EndReason.SESSION_LIMIT
         elif refusal is not None:
             ending.reason, ending.detail = EndReason.REFUSED, refusal
@@ -276,49 +311,51 @@ class Proxy:
         self, conn: Connection, session: Session, info: SessionInfo, stats: Stats
     ) -> EndReason:
         cfg = self.config
-        begun = trio.current_time()
-        link: UpstreamLink | None = None
-        error: UpstreamError | None = None
-        with trio.move_on_after(cfg.upstream.connect_timeout):
-            try:
-                ctx = self.tls.upstream(cfg.upstream) if cfg.upstream.tls != "none" else None
-                link = await open_upstream(
-                    cfg.upstream, self._connect,
-                    tls_context=ctx,
-                    client=info.client, local=conn.local, session_id=info.id,
-                    handshake_timeout=cfg.limits.handshake_timeout,
+        pools = self.pools or self.pools_for(cfg)
+        if isinstance(session, RoutedSession):
+            attempts = 0
+
+            async def login(credentials: Credentials) -> LoginOutcome:
+                nonlocal attempts
+                attempts += 1
+                assert self.router is not None
+                return await route_login(
+                    credentials, router=self.router, config=cfg, pools=pools,
+                    connect=self._connect, tls=self.tls, client=info.client, local=conn.local,
+                    session_id=info.id, attempt=attempts,
+                    client_tls=isinstance(conn.client, trio.SSLStream),
                 )
-            except UpstreamError as exc:
-                error = exc
+
+            relay = Relay(cfg, self.tls, self._emit, conn, None, session, info, stats, login,
+                          self.state)
+            return await relay.run(b"")
+        link, events, error = await open_pool(
+            cfg.upstream, pools.candidates(cfg.upstream.name), pools=pools,
+            connect=self._connect, tls=self.tls, client=info.client, local=conn.local,
+            session_id=info.id, handshake_timeout=cfg.limits.handshake_timeout,
+        )
         if link is None:
-            if error is None:
-                why, kind = EndReason.UPSTREAM_CONNECT_TIMEOUT, "connect_timeout"
+            if error is None or error.reason == "connect_timeout":
+                why = EndReason.UPSTREAM_CONNECT_TIMEOUT
+            elif error.reason == "tls":
+                why = EndReason.UPSTREAM_TLS_FAILED
             else:
-                logger.warning("upstream.failed", reason=error.reason, error=str(error))
-                kind = error.reason
-                why = (EndReason.UPSTREAM_TLS_FAILED if kind == "tls"
-                       else EndReason.UPSTREAM_UNAVAILABLE)
+                why = EndReason.UPSTREAM_UNAVAILABLE
             out = session.fail(why, trio.current_time())
-            self._emit(info, [UpstreamFailed(kind), *out.events])
+            self._emit(info, [*events, *out.events])
             await send_quietly(conn.client, out.to_client, stats)
             return why
-        connected = UpstreamConnected(str(cfg.upstream.address), trio.current_time() - begun)
-        self._emit(info, [connected, *link.events])
+        self._emit(info, events)
         try:
-            return await self._relay(conn, link, session, info, stats)
+            relay = Relay(cfg, self.tls, self._emit, conn, link.stream, session, info, stats,
+                          state=self.state)
+            return await relay.run(link.greeting)
         finally:
             with trio.CancelScope(shield=True):
                 # Closing without QUIT: the upstream discards marked
                 # deletions (RFC 1939 §6), exactly what the client asked for
                 # by not saying QUIT.
                 await sockio.close(link.stream)
-
-    async def _relay(
-        self, conn: Connection, link: UpstreamLink, session: Session, info: SessionInfo,
-        stats: Stats,
-    ) -> EndReason:
-        relay = Relay(self.config, self.tls, self._emit, conn, link.stream, session, info, stats)
-        return await relay.run(link.greeting)
 
 
 def _is_bug(exc: BaseException) -> bool:

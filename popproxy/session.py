@@ -26,14 +26,13 @@ from .events import (
     EndReason,
     Greeting,
     Outcome,
-    PolicyDecision,
     ProtocolAnomaly,
     Response,
     StateChanged,
     Unsolicited,
     UpstreamFailed,
 )
-from .policy import Decision, Delay, Deny, Facts, Note, Policy, allow_all
+from .policy import Ask, Decision, Delay, Deny, Facts, Note, Policy, allow_all
 from .pop3 import (
     BARRIERS,
     NAMES_A_MESSAGE,
@@ -47,6 +46,7 @@ from .pop3 import (
     Reply,
     ResponseReader,
     State,
+    Status,
     Trigger,
     UpstreamProtocolError,
     completes_login,
@@ -58,6 +58,7 @@ from .pop3 import (
     starts_sasl,
     transition,
 )
+from .session_policy import PolicyDesk, note
 from .session_state import (
     CommandInput,
     Listed,
@@ -102,6 +103,7 @@ class Session:
     ) -> None:
         self.limits = lim = limits or SessionLimits()
         self.policy = policy
+        self._desk = PolicyDesk(policy)  # what waits on policy: the clock, shared state
         self.client = client
         self.tls = tls
         # The listener can upgrade this connection with STLS (RFC 2595).
@@ -117,8 +119,6 @@ class Session:
         self._listed = Listed()  # UIDLs and sizes the upstream's replies told
         self._client_ip = host_of(client)
         self._facts: Facts | None = None  # see facts()
-        self._wake_at: float | None = None
-        self._held_until: float | None = None  # a delayed command waits
         self._input = CommandInput(lim)
         self._pipeline = Pipeline()
         self._reader = ResponseReader(lim.status_line)
@@ -157,15 +157,22 @@ class Session:
         return out.done()
 
     def receive_upstream(self, data: bytes, now: float) -> Output:
-        """Feed bytes from upstream. ``UpstreamProtocolError`` on non-POP3."""
+        """Feed bytes from upstream; what is not POP3 fails the session."""
         out = _Out()
         if self._closed:
             return out.done()
+        self._reader.receive_data(data)
+        self._read_upstream(out, now)
+        self._progress(out, now)
+        self._end_if_drained(out)
+        return out.done()
+
+    def _read_upstream(self, out: _Out, now: float) -> None:
+        """Handle what the upstream sent, up to a login reply policy must ask about."""
+        reader = self._reader
+        entries = self._pipeline.entries
         try:
-            reader = self._reader
-            reader.receive_data(data)
-            entries = self._pipeline.entries
-            while not self._closed:
+            while not self._closed and self._desk.held_login is None:
                 # What the next line may be: the FIFO's head says (a local
                 # reply never waits at the head while a reply is awaited).
                 head = entries[0] if entries and entries[0].local_reply is None else None
@@ -183,8 +190,6 @@ class Session:
                 else:
                     assert type(event) is Reply
                     self._on_reply(event, head, out, now)
-            self._progress(out, now)
-            self._end_if_drained(out)
         except UpstreamProtocolError as exc:
             out.events.append(ProtocolAnomaly("upstream", type(exc).__name__, str(exc)))
             out.events.append(UpstreamFailed("protocol"))
@@ -192,7 +197,6 @@ class Session:
             out.client.append(failed.to_client)
             out.events.extend(failed.events)
             out.close = failed.close
-        return out.done()
 
     def client_closed(self, now: float) -> Output:
         """The client sent EOF.
@@ -214,10 +218,6 @@ class Session:
         self._progress(out, now)
         self._end_if_drained(out)
         return out.done()
-
-    def client_gone(self, now: float) -> Output:
-        """The client connection broke: abandon everything."""
-        return self.close(EndReason.CLIENT_CLOSED)
 
     def expire(self, reason: EndReason, now: float) -> Output:
         """A limit of the relay's passed (idle, session age): say so and end.
@@ -292,14 +292,30 @@ class Session:
         """Time passed: release delayed commands and replies that are due."""
         out = _Out()
         if not self._closed:
-            self._wake_at = None
+            self._desk.wake_at = None
+            self._progress(out, now)
+        return out.done()
+
+    def answered(self, decision: Decision, now: float) -> Output:
+        """Shared state: the last ``Output.ask`` came to ``decision``."""
+        out = _Out()
+        held = self._desk.answered(decision)
+        if held is not None:
+            head, status, raw = held
+            if isinstance(decision, Deny):
+                self._refuse_login(head, decision, out, now)
+            else:
+                out.client.append(raw)
+                self._complete(head, True, status.code, status.text, len(raw), out, now)
+            self._read_upstream(out, now)
+        if not self._closed:
             self._progress(out, now)
         return out.done()
 
     @property
     def wake_at(self) -> float | None:
         """When ``tick`` must be called next, if something waits on the clock."""
-        return self._wake_at
+        return self._desk.wake_at
 
     @property
     def mid_reply(self) -> bool:
@@ -338,7 +354,7 @@ class Session:
             if self._login.sasl_expected:
                 line = cmds.sasl_line(self._login)
                 if line is not None:
-                    out.upstream.append(line)
+                    self._sasl_response(line, out, now)
             else:
                 cmds.parse(len(self._pipeline.entries), out.events)
             moved = self._dispatch(out, now)
@@ -359,7 +375,7 @@ class Session:
             and pipeline.barrier is None
             and pipeline.inflight < lim.window
             and pipeline.inflight_octets < lim.window_octets
-            and (self._held_until is None or now >= self._held_until)
+            and self._desk.ready(now)
         ):
             item = queue.popleft()
             if not isinstance(item, Command):
@@ -368,18 +384,17 @@ class Session:
                 continue
             cmd = item
             reply, decision = self._judge(cmd, now)
-            if isinstance(decision, Delay):
+            if isinstance(decision, Delay | Ask):
                 # Held back: it keeps its place at the head of the queue, and
-                # is judged again when the time comes.
+                # is judged again when the time comes, or answered when the
+                # shared state has (``answered``).
                 queue.appendleft(cmd)
-                self._held_until = decision.until
-                self._wake(decision.until)
-                self._note(decision.notes, cmd, out)
+                self._desk.hold(decision, cmd, out)
                 return moved
-            self._held_until = None
+            self._desk.passed()
             moved = True
             if decision is not None and decision.notes:
-                self._note(decision.notes, cmd, out)
+                note(decision.notes, cmd, out)
             p = Pending(cmd, now, reply)
             if isinstance(decision, Deny) and decision.delay > 0:
                 p.not_before = now + decision.delay
@@ -393,13 +408,17 @@ class Session:
                 self._forward(p, sasl, out, now)
         return moved
 
-    def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | None]:
+    def _sasl_response(self, line: bytes, out: _Out, now: float) -> None:
+        """A client's SASL response (CRLF included) in an AUTH exchange."""
+        out.upstream.append(line)
+
+    def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | Ask | None]:
         """The core's own checks, then policy; a None reply means forward."""
         reply = local_reply(self.state, cmd, tls=self.tls, starttls=self.starttls,
                             require_tls_for_auth=self.require_tls_for_auth)
         if reply is not None:
             return reply, None
-        decision = self.policy.decide(self.facts(), cmd, now)
+        decision = self._desk.decide(self.facts(), cmd, now)
         if isinstance(decision, Deny):
             return decision.reply, decision
         return None, decision
@@ -413,7 +432,14 @@ class Session:
             p.expect = Expect.MULTI
         p.login = sasl or completes_login(cmd)
         if self.resolve_uidl and cmd.verb in NAMES_A_MESSAGE:
-            self._inject_uidl(p, out, now)
+            # ``UIDL n`` goes ahead of it when message n's UIDL is unknown,
+            # its reply the proxy's own (``internal``), consumed, never
+            # forwarded; ahead of ``p`` in the FIFO, so replies keep order.
+            probe = self._listed.probe(cmd)
+            if probe is not None:
+                wire = bytes(probe)
+                out.upstream.append(wire)
+                self._pipeline.sent(Pending(probe, now, internal=True), len(wire), before=p)
         wire = bytes(cmd)
         out.upstream.append(wire)
         out.events.append(CommandSent(cmd, now))
@@ -425,25 +451,6 @@ class Session:
         elif cmd.verb == "QUIT" and self.state is State.TRANSACTION:
             self._marks.quit_sent = True
 
-    def _inject_uidl(self, p: Pending, out: _Out, now: float) -> None:
-        """Send ``UIDL n`` ahead of ``p`` when message n's UIDL is unknown.
-
-        Its reply is the proxy's: consumed here, never forwarded.  It goes in
-        front of ``p`` in the FIFO, so every client reply keeps its order.
-        """
-        command = self._listed.probe(p.command)
-        if command is not None:
-            wire = bytes(command)
-            out.upstream.append(wire)
-            self._pipeline.sent(Pending(command, now, internal=True), len(wire), before=p)
-
-    def _note(self, notes: tuple[Note, ...], cmd: Command, out: _Out) -> None:
-        for n in notes:
-            out.events.append(PolicyDecision(n.rule, n.action, cmd, n.enforced))
-
-    def _wake(self, at: float) -> None:
-        self._wake_at = at if self._wake_at is None else min(self._wake_at, at)
-
     def _flush(self, out: _Out, now: float) -> bool:
         """Send local replies that have reached the head of the FIFO."""
         moved = False
@@ -452,7 +459,7 @@ class Session:
             due = entries[0].not_before
             if due is not None and due > now:
                 # A tarpit: the refusal goes out later, and nothing behind it.
-                self._wake(due)
+                self._desk.wake(due)
                 break
             p = entries.popleft()
             self._answer_locally(p, out, now)
@@ -464,13 +471,16 @@ class Session:
     def _answer_locally(self, p: Pending, out: _Out, now: float) -> None:
         reply = p.local_reply or b""
         out.client.append(reply)
-        status = parse_status(reply.rstrip(b"\r\n"))
+        first = reply[: reply.find(b"\r\n")]  # a local CAPA reply has more lines
+        status = parse_status(first)
         ok = status is not None and status.ok
         self._respond(
             p, ok, status.code if status else None,
-            _decode(status.text if status else reply.rstrip()), len(reply), True,
+            _decode(status.text if status else first), len(reply), True,
             Outcome.OK if ok else Outcome.DENIED, out, now,
         )
+        if p.closes:
+            self._end_with(out, EndReason.QUIT)
 
     def _release(self, p: Pending, out: _Out) -> None:
         """The barrier ``p``'s reply is out: what was held back behind it may go."""
@@ -509,9 +519,8 @@ class Session:
         if head.internal:
             # Our own UIDL n: single-line either way, and only ours to read.
             self._pipeline.done(head)
-            learned = self._listed.learn("UIDL", status.text) if status.ok else None
-            if learned is not None:
-                out.events.append(learned)
+            if status.ok:
+                self._listed.learn("UIDL", status.text, out.events)
             self._flush(out, now)
             return
         if status.continuation:
@@ -529,21 +538,17 @@ class Session:
                 out.client.append(raw)
                 self._reader.sink = progress.collect(cmd, self._listed.sizes)
             return
-        if status.ok and head.login and self._refuse_login(cmd, out, now):
+        if status.ok and head.login and self._admit_login(head, status, raw, out, now):
             return
         out.client.append(raw)
         if status.ok and cmd.args and cmd.verb in ("UIDL", "LIST"):
-            learned = self._listed.learn(cmd.verb, status.text)
-            if learned is not None:
-                out.events.append(learned)
+            self._listed.learn(cmd.verb, status.text, out.events)
         self._complete(head, status.ok, status.code, status.text, len(raw), out, now)
 
     def _on_chunk(self, chunk: BodyChunk, out: _Out, now: float) -> None:
         progress = self._reply
         assert progress is not None
-        data = progress.take(chunk.data)
-        if progress.capa is not None and len(progress.capa) > self.limits.capa_octets:
-            raise UpstreamProtocolError("CAPA reply too long")
+        data = progress.take(chunk.data, self.limits.capa_octets)
         if data:
             out.client.append(data)
         if not chunk.end:
@@ -577,24 +582,28 @@ class Session:
                       Outcome.DENIED, out, now)
         return True
 
-    def _refuse_login(self, cmd: Command, out: _Out, now: float) -> bool:
-        """The upstream accepted a login that policy does not admit: refuse and close."""
-        user = self._login.user_for(cmd)
-        refusal = None if user is None else self.policy.admit_login(self.facts(), user, now)
-        if refusal is None:
-            return False
-        self._refused(refusal, cmd, out)
+    def _admit_login(
+        self, head: Pending, status: Status, raw: bytes, out: _Out, now: float
+    ) -> bool:
+        """The upstream accepted a login; policy may still refuse it (the
+        per-user cap), or need to ask the shared state (the reply waits)."""
+        verdict = self._desk.admit_login(self.facts(), self._login.user_for(head.command),
+                                         (head, status, raw), out, now)
+        if isinstance(verdict, Deny):
+            self._refuse_login(head, verdict, out, now)
+        return verdict is not None
+
+    def _refuse_login(self, head: Pending, refusal: Deny, out: _Out, now: float) -> None:
+        self._refused(refusal, head.command, out)
         status = parse_status(refusal.reply.rstrip(b"\r\n"))
-        self._complete(self._pipeline.entries[0], False, status.code if status else None,
-                       refusal.reply[5:].rstrip(), len(refusal.reply), out, now,
-                       Outcome.DENIED)
+        self._complete(head, False, status.code if status else None,
+                       refusal.reply[5:].rstrip(), len(refusal.reply), out, now, Outcome.DENIED)
         # The upstream session is logged in; leaving without QUIT changes nothing.
         self._end_with(out, EndReason.LOGIN_REFUSED)
-        return True
 
     def _refused(self, refusal: Deny, cmd: Command, out: _Out) -> None:
         out.client.append(refusal.reply)
-        self._note((Note(refusal.rule or "builtin", "deny", True),), cmd, out)
+        note((Note(refusal.rule or "builtin", "deny", True),), cmd, out)
 
     def _complete(
         self, p: Pending, ok: bool, code: str | None, text: bytes, octets: int,
@@ -631,7 +640,7 @@ class Session:
     ) -> None:
         result = self._login.result(cmd, ok, code)
         out.events.append(result)
-        self.policy.observe(self.facts(), result, now)
+        self._desk.observe(self.facts(), result, now, out)
         if ok:
             self.user = result.user
             self._facts = None
@@ -647,7 +656,7 @@ class Session:
         event = Response(p.command, ok, code, text, octets, local, p.started, now, outcome)
         out.events.append(event)
         if not local:
-            self.policy.observe(self.facts(), event, now)
+            self._desk.observe(self.facts(), event, now, out)
 
     def _set_state(self, trigger: Trigger, out: _Out) -> None:
         new = transition(self.state, trigger)

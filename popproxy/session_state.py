@@ -24,6 +24,8 @@ from .events import (
     ProtocolAnomaly,
     UidsLearned,
 )
+from .front import Credentials
+from .policy import Ask, Effect
 from .pop3 import (
     RETRIEVE,
     STOPS_PARSING,
@@ -36,6 +38,7 @@ from .pop3 import (
     PipelineOverflow,
     Sink,
     Status,
+    UpstreamProtocolError,
     is_sasl_line,
     listing_line,
     message_id,
@@ -90,12 +93,20 @@ class Output:
     # After writing ``to_client``: start TLS on the client connection, then
     # call ``Session.tls_started``.  Nothing the client sent after STLS is kept.
     start_tls: bool = False
+    # Routed mode: look the route up and log in upstream with these, then
+    # call ``Session.routed_login``.  Never logged, never in an event.
+    login: Credentials | None = None
+    # Shared state: put this question, then call ``Session.answered`` with
+    # what its ``then`` makes of the answer; and these updates to make.
+    ask: Ask | None = None
+    effects: list[Effect] = field(default_factory=list)
 
 
 class OutputBuilder:
     """Accumulates an ``Output`` without quadratic concatenation."""
 
-    __slots__ = ("client", "close", "events", "start_tls", "upstream")
+    __slots__ = ("ask", "client", "close", "effects", "events", "login", "start_tls",
+                 "upstream")
 
     def __init__(self) -> None:
         self.client: list[bytes] = []
@@ -103,6 +114,9 @@ class OutputBuilder:
         self.events: list[Event] = []
         self.close: EndReason | None = None
         self.start_tls = False
+        self.login: Credentials | None = None
+        self.ask: Ask | None = None
+        self.effects: list[Effect] = []
 
     def done(self) -> Output:
         c = self.client
@@ -113,6 +127,9 @@ class OutputBuilder:
             self.events,
             self.close,
             self.start_tls,
+            self.login,
+            self.ask,
+            self.effects,
         )
 
 
@@ -197,6 +214,7 @@ class Pending:
     internal: bool = False  # the proxy's own command (UIDL n for the audit)
     expect: Expect = Expect.SINGLE  # what its upstream reply looks like
     login: bool = False  # its reply says whether the client is logged in
+    closes: bool = False  # the session ends once its (local) reply is out
 
 
 class Pipeline:
@@ -293,11 +311,13 @@ class ReplyInProgress:
             return self.listing.add
         return None
 
-    def take(self, data: bytes) -> bytes:
+    def take(self, data: bytes, capa_octets: int) -> bytes:
         """A raw chunk of the body: what of it goes to the client now."""
         self.octets += len(data)
         if self.capa is not None:
             self.capa += data
+            if len(self.capa) > capa_octets:
+                raise UpstreamProtocolError("CAPA reply too long")
             return b""
         return b"" if self.swallowed else data
 
@@ -340,17 +360,17 @@ class Listed:
         self.uids: set[int] = set()
         self.sizes: dict[int, int] = {}
 
-    def learn(self, verb: str, text: bytes) -> UidsLearned | None:
-        """A single-line ``UIDL n`` or ``LIST n`` reply's text."""
+    def learn(self, verb: str, text: bytes, events: list[Event]) -> None:
+        """A single-line ``UIDL n`` or ``LIST n`` reply's text (a UIDL learned
+        is an event: the audit can name the message)."""
         entry = listing_line(text)
         if entry is None:
-            return None
+            return
         if verb == "UIDL":
             self.uids.add(entry[0])
-            return UidsLearned((entry,))
-        if entry[1].isdigit():
+            events.append(UidsLearned((entry,)))
+        elif entry[1].isdigit():
             self.sizes[entry[0]] = int(entry[1])
-        return None
 
     def probe(self, cmd: Command) -> Command | None:
         """``UIDL n`` to ask before ``cmd``, if it names a message whose UIDL
@@ -368,7 +388,8 @@ class Login:
     Only the user name is kept from SASL data; nothing here holds a password.
     """
 
-    __slots__ = ("asserted_user", "mech", "responses", "sasl_expected", "sasl_user")
+    __slots__ = ("asserted_user", "mech", "responses", "routed", "sasl_expected",
+                 "sasl_user")
 
     def __init__(self) -> None:
         self.asserted_user: str | None = None  # from USER, before PASS succeeds
@@ -376,6 +397,9 @@ class Login:
         self.sasl_user: str | None = None
         self.responses = 0  # SASL client responses so far
         self.sasl_expected = False  # the next client line is a SASL response
+        # Routed mode: the login being routed (user, mechanism) and, once
+        # known, where it went (upstream, route).
+        self.routed: tuple[str, str, str | None, str | None] | None = None
 
     def named(self, cmd: Command) -> None:
         """A USER or AUTH command went upstream."""
@@ -398,6 +422,8 @@ class Login:
 
     def user_for(self, cmd: Command) -> str | None:
         """Who the login that ``cmd`` completes is for."""
+        if self.routed is not None:
+            return self.routed[0]
         if cmd.verb == "PASS":
             return self.asserted_user
         if cmd.verb == "APOP":
@@ -409,13 +435,17 @@ class Login:
 
         A SASL exchange is over with it.
         """
-        if cmd.verb in ("PASS", "APOP"):
+        upstream = route = None
+        if self.routed is not None:
+            mechanism, upstream, route = self.routed[1:]
+        elif cmd.verb in ("PASS", "APOP"):
             mechanism = "USER" if cmd.verb == "PASS" else "APOP"
         else:
             mechanism = self.mech or "?"
-        result = AuthResult(mechanism, self.user_for(cmd), ok, code)
+        result = AuthResult(mechanism, self.user_for(cmd), ok, code, upstream, route)
         self.sasl_expected = False
         self.mech = self.sasl_user = None
+        self.routed = None
         return result
 
 

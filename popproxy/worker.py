@@ -51,7 +51,7 @@ from prometheus_client.metrics_core import Metric
 from . import app
 from .config import Config, ConfigError, parse_config
 from .endpoint import HEARTBEAT_SECONDS
-from .health import Health
+from .health import Health, degraded
 from .server import ListenerGroup
 from .tls import check_files
 
@@ -255,6 +255,9 @@ def run_worker(spec: WorkerSpec) -> int:
     registry = CollectorRegistry()
     proxy_app = app.build(config, registry)
     health = Health(proxy_app.proxy)
+    # popproxy_upstream_up{upstream,address} as this worker sees them (its
+    # probes, its pools' marks); the supervisor shows the lowest of all.
+    proxy_app.metrics.upstream_up.source = health.upstreams
     try:
         trio.run(_serve, spec, config, proxy_app, health, channel, registry)
     except KeyboardInterrupt:  # SIGINT before or after the proxy's own handler
@@ -317,6 +320,7 @@ def _answer(channel: Channel, registry: CollectorRegistry, health: Health,
             alive, why = health.alive()
             answer |= {"alive": alive, "why": why, "lag": round(health.lag(), 3),
                        "listening": proxy_app.proxy.listening,
+                       "degraded": degraded(proxy_app.proxy),
                        "sessions": proxy_app.proxy.active}
         else:
             answer["error"] = f"unknown op {op!r}"

@@ -62,10 +62,19 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from .addr import HostPort
-from .aggregate import Retired, WorkerHealth, WorkersCollector, WorkersHealth, ask_all, merge
+from .aggregate import (
+    WORKER_MERGE,
+    Retired,
+    WorkerHealth,
+    WorkerMetrics,
+    WorkersCollector,
+    WorkersHealth,
+    ask_all,
+    merge,
+)
 from .config import Config, ConfigError
 from .endpoint import make_app, serve_http
-from .metrics import WORKER_MERGE, Metrics, WorkerMetrics
+from .metrics import Metrics
 from .server import open_listeners
 from .worker import Channel, WorkerSpec, from_wire, parse_text
 
@@ -220,6 +229,10 @@ class Supervisor:
     @property
     def listening(self) -> bool:
         return self.stopping is None
+
+    @property
+    def pools(self) -> None:
+        return None  # the workers' pools mark addresses down, each its own
 
     # -- the event loop side ----------------------------------------------
 
@@ -497,7 +510,9 @@ class Supervisor:
                 continue
             alive = bool(answer.get("alive"))
             why = "ok" if alive else f"worker {n} (pid {process.pid}): {answer.get('why')}"
-            out.append(WorkerHealth(n, alive, bool(answer.get("listening")), why))
+            degraded = answer.get("degraded")
+            out.append(WorkerHealth(n, alive, bool(answer.get("listening")), why,
+                                    str(degraded) if degraded else None))
         return out
 
 
@@ -543,7 +558,6 @@ async def supervise(
     async with trio.open_nursery() as nursery:
         if config.metrics.address is not None:
             health = WorkersHealth(supervisor, supervisor.worker_health)
-            metrics.upstream_up.set_function(health.upstream_up)
             exposition = CollectorRegistry(auto_describe=False)
             exposition.register(WorkersCollector(supervisor.collect))
             started.metrics_address = await nursery.start(

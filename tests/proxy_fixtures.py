@@ -62,6 +62,11 @@ async def start_proxy(
         policy=policy or PolicyConfig(),
         audit=audit or AuditConfig(),
     )
+    return await start_proxy_config(nursery, config)
+
+
+async def start_proxy_config(nursery: trio.Nursery, config: Config) -> RunningProxy:
+    """``start_proxy`` for a whole ``Config`` (routed mode, say)."""
     app = build(config)
     running = RunningProxy("127.0.0.1", 0, app.proxy, app=app)
     running.proxy.observers.append(running.observe)

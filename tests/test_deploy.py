@@ -30,8 +30,9 @@ import trio
 import yaml
 from prometheus_client import CollectorRegistry
 
+from popproxy.aggregate import WorkerMetrics
 from popproxy.config import Config, HostPort, LimitsConfig, load_config
-from popproxy.metrics import Metrics, WorkerMetrics
+from popproxy.metrics import Metrics
 from tests.proxy_fixtures import RunningProxy
 from tests.test_metrics_support import start_metrics
 

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "popproxy"
 
 #: The sans-IO core: no trio, no I/O (DESIGN.md, "Architecture").
-SANS_IO = ("popproxy.pop3", "popproxy.session", "popproxy.session_state", "popproxy.policy",
+SANS_IO = ("popproxy.pop3", "popproxy.session", "popproxy.session_state",
+           "popproxy.session_policy", "popproxy.policy",
            "popproxy.events", "popproxy.addr", "popproxy.observe", "popproxy.proxyproto")
 #: Modules over 600 lines, and why.
 LONG_MODULES = {

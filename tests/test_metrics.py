@@ -555,7 +555,9 @@ async def test_endpoint_serves_metrics_health_and_readiness(
     assert reply.content_type.startswith("text/plain; version=0.0.4")
     samples = parse_exposition(reply.body)
     assert samples[key("popproxy_sessions_active")] == 0
-    assert samples[key("popproxy_upstream_up")] == 1
+    upstream = demo_proxy.proxy.config.upstream
+    assert samples[key("popproxy_upstream_up", upstream="default",
+                       address=str(upstream.address))] == 1
     assert (await http_get(endpoint.address, "/healthz")).status == 200
     ready = await http_get(endpoint.address, "/readyz")
     assert (ready.status, ready.body) == (200, "ready\n")
@@ -669,7 +671,8 @@ async def test_unreachable_upstream(nursery: trio.Nursery, refused_port: HostPor
     samples = await scrape(endpoint.address)
     assert samples[key("popproxy_upstream_errors_total", reason="connect")] == 1
     assert samples[key("popproxy_sessions_total", outcome="upstream_error")] == 1
-    assert samples[key("popproxy_upstream_up")] == 0
+    assert samples[key("popproxy_upstream_up", upstream="default",
+                       address=str(refused_port))] == 0
     ready = await http_get(endpoint.address, "/readyz")
     assert ready.status == 503
     assert ready.body.startswith(f"upstream {refused_port}: ")

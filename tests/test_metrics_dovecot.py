@@ -75,5 +75,6 @@ async def test_sessions_active_while_a_session_is_open(
         # Ready: listening, and Dovecot accepts connections.
         ready = await http_get(endpoint.address, "/readyz")
         assert (ready.status, ready.body) == (200, "ready\n")
-        assert samples[key("popproxy_upstream_up")] == 1
+        assert samples[key("popproxy_upstream_up", upstream="default",
+                           address=f"{dovecot.host}:{dovecot.port}")] == 1
         await stream.aclose()

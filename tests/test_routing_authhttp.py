@@ -2,7 +2,7 @@
 
 Network tests run a trio responder on 127.0.0.1 (port 0) in the test's own
 trio run; the ones about time use trio's autojump clock, which then drives
-httpx too (under trio, httpcore runs its trio backend on trio's clock).
+httpcore too (under trio it runs its own trio backend, on trio's clock).
 
 Response data from nginx's documentation of ngx_mail_auth_http_module
 (nginx.org, docs/mail/ngx_mail_auth_http_module.html, "Protocol") is used
@@ -16,7 +16,7 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 
-import httpx
+import httpcore
 import pytest
 import trio
 import trio.testing
@@ -38,6 +38,7 @@ from popproxy.routing.authhttp import (
     request_headers,
 )
 from tests.auth_responder import AuthResponder, HookRequest, ok, refuse, reply
+from tests.hook_fakes import FakePool, FakeRequest, FakeResponse, response
 
 # --- nginx's documented examples (request and responses), verbatim --------
 
@@ -470,7 +471,7 @@ async def test_credentials_never_reach_reasons_or_logs(
     for r in results:
         text = repr(r) + str(r) + (r.reason if isinstance(r, HookFailure) else "")
         assert not any(s in text for s in SECRET_FORMS), text
-    assert caplog.records  # httpx did log
+    # (httpcore logs nothing above DEBUG; its DEBUG trace is the next test's.)
     assert not any(s in caplog.text for s in SECRET_FORMS)
 
 
@@ -505,26 +506,22 @@ def test_hook_settings_from_config_and_repr() -> None:
     assert "wonderland" not in repr(request())
 
 
-def test_mock_transport_can_stand_in() -> None:
-    # For callers' unit tests: httpx.MockTransport plugs in without a socket.
-    def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"Auth-Status": "OK", "Auth-Server": "10.0.0.1",
-                                            "Auth-Port": "110"})
+def test_a_fake_pool_can_stand_in() -> None:
+    # For callers' unit tests: a stand-in for httpcore's pool, no socket.
+    async def handler(req: FakeRequest) -> FakeResponse:
+        return response(Auth_Status="OK", Auth_Server="10.0.0.1", Auth_Port="110")
 
     async def main() -> object:
-        async with AuthHttpClient(HookSettings("http://hook/"),
-                                  transport=httpx.MockTransport(handler)) as client:
+        async with AuthHttpClient(HookSettings("http://hook/"), pool=FakePool(handler)) as client:
             return await client.lookup(request())
 
     assert trio.run(main) == HookRoute(HostPort("10.0.0.1", 110), "alice", "wonderland")
 
 
-async def test_httpx_runs_on_trio_itself(serve: Serve) -> None:
-    """What the timeouts above rely on: under trio, httpcore picks its trio backend.
-
-    (anyio is httpx's path on asyncio; under trio, httpcore talks to trio
-    directly, so trio's clock and cancellation govern every socket wait.)
-    """
+async def test_httpcore_runs_on_trio_itself(serve: Serve) -> None:
+    """What the timeouts above rely on: under trio, httpcore picks its trio backend,
+    so trio's clock and cancellation govern every socket wait; and the
+    connection is kept for the next lookup."""
     responder = await serve(lambda req: ok())
     streams: list[object] = []
 
@@ -532,8 +529,8 @@ async def test_httpx_runs_on_trio_itself(serve: Serve) -> None:
         if name == "connection.connect_tcp.complete":
             streams.append(info["return_value"])
 
-    async with httpx.AsyncClient(trust_env=False) as client:
-        await client.get(responder.url, extensions={"trace": trace})
+    async with httpcore.AsyncConnectionPool() as pool:
+        await pool.request("GET", responder.url, extensions={"trace": trace})
     (stream,) = streams
     assert type(stream).__module__ == "httpcore._backends.trio"
 

@@ -6,7 +6,6 @@ import fnmatch
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import trio.testing
@@ -31,31 +30,31 @@ from popproxy.routing import (
     parse_map,
 )
 from tests.auth_responder import AuthResponder, HookRequest, ok
+from tests.hook_fakes import FakePool, FakeRequest, FakeResponse, response
 
 NAMES = frozenset({"legacy", "new", "archive"})
 MAP = parse_map("alice new\nbob new bob.smith\nar* archive\n", NAMES, "users.map")
 HOOK_URL = "http://hook.test/auth"
 
-def hook_answer(**headers: str) -> httpx.Response:
-    return httpx.Response(200, headers={k.replace("_", "-"): v for k, v in headers.items()})
+hook_answer = response
 
 
 class Hook:
-    """An httpx.MockTransport hook: records users asked, answers with ``answer``."""
+    """A hook without sockets: records users asked, answers with ``answer``."""
 
-    def __init__(self, answer: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> None:
+    def __init__(self, answer: Callable[[FakeRequest], Awaitable[FakeResponse]]) -> None:
         self.answer = answer
         self.asked: list[str] = []
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.asked.append(request.headers["Auth-User"])
+    async def __call__(self, request: FakeRequest) -> FakeResponse:
+        self.asked.append(request.header("Auth-User") or "")
         return await self.answer(request)
 
     def client(self) -> AuthHttpClient:
-        return AuthHttpClient(HookSettings(HOOK_URL), transport=httpx.MockTransport(self))
+        return AuthHttpClient(HookSettings(HOOK_URL), pool=FakePool(self))
 
 
-async def routes_to_new(request: httpx.Request) -> httpx.Response:
+async def routes_to_new(request: FakeRequest) -> FakeResponse:
     return hook_answer(Auth_Status="OK", Auth_Server="10.0.1.10", Auth_Port="995",
                        Auth_Pass="backend-pw")
 
@@ -151,7 +150,7 @@ async def test_default_and_no_route() -> None:
 
 
 async def test_hook_ok_without_a_server_goes_to_default() -> None:
-    async def vouch(request: httpx.Request) -> httpx.Response:
+    async def vouch(request: FakeRequest) -> FakeResponse:
         return hook_answer(Auth_Status="OK", Auth_User="carol@legacy", Auth_Pass="legacy-pw")
 
     seen, observe = recorder()
@@ -172,8 +171,8 @@ async def test_hook_ok_without_a_server_goes_to_default() -> None:
 
 
 async def test_refusal_and_failure_never_fall_through_to_default() -> None:
-    async def answer(request: httpx.Request) -> httpx.Response:
-        if request.headers["Auth-User"] == "mallory":
+    async def answer(request: FakeRequest) -> FakeResponse:
+        if request.header("Auth-User") == "mallory":
             return hook_answer(Auth_Status="Invalid login or password", Auth_Wait="3")
         return hook_answer(Auth_Status="OK", Auth_Server="mail.example.org", Auth_Port="110")
 
@@ -191,8 +190,8 @@ async def test_refusal_and_failure_never_fall_through_to_default() -> None:
 async def test_a_silent_hook_times_out_and_other_lookups_go_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def answer(request: httpx.Request) -> httpx.Response:
-        if request.headers["Auth-User"] == "slow":
+    async def answer(request: FakeRequest) -> FakeResponse:
+        if request.header("Auth-User") == "slow":
             await trio.sleep_forever()
         await trio.sleep(0.25)
         return await routes_to_new(request)
@@ -226,7 +225,7 @@ async def test_a_silent_hook_times_out_and_other_lookups_go_on(
 async def test_reload_swaps_tables_for_new_lookups_only(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def vouch_slowly(request: httpx.Request) -> httpx.Response:
+    async def vouch_slowly(request: FakeRequest) -> FakeResponse:
         await trio.sleep(1.0)
         return hook_answer(Auth_Status="OK")
 
@@ -265,7 +264,7 @@ async def test_a_bad_reload_keeps_the_old_tables() -> None:
 async def test_reload_reconfigures_the_hook() -> None:
     hook = Hook(routes_to_new)
     # Created without settings, as a server without auth_http would.
-    async with AuthHttpClient(transport=httpx.MockTransport(hook)) as client:
+    async with AuthHttpClient(pool=FakePool(hook)) as client:
         router = Router(config(default="legacy"), None, client)
         assert await router.lookup("carol", "pw") == Route("legacy", "default", "carol", "pw")
         router.reload(config(auth_http=HOOK_URL + "?v=2", auth_http_timeout=3.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -154,7 +155,8 @@ async def test_two_workers_serve_500_sessions_and_metrics_add_up(
     assert sample(values, "popproxy_auth_total", mechanism="USER", outcome="ok") == 500
     assert sample(values, "popproxy_session_duration_seconds_count") == 500
     assert sample(values, "popproxy_sessions_active") == 0
-    assert sample(values, "popproxy_upstream_up") == 1
+    assert sample(values, "popproxy_upstream_up", upstream="default",
+                  address=f"{dovecot.host}:{dovecot.port}") == 1
     for n in ("1", "2"):
         assert sample(values, "popproxy_worker_up", worker=n) == 1
         assert sample(values, "popproxy_worker_restarts_total", worker=n) == 0
@@ -412,17 +414,49 @@ async def test_each_worker_writes_its_own_audit_chain(
         served = await sessions_until_both_served(running, dovecot)
     files = sorted(n for n in os.listdir(tmp_path) if n.startswith("audit"))
     assert files == ["audit.w1.jsonl", "audit.w2.jsonl"]
+    # Each file is a chain of its own: verify checks them one by one.
     for name in files:
-        with trio.fail_after(60):
-            done = await trio.run_process(
-                [sys.executable, "-m", "popproxy", "audit", "verify", str(tmp_path / name)],
-                capture_stdout=True, capture_stderr=True, check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
+        done = await audit_verify(tmp_path / name)
+        assert done.returncode == 0, (done.stdout + done.stderr).decode()
     # Each session is recorded by the worker that served it.
     w1 = await trio.Path(tmp_path / "audit.w1.jsonl").read_text()
     pids = running.worker_pids()
     for client, _, pid in served:
         assert (f'"client":"{client}"' in w1) == (pid == pids[1])
+
+
+async def audit_verify(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "popproxy", "audit", "verify", *map(str, args)],
+            capture_stdout=True, capture_stderr=True, check=False)
+    return done
+
+
+async def test_signed_worker_trails_verify_together(
+    tmp_path: Path, dovecot: Dovecot, mailboxes: None
+) -> None:
+    """With signed checkpoints each worker's trail names its origin
+    (``.../w1``, ``.../w2``), so verify takes all the files at once."""
+    key = tmp_path / "audit.key"
+    with trio.fail_after(60):
+        made = await trio.run_process(
+            [sys.executable, "-m", "popproxy", "audit", "keygen", "--out", str(key)],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert made.returncode == 0, made.stderr
+    audit = tmp_path / "audit.jsonl"
+    extra = (f'[audit]\nsink = "file"\npath = "{audit}"\nfsync = "never"\n'
+             f'sign_key = "{key}"\ncheckpoint_records = 1\n')
+    async with running_popproxy(config_text(dovecot, extra), tmp_path) as running:
+        await both_workers_listening(running)
+        await sessions_until_both_served(running, dovecot)
+    files = sorted(tmp_path / n for n in os.listdir(tmp_path) if n.startswith("audit.w"))
+    assert [f.name for f in files] == ["audit.w1.jsonl", "audit.w2.jsonl"]
+    done = await audit_verify("--key", f"{key}.pub", *files)
+    text = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0, text
+    assert "/w1" in text
+    assert "/w2" in text
 
 
 async def test_one_worker_is_one_process_as_before(

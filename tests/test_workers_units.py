@@ -25,7 +25,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
-from popproxy.aggregate import Retired, WorkerHealth, WorkersHealth, ask_all, merge
+from popproxy.aggregate import (
+    WORKER_MERGE,
+    Retired,
+    WorkerHealth,
+    WorkersHealth,
+    ask_all,
+    merge,
+)
 from popproxy.audit import AuditConfig, open_audit, worker_path
 from popproxy.cli import main
 from popproxy.config import (
@@ -36,7 +43,7 @@ from popproxy.config import (
     parse_config,
 )
 from popproxy.logs import configure_logging
-from popproxy.metrics import WORKER_MERGE, Metrics
+from popproxy.metrics import Metrics
 from popproxy.worker import Channel, ChannelClosed, from_wire, to_wire
 from popproxy.workers import Backoff, config_warnings
 
@@ -424,6 +431,7 @@ class Status:
     def __init__(self) -> None:
         self.config = Config()
         self.listening = True
+        self.pools = None
 
 
 class TestWorkersHealth:
@@ -447,6 +455,12 @@ class TestWorkersHealth:
         assert health.ready() == (False, "worker 2 is not listening yet")
         down = self.make([WorkerHealth(1, True, True, "ok")], error="Connection refused")
         assert down.ready() == (False, "upstream 127.0.0.1:110: Connection refused")
+
+    def test_a_worker_whose_shared_state_fails_is_ready_but_degraded(self) -> None:
+        why = "degraded: shared state (redis) failing: take: timeout"
+        health = self.make([WorkerHealth(1, True, True, "ok"),
+                            WorkerHealth(2, True, True, "ok", degraded=why)])
+        assert health.ready() == (True, f"{why} (worker 2)")
 
     def test_a_stuck_supervisor_fails_liveness(self) -> None:
         now = [0.0]

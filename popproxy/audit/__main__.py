@@ -1,4 +1,4 @@
-"""``python -m popproxy.audit verify|search ...``."""
+"""``python -m popproxy.audit verify|search|keygen ...``."""
 
 from __future__ import annotations
 

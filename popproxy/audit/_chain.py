@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,11 +169,20 @@ def head_of_file(path: Path) -> ChainHead | None:
     return None
 
 
+# What FileSink adds to a rotated file's name: ".<UTC time>", maybe "-<n>".
+_ROTATED = re.compile(r"\.\d{8}T\d{12}Z(?:-\d+)?")
+
+
 def rotated_files(path: Path) -> list[Path]:
-    """Files rotated away from ``path``, oldest first (their names sort by time)."""
-    prefix = path.name + "."
+    """Files rotated away from ``path``, oldest first (their names sort by time).
+
+    Only names as rotation makes them count: ``audit.jsonl.checkpoints``
+    next to ``audit.jsonl`` is not one of its rotated files.
+    """
+    prefix = path.name
     try:
-        names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(prefix))
+        names = sorted(p.name for p in path.parent.iterdir()
+                       if p.name.startswith(prefix) and _ROTATED.fullmatch(p.name[len(prefix):]))
     except FileNotFoundError:
         return []
     return [path.parent / n for n in names]
@@ -259,14 +269,22 @@ def _first_seq(data: bytes) -> int | None:
     return None
 
 
-def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False) -> VerifyResult:
+# Called for each record that chains: (file, line number, record, line);
+# a message fails the walk there.
+RecordCheck = Callable[[str, int, dict[str, Any], bytes], "str | None"]
+
+
+def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False,
+                 check: RecordCheck | None = None) -> VerifyResult:
     """Check the hash chain through ``files`` (name, content).
 
     The files are put in chain order by their first record's ``seq``, so
     ``audit.jsonl*`` in any order works.  The first fatal problem stops the
     walk: after an edit or a gap, later records cannot vouch for earlier
     ones.  A line that is not a record but is jumped over by an intact chain
-    (a write torn by a crash) is only a warning.
+    (a write torn by a crash) is only a warning.  ``check``, if given, sees
+    every record that chains and may fail the walk at it (the signed
+    checkpoints are checked so).
     """
     result = VerifyResult(problems=[], notes=[])
     assert result.problems is not None
@@ -337,6 +355,13 @@ def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False
             elif record["prev"] != head.hash:
                 return fail(name, line.number, seq,
                             f"prev does not match the hash of seq {head.seq} ({prev_where})")
+            if check is not None and (complaint := check(name, line.number, record,
+                                                         line.raw)) is not None:
+                # The chain holds here: the record itself is what is wrong.
+                if junk is not None:
+                    result.problems.append(junk)
+                result.problems.append(Problem(name, line.number, seq, complaint))
+                return result
             if junk is not None:
                 result.problems.append(junk)
                 junk = None

@@ -219,6 +219,9 @@ class RecordBuilder:
         rec["tls"] = client_tls["version"] if client_tls is not None else None
         if event.code is not None:
             rec["code"] = event.code
+        if event.upstream is not None:  # routed mode: where the login went
+            rec["upstream"] = event.upstream
+            rec["route"] = event.route
         return [rec]
 
     def _response(self, info: SessionRef, st: _Session, event: Response) -> list[Record]:

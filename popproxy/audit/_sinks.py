@@ -2,7 +2,7 @@
 
 A sink's ``write`` takes complete lines (newlines included), one or a
 batch, and either writes all of them or raises ``OSError``.  Failures are
-handled one level up (``_trail.Writer``): lines are queued, the failure is
+handled one level up (``Writer``): lines are queued, the failure is
 logged and counted, and the queue is written out in order once the sink
 works again.
 """
@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import BinaryIO, Protocol
 
 import structlog
 
-__all__ = ["FileSink", "Sink", "StreamSink"]
+__all__ = ["FileSink", "Sink", "StreamSink", "Writer"]
 
 logger = structlog.get_logger("popproxy.audit")
 
@@ -112,6 +113,11 @@ class FileSink:
     ``sync_spacing`` seconds after the previous one.  Under load that bounds
     the fsync rate (and its CPU and journal traffic) while every record is
     still on disk within about ``sync_spacing`` plus one fsync.
+
+    ``auto_rotate = False`` leaves rotation to the owner: ``write`` never
+    rotates, ``rotation_due`` says when the file has reached
+    ``rotate_size`` and ``rotate()`` does it (the trail with signed
+    checkpoints ends each file with a checkpoint first).
     """
 
     sync_spacing = 0.05
@@ -124,9 +130,11 @@ class FileSink:
         fsync_on_rotate: bool = True,
         now: Callable[[], datetime],
         on_error: ErrorHandler | None = None,
+        auto_rotate: bool = True,
     ) -> None:
         self.path = path
         self.rotate_size = rotate_size
+        self.auto_rotate = auto_rotate
         self.fsync_on_rotate = fsync_on_rotate
         self._now = now
         self._on_error = on_error
@@ -162,7 +170,7 @@ class FileSink:
 
     def write(self, data: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open()
-        if self.rotate_size is not None and self.size > 0 and (
+        if self.auto_rotate and self.rotate_size is not None and self.size > 0 and (
             self.size + len(data) > self.rotate_size
         ):
             fd = self._rotate(fd)
@@ -182,6 +190,27 @@ class FileSink:
             self._drop_fd()
             raise
         self.size += written
+
+    @property
+    def rotation_due(self) -> bool:
+        """With ``auto_rotate = False``: the file has reached ``rotate_size``."""
+        return self.rotate_size is not None and self.size >= self.rotate_size
+
+    @property
+    def rotate_failed(self) -> bool:
+        """The last rotation could not rename the file (logged once)."""
+        return self._rotate_failed
+
+    def rotate(self) -> None:
+        """Sync and rename the live file now; the next write starts a new one.
+        A failure is logged and reported (``on_error``); the file goes on."""
+        if self._fd is not None and self.size > 0:
+            self._rotate(self._fd)
+
+    def dup_fd(self) -> int | None:
+        """A duplicate of the live file's descriptor (the caller closes it),
+        to sync it from another thread while this sink writes and rotates."""
+        return os.dup(self._fd) if self._fd is not None else None
 
     def _rotated_name(self) -> Path:
         stamp = self._now().strftime("%Y%m%dT%H%M%S%fZ")
@@ -303,3 +332,78 @@ class _Syncer:
                     fd, self._fd = self._fd, None
             last = time.monotonic()
             self._sink._report(_fsync_and_close(fd))
+
+
+class Writer:
+    """One sink plus the queue of lines it has not taken yet.
+
+    The queue holds chunks of whole lines as they were written, with their
+    line counts; the limits are on lines and bytes.
+    """
+
+    __slots__ = (
+        "failure", "max_bytes", "max_lines", "pending", "pending_bytes", "pending_lines",
+        "sink", "written",
+    )
+
+    def __init__(self, sink: Sink, max_lines: int, max_bytes: int) -> None:
+        self.sink = sink
+        self.pending: deque[tuple[bytes, int]] = deque()
+        self.pending_bytes = 0
+        self.pending_lines = 0
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.failure: Exception | None = None
+        self.written = 0  # lines written so far
+
+    def full(self, lines: int = 0, size: int = 0) -> bool:
+        """Would ``lines`` more lines (``size`` bytes) overflow the queue?"""
+        return (self.pending_lines + lines >= self.max_lines
+                or self.pending_bytes + size >= self.max_bytes)
+
+    def write(self, data: bytes, lines: int) -> bool:
+        """Write ``data`` (``lines`` whole lines) after what is queued;
+        False if it had to be queued."""
+        if not self.pending:
+            try:
+                self.sink.write(data)
+            except Exception as exc:  # OSError mostly; ValueError from a closed stream
+                self._queue(data, lines)
+                self._failed(exc)
+                return False
+            self.written += lines
+            return True
+        self._queue(data, lines)
+        self.drain()
+        return not self.pending
+
+    def _queue(self, data: bytes, lines: int) -> None:
+        self.pending.append((data, lines))
+        self.pending_bytes += len(data)
+        self.pending_lines += lines
+
+    def drain(self) -> int:
+        """Write queued lines in order until done or the sink fails again."""
+        done = 0
+        while self.pending:
+            data, lines = self.pending[0]
+            try:
+                self.sink.write(data)
+            except Exception as exc:
+                self._failed(exc)
+                return done
+            self.pending.popleft()
+            self.pending_bytes -= len(data)
+            self.pending_lines -= lines
+            self.written += lines
+            done += lines
+        if self.failure is not None:
+            logger.warning("audit.sink_recovered", sink=self.sink.name, written=done)
+            self.failure = None
+        return done
+
+    def _failed(self, exc: Exception) -> None:
+        if self.failure is None:
+            logger.error("audit.sink_failed", sink=self.sink.name, error=str(exc),
+                         queued=self.pending_lines)
+        self.failure = exc

@@ -28,12 +28,27 @@ again (each new batch and each ``refusal()`` tries).  If the queue is full,
 new records are dropped *before* they are chained, so the chain stays
 intact, and an ``audit.lost`` record with the count is written on recovery.
 With ``fail_closed`` the proxy refuses new sessions while a sink is failing.
+
+Signed checkpoints (``sign_key``; see ``_checkpoint``).  A checkpoint is an
+``audit.checkpoint`` record, chained, that signs the record before it.
+While ``write_behind`` runs, checkpoints are its business alone: a task of
+its own writes one every ``checkpoint_interval``, when the render has
+counted ``checkpoint_records`` records since the last (it only sets an
+event: nothing is signed on a command's or a session's path), and when the
+file has reached ``rotate_size`` (the file then ends with the checkpoint
+and is rotated; with checkpoints the trail rotates the file, not the sink).
+After each, the trail file is synced and the copy appended to
+``checkpoint_path`` and synced, in a worker thread, so the copy is never
+ahead of the trail on disk.  Outside ``write_behind`` (tools, tests) all
+of this happens inline, at the end of the batch that reaches the count or
+the size.  ``close()`` writes a last checkpoint.  A signature that fails,
+or a copy that cannot be written, is logged and counted, tried again within
+a second, and with ``fail_closed`` refuses new sessions until it works.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -45,9 +60,10 @@ from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
 from ._chain import ChainHead, canonical, read_head
+from ._checkpoint import CheckpointCopies, CopyJob, checkpoint_record
 from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
-from ._sinks import FileSink, Sink, StreamSink
-from .config import AuditConfig
+from ._sinks import FileSink, Sink, StreamSink, Writer
+from .config import AuditConfig, default_origin
 
 __all__ = ["AuditTrail", "open_audit", "worker_path"]
 
@@ -59,79 +75,11 @@ def _noop(*args: object) -> None:
     return None
 
 
-class Writer:
-    """One sink plus the queue of lines it has not taken yet.
-
-    The queue holds chunks of whole lines as they were written, with their
-    line counts; the limits are on lines and bytes.
-    """
-
-    __slots__ = (
-        "failure", "max_bytes", "max_lines", "pending", "pending_bytes", "pending_lines",
-        "sink", "written",
-    )
-
-    def __init__(self, sink: Sink, max_lines: int, max_bytes: int) -> None:
-        self.sink = sink
-        self.pending: deque[tuple[bytes, int]] = deque()
-        self.pending_bytes = 0
-        self.pending_lines = 0
-        self.max_lines = max_lines
-        self.max_bytes = max_bytes
-        self.failure: Exception | None = None
-        self.written = 0  # lines written so far
-
-    def full(self, lines: int = 0, size: int = 0) -> bool:
-        """Would ``lines`` more lines (``size`` bytes) overflow the queue?"""
-        return (self.pending_lines + lines >= self.max_lines
-                or self.pending_bytes + size >= self.max_bytes)
-
-    def write(self, data: bytes, lines: int) -> bool:
-        """Write ``data`` (``lines`` whole lines) after what is queued;
-        False if it had to be queued."""
-        if not self.pending:
-            try:
-                self.sink.write(data)
-            except Exception as exc:  # OSError mostly; ValueError from a closed stream
-                self._queue(data, lines)
-                self._failed(exc)
-                return False
-            self.written += lines
-            return True
-        self._queue(data, lines)
-        self.drain()
-        return not self.pending
-
-    def _queue(self, data: bytes, lines: int) -> None:
-        self.pending.append((data, lines))
-        self.pending_bytes += len(data)
-        self.pending_lines += lines
-
-    def drain(self) -> int:
-        """Write queued lines in order until done or the sink fails again."""
-        done = 0
-        while self.pending:
-            data, lines = self.pending[0]
-            try:
-                self.sink.write(data)
-            except Exception as exc:
-                self._failed(exc)
-                return done
-            self.pending.popleft()
-            self.pending_bytes -= len(data)
-            self.pending_lines -= lines
-            self.written += lines
-            done += lines
-        if self.failure is not None:
-            logger.warning("audit.sink_recovered", sink=self.sink.name, written=done)
-            self.failure = None
-        return done
-
-    def _failed(self, exc: Exception) -> None:
-        if self.failure is None:
-            logger.error("audit.sink_failed", sink=self.sink.name, error=str(exc),
-                         queued=self.pending_lines)
-        self.failure = exc
+# Stands in a batch for "a checkpoint here": the render signs the head of
+# the chain as it stands at that point.
+_CHECKPOINT: Record = {"event": "audit.checkpoint"}
+# How soon a checkpoint that failed (signature, copy) is tried again.
+CHECKPOINT_RETRY = 1.0
 
 
 class _SinkLogger:
@@ -170,13 +118,32 @@ class _Render:
         render = trail.head.link if trail.head is not None else canonical
         lines: list[bytes] = []
         size = 0
+        since = trail._since_checkpoint
         for record in records:
+            if record is _CHECKPOINT:
+                if since and (line := trail._checkpoint_line()) is not None:
+                    lines.append(line)
+                    size += len(line) + 1
+                    since = 0
+                continue
             if trail._queued and any(w.full(len(lines), size) for w in trail._writers):
                 trail._lost(record)
                 continue
             line = render(record)
             lines.append(line)
             size += len(line) + 1
+            since += 1
+        if trail.signer is not None:
+            if since >= trail._checkpoint_every:
+                if trail._checkpoint_task:
+                    # After a failed signature the task tries again on its
+                    # timer, not at once (it would spin).
+                    if not trail._sign_failed:
+                        trail._checkpoint_due.set()
+                elif (line := trail._checkpoint_line()) is not None:
+                    lines.append(line)
+                    since = 0
+            trail._since_checkpoint = since
         if not lines:
             raise structlog.DropEvent
         count = len(lines)
@@ -207,6 +174,7 @@ class AuditTrail:
         now: Callable[[], datetime] = utcnow,
         max_pending_lines: int = 100_000,
         max_pending_bytes: int = 64 << 20,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.head = head if config.hash_chain else None
@@ -226,6 +194,22 @@ class AuditTrail:
         self._dropped = 0
         self._dropped_since: str | None = None
         self._closed = False
+        # Signed checkpoints (None: off).
+        self.signer = config.signer if self.head is not None else None
+        origin = config.origin or default_origin()
+        self.origin = origin if worker is None else f"{origin}/w{worker}"
+        self._checkpoint_every = config.checkpoint_records
+        self._since_checkpoint = 0  # records chained since the last checkpoint
+        self._checkpoint_task = False  # write_behind's checkpoint task runs
+        self._checkpoint_due = trio.Event()
+        self._rotation_wanted = False
+        self._sealing = False
+        self._sign_failed = False
+        self._just_signed: list[int] = []  # checkpoints in the batch being written
+        self._copies = (CheckpointCopies(config.checkpoint_path)
+                        if self.signer is not None and config.checkpoint_path else None)
+        self.checkpoints = 0  # written so far
+        self._file_sinks = [s for s in sinks if isinstance(s, FileSink)]  # to sync
         # Proxy._emit calls the observer only for the events the builder uses.
         self.event_types = self.builder.event_types
         self._log = structlog.wrap_logger(
@@ -293,11 +277,23 @@ class AuditTrail:
             self._dropped_since = None
             batch.insert(0, lost)
         self._log.info(None, records=batch)
+        if self._just_signed:
+            for seq in self._just_signed:  # written now (or queued, if the sink fails)
+                logger.debug("audit.checkpoint", seq=seq, signed=seq - 1, origin=self.origin)
+            self._just_signed.clear()
         if self._fsync_always:
             self._sync(now=True)
         elif self._sync_due:
             self._sync_due = False
             self._sync(now=False)
+        if self.signer is not None and not self._checkpoint_task and not self._sealing:
+            # No write_behind task: checkpoint work happens here.
+            if self._rotation_wanted:
+                self._seal_and_rotate()
+            job = self._copy_job()
+            if job is not None:
+                job.run()
+                self._copied(job)
 
     async def write_behind(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -307,18 +303,123 @@ class AuditTrail:
         What waits is written on the way out."""
         self._deferred = True
         try:
-            task_status.started()
-            while True:
-                await self._due.wait()
-                # A batch started.  Records that join it while we sleep go
-                # with it; one that starts a new batch after a session's
-                # close wrote this one sets the next event.
-                self._due = trio.Event()
-                await trio.sleep(BATCH_WAIT)
-                self.flush()
+            async with trio.open_nursery() as nursery:
+                if self.signer is not None:
+                    self._checkpoint_task = True
+                    nursery.start_soon(self._checkpointer)
+                task_status.started()
+                while True:
+                    await self._due.wait()
+                    # A batch started.  Records that join it while we sleep go
+                    # with it; one that starts a new batch after a session's
+                    # close wrote this one sets the next event.
+                    self._due = trio.Event()
+                    await trio.sleep(BATCH_WAIT)
+                    self.flush()
         finally:
             self._deferred = False
+            self._checkpoint_task = False
             self.flush()
+
+    async def _checkpointer(self) -> None:
+        """write_behind's second task: checkpoints, and their copies."""
+        interval = self.config.checkpoint_interval
+        last = trio.current_time()
+        while True:
+            deadline = last + interval
+            if self._sign_failed or self._copy_failing:
+                deadline = min(deadline, trio.current_time() + CHECKPOINT_RETRY)
+            with trio.move_on_at(deadline):
+                await self._checkpoint_due.wait()
+            self._checkpoint_due = trio.Event()
+            try:
+                if self._rotation_wanted or self._rotation_due(retry=True):
+                    self._seal_and_rotate()
+                elif self._since_checkpoint or self._batch:
+                    self.checkpoint()  # writes what waits first
+                job = self._copy_job()
+                if job is not None:
+                    await trio.to_thread.run_sync(job.run)
+                    self._copied(job)
+            except Exception as exc:  # a bug: keep the proxy up, say so
+                logger.error("audit.checkpoint_failed", error_type=type(exc).__name__)
+                self._count_error()
+            if not self._sign_failed:
+                last = trio.current_time()
+
+    # --------------------------------------------------------- checkpoints
+
+    def checkpoint(self) -> None:
+        """Write what waits, then a checkpoint over it (unless nothing was
+        written since the last one).  Never raises."""
+        if self.signer is None or self._closed:
+            return
+        self._batch.append(_CHECKPOINT)
+        self.flush()
+
+    def _checkpoint_line(self) -> bytes | None:
+        """For the render: sign the chain's head, chain the checkpoint record
+        after it and return its line (None if signing failed)."""
+        head, signer = self.head, self.signer
+        assert head is not None
+        assert signer is not None
+        try:
+            record = checkpoint_record(signer, self.origin, head.seq, head.hash,
+                                       rfc3339(self.now()))
+        except Exception as exc:
+            if not self._sign_failed:
+                logger.error("audit.sign_failed", error_type=type(exc).__name__,
+                             error=str(exc), seq=head.seq)
+            self._sign_failed = True
+            self._count_error()
+            return None
+        if self._sign_failed:
+            logger.warning("audit.sign_recovered", seq=head.seq)
+            self._sign_failed = False
+        line = head.link(record)
+        self.checkpoints += 1
+        if self._copies is not None:
+            self._copies.add(line)
+        self._just_signed.append(head.seq)
+        return line
+
+    def _rotation_due(self, *, retry: bool) -> bool:
+        """A file the trail rotates has reached ``rotate_size`` (and its lines
+        are all written).  After a rename that failed, only when ``retry``:
+        the checkpoint task tries again once an interval, not every batch."""
+        return any(
+            isinstance(w.sink, FileSink) and not w.sink.auto_rotate and not w.pending
+            and w.sink.rotation_due and (retry or not w.sink.rotate_failed)
+            for w in self._writers
+        )
+
+    def _seal_and_rotate(self) -> None:
+        """End the live file with a checkpoint, then rotate it."""
+        self._rotation_wanted = False
+        self._sealing = True
+        try:
+            self.checkpoint()
+        finally:
+            self._sealing = False
+        for w in self._writers:
+            if isinstance(w.sink, FileSink) and not w.pending and w.sink.rotation_due:
+                w.sink.rotate()
+
+    @property
+    def _copy_failing(self) -> bool:
+        return self._copies is not None and self._copies.failed
+
+    def _copy_job(self) -> CopyJob | None:
+        """The next copy to ``checkpoint_path``; None: nothing to do, or not
+        yet (lines of the trail still wait to be written)."""
+        if self._copies is None or self.failing:
+            return None
+        return self._copies.job(self._file_sinks)
+
+    def _copied(self, job: CopyJob) -> None:
+        assert self._copies is not None
+        if self._copies.copied(job):
+            self._count_error()
 
     def _write(self, data: bytes, lines: int) -> None:
         queued = False
@@ -329,6 +430,13 @@ class AuditTrail:
             self._queued = True
             self._count_error()
         self._count_written()
+        if (self.signer is not None and not self._sealing and not self._rotation_wanted
+                and self._rotation_due(retry=False)):
+            # Sign the file's end, then rotate: write_behind's task does it,
+            # or _flush when there is none.
+            self._rotation_wanted = True
+            if self._checkpoint_task:
+                self._checkpoint_due.set()
 
     def _count_written(self) -> None:
         """Count the records that have now reached every sink."""
@@ -381,25 +489,40 @@ class AuditTrail:
         return not self._queued
 
     def refusal(self) -> str | None:
-        """For ``Proxy.admission``: a reason to refuse new sessions, or None."""
-        if not self.config.fail_closed or not self.failing:
+        """For ``Proxy.admission``: a reason to refuse new sessions, or None.
+
+        With ``fail_closed``: while a sink fails, or checkpoints cannot be
+        signed or copied."""
+        if not self.config.fail_closed:
             return None
-        if self.retry():
+        if self._sign_failed or self._copy_failing:
+            # write_behind's task tries again within CHECKPOINT_RETRY.
+            return "audit trail unavailable"
+        if not self.failing or self.retry():
             return None
         return "audit trail unavailable"
 
     def close(self) -> None:
-        """Write what is left (sessions still open, queued lines), sync, close."""
+        """Write what is left (sessions still open, queued lines) and, with
+        ``sign_key``, a last checkpoint over it; sync, close."""
         if self._closed:
             return
         try:
             self._deferred = False
+            self._checkpoint_task = False
             for record in self.builder.close_all():
                 self.record(record)
             self.flush()
+            self.checkpoint()  # the last one: signs all written
             self.retry()
             if self.config.fsync != "never":
                 self._sync(now=True)
+            job = self._copy_job()
+            if job is not None:
+                job.run()
+                self._copied(job)
+            if self._copies is not None and self._copies.waiting:
+                logger.error("audit.checkpoints_not_copied", checkpoints=len(self._copies.waiting))
         finally:
             self._closed = True
             for w in self._writers:
@@ -410,14 +533,17 @@ class AuditTrail:
 
 
 def open_audit(config: AuditConfig, metrics: object = None, *,
-               now: Callable[[], datetime] = utcnow, worker: int | None = None,
-               ) -> AuditTrail | None:
+               now: Callable[[], datetime] = utcnow,
+               worker: int | None = None) -> AuditTrail | None:
     """The trail ``config`` asks for; None when the audit is off.
+
+    ``worker`` (a number) is added to the checkpoints' origin as ``/w<N>``
+    when several processes each write a trail of their own, and names the
+    file: worker N writes its own chain, in ``worker_path``.
 
     A file that cannot be opened yet is not an error here: the trail starts
     failing (logged, counted, and refusing sessions with ``fail_closed``)
-    and recovers when the file can be written.  ``worker`` (``[server]
-    workers > 1``): worker N writes a chain of its own, in ``worker_path``.
+    and recovers when the file can be written.
     """
     if not config.enabled:
         return None
@@ -441,12 +567,16 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
                 # than fork the old one silently; verify shows the restart.
                 logger.error("audit.chain_head_unreadable", path=str(config.path),
                              error=str(exc))
+        signed = config.signer is not None and config.hash_chain
+        # With checkpoints the trail rotates (a file ends with a checkpoint),
+        # and always syncs the file it rotates away: a copy of its checkpoint
+        # in checkpoint_path must not be ahead of it on disk.
         sinks.append(FileSink(config.path, rotate_size=config.rotate_size,
-                              fsync_on_rotate=config.fsync != "never", now=now,
-                              on_error=on_error))
+                              fsync_on_rotate=config.fsync != "never" or signed, now=now,
+                              on_error=on_error, auto_rotate=not signed))
     if config.to_stdout:
         sinks.append(StreamSink())
-    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now)
+    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now, worker=worker)
     if head is not None and head.seq:
         logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
     return trail

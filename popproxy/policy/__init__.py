@@ -2,30 +2,44 @@
 
 The session asks ``decide`` before a command goes upstream.  A ``Deny`` is
 answered locally and keeps its place in the pipelining order; a ``Delay``
-holds the command back until a given time.  Nothing in here does I/O or
+holds the command back until a given time; an ``Ask`` (only with shared
+state, ``[state] backend = "redis"``) holds it until the trio shell has put
+the ``Ask``'s question to the shared state and handed the answer to
+``Ask.then``, which decides.  ``observe`` may return an ``Effect``: shared
+state to update, with no answer awaited.  Nothing in here does I/O or
 reads a clock of its own: ``now`` is passed in (and the wall clock for
 time-of-day windows is injected into the engine).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..events import Event, State
 from ..pop3 import Command
+from .ratelimit import Limit
 
 __all__ = [
     "ALLOW",
+    "AcquireLease",
     "Allow",
     "AllowAll",
+    "Ask",
+    "Charge",
+    "ClearFailures",
+    "CountFailures",
     "Decision",
     "Delay",
     "Deny",
+    "Effect",
     "Facts",
     "Note",
     "Policy",
+    "Query",
+    "RecordFailure",
+    "Take",
     "allow_all",
 ]
 
@@ -80,14 +94,74 @@ Decision = Allow | Deny | Delay
 ALLOW = Allow()
 
 
-class Policy(Protocol):
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision: ...
+# Questions for the shared state (``popproxy.state.SharedState``), each one
+# round trip; the shell adds the session's id where one is needed.
 
-    def observe(self, facts: Facts, event: Event, now: float) -> None:
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Take each cost from its limit if all admit (``force``: whatever they say)."""
+
+    items: tuple[tuple[Limit, float], ...]
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CountFailures:
+    keys: tuple[str, ...]
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireLease:
+    """One of ``limit`` slots of ``cap`` for this session."""
+
+    cap: str
+    limit: int
+
+
+Query = Take | CountFailures | AcquireLease
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A decision that needs the shared state: put ``query``, hand the answer
+    (or the ``StateError``) to ``then``, which decides (or asks again)."""
+
+    query: Query
+    then: Callable[[object], Decision | Ask]
+
+
+# Updates of the shared state that need no answer (after a reply).
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    items: tuple[tuple[Limit, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailure:
+    keys: tuple[str, ...]
+    window: float
+    keep: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClearFailures:
+    keys: tuple[str, ...]
+
+
+Effect = Charge | RecordFailure | ClearFailures
+
+
+class Policy(Protocol):
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision | Ask: ...
+
+    def observe(self, facts: Facts, event: Event, now: float) -> Effect | None:
         """Hear a completed reply or login outcome (octet budgets, throttling)."""
 
-    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
-        """After the upstream accepted a login: may this user have one more session?"""
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | Ask | None:
+        """After the upstream accepted a login: may this user have one more session?
+        (An ``Ask``'s ``then`` answers with ``ALLOW`` or a ``Deny``.)"""
 
     def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:
         """A RETR reply announced its size: may it stream?"""
@@ -99,10 +173,10 @@ class AllowAll:
     def decide(self, facts: Facts, command: Command, now: float) -> Decision:
         return ALLOW
 
-    def observe(self, facts: Facts, event: Event, now: float) -> None:
+    def observe(self, facts: Facts, event: Event, now: float) -> Effect | None:
         return None
 
-    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | Ask | None:
         return None
 
     def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ..addr import host_of, normalize_host
 from ..events import AuthResult, Event, Response
 from ..pop3 import RETRIEVE, STANDARD_VERBS, Command, completes_login, message_number
-from . import ALLOW, Allow, Decision, Delay, Deny, Facts, Note
+from . import ALLOW, Allow, Ask, Decision, Delay, Deny, Effect, Facts, Note
 from .config import Match, PolicyConfig, Rule, TimeWindow
 from .ratelimit import Bucket, BucketTable
 
@@ -39,12 +39,14 @@ BUILTIN_RULE_NAMES = (
     "builtin:login-throttle",
     "builtin:max-message-size",
     "builtin:max-sessions-per-user",
+    "builtin:shared-state",  # [state] on_error = "deny" while the shared state fails
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Kinds of candidate rule, for the per-command loop in ``decide``.
 _ALLOW, _DENY, _LIMIT, _OCTETS = range(4)
-_Candidate = tuple[int, Rule, Bucket | None, TimeWindow | None]
+# (kind, rule, this process's bucket, time window, the bucket's subject)
+_Candidate = tuple[int, Rule, Bucket | None, TimeWindow | None, str | None]
 # RFC 2449/3206 codes that say the credentials were not the problem.
 _NOT_CREDENTIAL_FAILURES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"})
 Wallclock = Callable[[], dt.datetime]
@@ -139,25 +141,42 @@ class PolicyEngine:
     # ------------------------------------------------------------------
     # Decisions
 
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision | Ask:
         notes: list[Note] = []
-        p = self.config.protections
-        verb = command.verb
-
-        if verb not in self._allowed_verbs:
+        if command.verb not in self._allowed_verbs:
             deny = Deny(b"-ERR unknown command\r\n", "builtin:command-allowlist")
             result = self._enforce(deny, notes, "deny")
             if result is not None:
                 return result
-
         if completes_login(command):
-            ip = facts.client_ip or host_of(facts.client)
-            user = facts.login_user if verb != "APOP" else (command.args or ("",))[0]
-            f = self.state.failures
-            w = p.login_failure_window
-            if (ip and f.count("ip:" + ip, now, w) >= p.login_failures_per_ip) or (
-                user and f.count("user:" + user, now, w) >= p.login_failures_per_user
-            ):
+            return self._login_throttle(facts, command, now, notes)
+        return self._after_throttle(facts, command, now, notes)
+
+    def _login_throttle(
+        self, facts: Facts, command: Command, now: float, notes: list[Note]
+    ) -> Decision | Ask:
+        keys = self._failure_keys(facts, command)
+        return self._throttle(keys, self._local_failures(keys, now), facts, command, now, notes)
+
+    def _failure_keys(self, facts: Facts, command: Command) -> tuple[str, ...]:
+        """The failed-login keys of a login: its client address and its user."""
+        ip = facts.client_ip or host_of(facts.client)
+        user = facts.login_user if command.verb != "APOP" else (command.args or ("",))[0]
+        return tuple(k for k in (f"ip:{ip}" if ip else "", f"user:{user}" if user else "") if k)
+
+    def _local_failures(self, keys: tuple[str, ...], now: float) -> tuple[int, ...]:
+        w = self.config.protections.login_failure_window
+        return tuple(self.state.failures.count(k, now, w) for k in keys)
+
+    def _throttle(
+        self, keys: tuple[str, ...], counts: tuple[int, ...], facts: Facts, command: Command,
+        now: float, notes: list[Note],
+    ) -> Decision | Ask:
+        """Failed-login throttling (PASS, APOP, AUTH) per client IP and per user."""
+        p = self.config.protections
+        for key, count in zip(keys, counts, strict=True):
+            limit = p.login_failures_per_ip if key.startswith("ip:") else p.login_failures_per_user
+            if count >= limit:
                 deny = Deny(
                     b"-ERR [AUTH] too many failed logins, try again later\r\n",
                     "builtin:login-throttle",
@@ -166,18 +185,27 @@ class PolicyEngine:
                 result = self._enforce(deny, notes, "deny")
                 if result is not None:
                     return result
+                break
+        return self._after_throttle(facts, command, now, notes)
 
-        if verb == "RETR" and p.max_message_size is not None and command.args:
+    def _after_throttle(
+        self, facts: Facts, command: Command, now: float, notes: list[Note]
+    ) -> Decision | Ask:
+        p = self.config.protections
+        if command.verb == "RETR" and p.max_message_size is not None and command.args:
             number = message_number(command.args[0])
             size = facts.sizes.get(number) if number is not None else None
             if size is not None and size > p.max_message_size:
                 result = self._enforce(self._too_large(), notes, "deny")
                 if result is not None:
                     return result
+        return self._rules(facts, command.verb, now, notes)
 
+    def _rules(self, facts: Facts, verb: str, now: float, notes: list[Note]) -> Decision | Ask:
+        """The configured rules, in order, with this process's token buckets."""
         when: dt.datetime | None = None
         limited: list[Bucket] = []
-        for kind, rule, bucket, window in self._candidates(facts, verb, now):
+        for kind, rule, bucket, window, _ in self._candidates(facts, verb, now):
             if window is not None:
                 if when is None:
                     when = self._wall(now)
@@ -200,25 +228,14 @@ class PolicyEngine:
                     break
                 continue
             else:  # _DENY
-                message = (rule.message or "denied by policy").encode("utf-8", "replace")
-                deny = Deny(b"-ERR [SYS/PERM] " + message + b"\r\n", rule.name)
-                result = self._enforce(deny, notes, "deny")
+                result = self._enforce(self._denial(rule), notes, "deny")
                 if result is not None:
                     return result
                 continue
             # Over the limit.
             assert bucket is not None
-            wait = bucket.wait_time(now, 0.0 if kind == _OCTETS else 1.0)
-            if rule.on_limit == "delay" and wait <= rule.max_delay:
-                result = self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
-            else:
-                seconds = max(1, round(wait))
-                deny = Deny(
-                    f"-ERR [SYS/TEMP] rate limit exceeded, try again in {seconds}s\r\n"
-                    .encode(),
-                    rule.name,
-                )
-                result = self._enforce(deny, notes, "rate_limit")
+            result = self._over_limit(rule, bucket.wait_time(now, 0.0 if kind == _OCTETS else 1.0),
+                                      notes, now)
             if result is not None:
                 return result
             if kind == _LIMIT:
@@ -227,6 +244,22 @@ class PolicyEngine:
         for b in limited:
             b.spend()
         return Allow(tuple(notes)) if notes else ALLOW
+
+    @staticmethod
+    def _denial(rule: Rule) -> Deny:
+        message = (rule.message or "denied by policy").encode("utf-8", "replace")
+        return Deny(b"-ERR [SYS/PERM] " + message + b"\r\n", rule.name)
+
+    def _over_limit(
+        self, rule: Rule, wait: float, notes: list[Note], now: float
+    ) -> Decision | None:
+        """A rate limit refused: ``on_limit`` (delay or deny); None in monitor mode."""
+        if rule.on_limit == "delay" and wait <= rule.max_delay:
+            return self._enforce(Delay(now + wait, rule.name), notes, "rate_limit")
+        seconds = max(1, round(wait))
+        deny = Deny(f"-ERR [SYS/TEMP] rate limit exceeded, try again in {seconds}s\r\n".encode(),
+                    rule.name)
+        return self._enforce(deny, notes, "rate_limit")
 
     def _candidates(self, facts: Facts, verb: str, now: float) -> tuple[_Candidate, ...]:
         """The rules whose match holds for this session and verb, time aside,
@@ -248,6 +281,7 @@ class PolicyEngine:
                 if not self._matches(r.match, facts, verb, None, static=True):
                     continue
                 bucket = None
+                bucket_key = None
                 if r.action == "rate_limit":
                     bucket_key = self._bucket_key(r, facts)
                     if r.limit is None or bucket_key is None:
@@ -257,7 +291,7 @@ class PolicyEngine:
                     kind = _OCTETS if r.limit.octets else _LIMIT
                 else:
                     kind = _ALLOW if r.action == "allow" else _DENY
-                entries.append((kind, r, bucket, r.match.time))
+                entries.append((kind, r, bucket, r.match.time, bucket_key))
             hit = tuple(entries)
             if len(self._candidate_cache) >= 4096:
                 self._candidate_cache.clear()
@@ -341,28 +375,45 @@ class PolicyEngine:
     # ------------------------------------------------------------------
     # Feedback from the session
 
-    def observe(self, facts: Facts, event: Event, now: float) -> None:
+    def observe(self, facts: Facts, event: Event, now: float) -> Effect | None:
         if isinstance(event, AuthResult):
-            ip = facts.client_ip or host_of(facts.client)
-            p = self.config.protections
             if event.ok:
                 if event.user:
                     self.state.failures.clear("user:" + event.user)
-                return
-            if event.code in _NOT_CREDENTIAL_FAILURES:
-                return  # right password, busy mailbox: not a guess to count
-            keep = max(p.login_failures_per_ip, p.login_failures_per_user)
-            if ip:
-                self.state.failures.add("ip:" + ip, now, keep)
-            if event.user:
-                self.state.failures.add("user:" + event.user, now, keep)
+                return None
+            keys = self._failed_login_keys(facts, event)
+            keep = self._failures_kept()
+            for key in keys:
+                self.state.failures.add(key, now, keep)
         elif (
             isinstance(event, Response) and event.ok and not event.local
             and event.command.verb in RETRIEVE
         ):
-            self._charge_octets(facts, event.command.verb, event.octets, now)
+            for rule, key in self._octet_budgets(facts, event.command.verb, now):
+                assert rule.limit is not None
+                bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
+                bucket.take(now, event.octets)
+        return None
 
-    def _charge_octets(self, facts: Facts, verb: str, octets: int, now: float) -> None:
+    @staticmethod
+    def _failed_login_keys(facts: Facts, event: AuthResult) -> tuple[str, ...]:
+        """The keys a failed login counts under (none when the credentials
+        were not the problem: right password, busy mailbox)."""
+        if event.code in _NOT_CREDENTIAL_FAILURES:
+            return ()
+        ip = facts.client_ip or host_of(facts.client)
+        return tuple(k for k in (f"ip:{ip}" if ip else "",
+                                 f"user:{event.user}" if event.user else "") if k)
+
+    def _failures_kept(self) -> int:
+        p = self.config.protections
+        return max(p.login_failures_per_ip, p.login_failures_per_user)
+
+    def _octet_budgets(
+        self, facts: Facts, verb: str, now: float
+    ) -> list[tuple[Rule, str]]:
+        """The octet-budget rules a retrieval is charged to, with their keys."""
+        found: list[tuple[Rule, str]] = []
         when: dt.datetime | None = None
         for rule in self.config.rules:
             if rule.action != "rate_limit" or rule.limit is None or not rule.limit.octets:
@@ -373,10 +424,10 @@ class PolicyEngine:
                 continue
             key = self._bucket_key(rule, facts)
             if key is not None:
-                bucket = self.state.buckets[rule.name].get(key, rule.limit, rule.capacity, now)
-                bucket.take(now, octets)
+                found.append((rule, key))
+        return found
 
-    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | Ask | None:
         limit = self.config.protections.max_sessions_per_user
         if self.state.sessions_per_user[user] >= limit and not self.monitor:
             return Deny(
@@ -428,13 +479,13 @@ class SwitchablePolicy:
     def __init__(self, current: PolicyEngine) -> None:
         self.current = current
 
-    def decide(self, facts: Facts, command: Command, now: float) -> Decision:
+    def decide(self, facts: Facts, command: Command, now: float) -> Decision | Ask:
         return self.current.decide(facts, command, now)
 
-    def observe(self, facts: Facts, event: Event, now: float) -> None:
-        self.current.observe(facts, event, now)
+    def observe(self, facts: Facts, event: Event, now: float) -> Effect | None:
+        return self.current.observe(facts, event, now)
 
-    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | None:
+    def admit_login(self, facts: Facts, user: str, now: float) -> Deny | Ask | None:
         return self.current.admit_login(facts, user, now)
 
     def admit_size(self, facts: Facts, command: Command, octets: int) -> Deny | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Bucket", "BucketTable", "Rate"]
+__all__ = ["Bucket", "BucketTable", "Limit", "Rate", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,63 @@ class Rate:
     @property
     def per_second(self) -> float:
         return self.amount / self.period
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One budget: rule ``rule``'s limit for one ``subject`` (user, address, "*").
+
+    ``burst`` is the bucket's capacity in units (commands or octets); the
+    policy's ``Rule.capacity``.  Two Limits with the same rule and subject
+    share one budget, whichever process asks.
+    """
+
+    rule: str
+    subject: str
+    rate: Rate
+    burst: float
+
+    def __post_init__(self) -> None:
+        if "/" in self.rule:
+            raise ValueError(f"a rule name for shared state has no '/': {self.rule!r}")
+        if not (self.rate.amount > 0 and self.rate.period > 0 and self.burst > 0):
+            raise ValueError("rate and burst must be greater than zero")
+
+    @property
+    def interval(self) -> float:
+        """Seconds per unit (GCRA's emission interval)."""
+        return self.rate.period / self.rate.amount
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of now the arrival time may run: the burst, in seconds."""
+        return self.burst * self.interval
+
+    @property
+    def key(self) -> str:
+        """The key within the backend (before the prefix); unambiguous since
+        rule names have no ``/``."""
+        return f"rl:{self.rule}/{self.subject}"
+
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to ``take``: per limit, in the order asked, the seconds to
+    wait before it would admit (0.0: it admits now); ``charged`` says whether
+    the costs were taken (only when all admit, or when forced)."""
+
+    waits: tuple[float, ...]
+    charged: bool
+
+    @property
+    def allowed(self) -> bool:
+        return all(w == 0.0 for w in self.waits)
+
+    @property
+    def retry_after(self) -> float:
+        """The longest wait (0.0 when allowed)."""
+        return max(self.waits, default=0.0)
 
 
 class Bucket:

@@ -7,6 +7,8 @@ url = "redis://127.0.0.1:6379/0"   # also "rediss://" and "unix:///run/redis.soc
 key_prefix = "popproxy:"
 timeout = "250ms"
 on_error = "local"                 # "local": fall back to this process's own counts; "deny"
+lease_time = "30s"                 # a session-cap slot of a process that died comes back
+                                   # after this long; live sessions renew theirs
 ```
 
 The URL may carry credentials (``redis://user:secret@host``).  They stay in
@@ -26,6 +28,7 @@ __all__ = ["RedisTarget", "StateConfig", "parse_redis_url", "parse_state", "reda
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 MAX_TIMEOUT = 30.0
+MIN_LEASE, MAX_LEASE = 1.0, 3600.0
 _PREFIX = re.compile(r"[\x21-\x7e]{0,64}")  # printable ASCII, no spaces
 
 
@@ -57,6 +60,7 @@ class StateConfig:
     timeout: float = 0.25
     on_error: str = "local"  # "local" | "deny"
     target: RedisTarget = field(default_factory=RedisTarget)
+    lease_time: float = 30.0
 
     @property
     def redacted_url(self) -> str:
@@ -66,7 +70,7 @@ class StateConfig:
         return (
             f"StateConfig(backend={self.backend!r}, url={self.redacted_url!r}, "
             f"key_prefix={self.key_prefix!r}, timeout={self.timeout!r}, "
-            f"on_error={self.on_error!r})"
+            f"on_error={self.on_error!r}, lease_time={self.lease_time!r})"
         )
 
 
@@ -166,5 +170,16 @@ def parse_state(raw: object) -> StateConfig:
             f"long while Redis is unreachable), got {s.raw['timeout']!r}"
         )
     on_error = parse_choice(s.get("on_error", d.on_error), s.key("on_error"), ("local", "deny"))
+    lease_time = parse_duration(s.get("lease_time", d.lease_time), s.key("lease_time"))
+    if not MIN_LEASE <= lease_time <= MAX_LEASE:
+        raise ConfigError(
+            f"{s.key('lease_time')}: between {MIN_LEASE:g}s and {MAX_LEASE:g}s (slots of a "
+            f"process that died stay taken this long), got {lease_time:g}s"
+        )
+    if lease_time < 3 * timeout:
+        raise ConfigError(
+            f"{s.key('lease_time')}: at least three times state.timeout, so a renewal "
+            f"can fail and be retried before the lease runs out, got {lease_time:g}s"
+        )
     s.finish()
-    return StateConfig(backend, url, prefix, timeout, on_error, target)
+    return StateConfig(backend, url, prefix, timeout, on_error, target, lease_time)

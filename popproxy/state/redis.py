@@ -170,6 +170,7 @@ class RedisState:
         self.calls: Counter[str] = Counter()
         self._health = HealthTracker("redis", clock)
         self._open_until = -math.inf  # the circuit: fail fast before this time
+        self._down_reason = ""  # why it opened
         self._nonce = itertools.count()
         self._nonce_base = os.urandom(6).hex()
 
@@ -178,9 +179,15 @@ class RedisState:
     def _circuit_open(self) -> bool:
         return self.clock() < self._open_until
 
+    def retry_in(self) -> float:
+        """Seconds until a call reaches Redis again after it was found
+        unreachable (0.0: now); until then calls fail at once."""
+        return max(0.0, self._open_until - self.clock())
+
     def _fail(self, op: str, reason: str, *, unavailable: bool) -> StateError:
         if unavailable:
             self._open_until = self.clock() + self.retry_interval
+            self._down_reason = reason
         error = StateError(op, reason)
         self._health.failed(error)
         return error
@@ -192,7 +199,8 @@ class RedisState:
         (EVAL on NOSCRIPT), bounded by the timeout."""
         if self._circuit_open():
             raise self._fail(
-                op, f"Redis unavailable ({self._health.last_error_reason}); retrying shortly",
+                op, f"not asked: Redis unavailable ({self._down_reason}); "
+                    f"trying again in {self.retry_in():.1f}s",
                 unavailable=False,
             )
         now = "" if self.script_clock is None else repr(self.script_clock())
