@@ -40,6 +40,7 @@ from tests.popproxy_process import (
     sample,
     scrape,
 )
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.dovecot
 
@@ -509,3 +510,56 @@ async def test_a_worker_stuck_for_long_is_killed_and_restarted(
     assert restarts({"worker": "1"}) == 0
     assert supervisor.slots[0].process is first  # the other one was left alone
     supervisor.stop(signal.SIGINT)
+
+
+async def retr_session(port: int, user: str, password: str) -> tuple[str, bytes]:
+    """Log in, RETR 1 (its body read to the end when it comes), QUIT: the
+    client's address and the RETR reply's first line."""
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            host, local_port = stream.socket.getsockname()[:2]
+            reader = LineReader(stream)
+            assert (await reader.line()).startswith(b"+OK")
+            for command in (f"USER {user}", f"PASS {password}"):
+                await stream.send_all(command.encode() + b"\r\n")
+                assert (await reader.line()).startswith(b"+OK")
+            await stream.send_all(b"RETR 1\r\n")
+            reply = await reader.line()
+            if reply.startswith(b"+OK"):
+                while await reader.line() != b".":
+                    pass
+            await stream.send_all(b"QUIT\r\n")
+            assert (await reader.line()).startswith(b"+OK")
+    return f"{host}:{local_port}", reply
+
+
+async def test_a_per_user_limit_holds_across_both_workers_with_redis(
+    tmp_path: Path, dovecot: Dovecot, mailboxes: None, redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """[state] backend = "redis": "5/minute" per user admits five RETRs
+    whichever worker serves them, where in memory each worker would admit
+    five."""
+    extra = (
+        f'[state]\nbackend = "redis"\nurl = "{redis_server.url}"\n'
+        f'key_prefix = "{redis_prefix}"\n'
+        '[[policy.rules]]\nname = "retr-5"\naction = "rate_limit"\nlimit = "5/minute"\n'
+        'per = "user"\nmatch = { commands = ["RETR"] }\n'
+    )
+    async with running_popproxy(config_text(dovecot, extra), tmp_path) as running:
+        await both_workers_listening(running)
+        replies: list[tuple[bytes, int]] = []
+        for _ in range(40):  # until both workers have served refused RETRs too
+            client, reply = await retr_session(running.port, "alice", dovecot.users["alice"])
+            closed = await running.wait_for("session.close", client=client)
+            replies.append((reply, closed["pid"]))
+            refused_by = {pid for r, pid in replies if not r.startswith(b"+OK")}
+            if len(replies) >= 12 and len(refused_by) == 2:
+                break
+    admitted = [pid for reply, pid in replies if reply.startswith(b"+OK")]
+    assert len(admitted) == 5
+    assert all(reply.startswith(b"-ERR [SYS/TEMP] rate limit exceeded")
+               for reply, _ in replies if not reply.startswith(b"+OK"))
+    assert len({pid for _, pid in replies}) == 2  # both workers served
+    assert running.matching("config.per_process_limits") == []  # shared: no warning
