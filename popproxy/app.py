@@ -21,7 +21,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from .addr import HostPort
-from .audit import open_audit
+from .audit import AuditConfig, open_audit, worker_path
 from .config import Config, ConfigError, load_config
 from .endpoint import serve_metrics
 from .events import Event, SessionClosed
@@ -216,7 +216,7 @@ async def run(
     audit file, and the supervisor, not this process, serves ``[metrics]``.
     """
     app = app or build(config, registry)
-    trail = open_audit(config.audit, app.metrics, worker=worker)
+    trail = open_audit(_worker_audit(config.audit, worker), app.metrics, worker=worker)
     if trail is not None:
         # First: a session's records are written before the other observers
         # (logs, metrics) report it closed.
@@ -246,6 +246,19 @@ async def run(
     finally:
         if trail is not None:
             trail.close()
+
+
+def _worker_audit(audit: AuditConfig, worker: int | None) -> AuditConfig:
+    """Worker N's audit settings: a chain of its own in files of its own
+    (``audit.w2.jsonl``, and ``audit.w2.checkpoints`` for the copies)."""
+    if worker is None:
+        return audit
+    return replace(
+        audit,
+        path=worker_path(audit.path, worker) if audit.path is not None else None,
+        checkpoint_path=(worker_path(audit.checkpoint_path, worker)
+                         if audit.checkpoint_path is not None else None),
+    )
 
 
 @asynccontextmanager

@@ -446,14 +446,19 @@ async def test_signed_worker_trails_verify_together(
             capture_stdout=True, capture_stderr=True, check=False)
     assert made.returncode == 0, made.stderr
     audit = tmp_path / "audit.jsonl"
+    copies = tmp_path / "audit.checkpoints"
     extra = (f'[audit]\nsink = "file"\npath = "{audit}"\nfsync = "never"\n'
-             f'sign_key = "{key}"\ncheckpoint_records = 1\n')
+             f'sign_key = "{key}"\ncheckpoint_records = 1\ncheckpoint_path = "{copies}"\n')
     async with running_popproxy(config_text(dovecot, extra), tmp_path) as running:
         await both_workers_listening(running)
         await sessions_until_both_served(running, dovecot)
-    files = sorted(tmp_path / n for n in os.listdir(tmp_path) if n.startswith("audit.w"))
-    assert [f.name for f in files] == ["audit.w1.jsonl", "audit.w2.jsonl"]
-    done = await audit_verify("--key", f"{key}.pub", *files)
+    names = sorted(n for n in os.listdir(tmp_path) if n.startswith("audit.w"))
+    assert names == ["audit.w1.checkpoints", "audit.w1.jsonl",
+                     "audit.w2.checkpoints", "audit.w2.jsonl"]
+    files = [tmp_path / n for n in names if n.endswith(".jsonl")]
+    done = await audit_verify("--key", f"{key}.pub",
+                              "--checkpoints", tmp_path / "audit.w1.checkpoints",
+                              "--checkpoints", tmp_path / "audit.w2.checkpoints", *files)
     text = (done.stdout + done.stderr).decode()
     assert done.returncode == 0, text
     assert "/w1" in text

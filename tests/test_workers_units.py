@@ -33,7 +33,7 @@ from popproxy.aggregate import (
     ask_all,
     merge,
 )
-from popproxy.audit import AuditConfig, open_audit, worker_path
+from popproxy.audit import worker_path
 from popproxy.cli import main
 from popproxy.config import (
     Config,
@@ -516,18 +516,6 @@ def test_a_single_process_logs_no_worker_field(captured: pytest.CaptureFixture[s
 ])
 def test_worker_audit_file_names(tmp_path: Path, name: str, expected: str) -> None:
     assert worker_path(tmp_path / name, 2) == tmp_path / expected
-
-
-def test_each_worker_writes_its_own_audit_chain(tmp_path: Path) -> None:
-    config = AuditConfig(enabled=True, sink="file", path=tmp_path / "audit.jsonl", fsync="never")
-    paths = []
-    for worker in (1, 2, None):
-        trail = open_audit(config, worker=worker)
-        assert trail is not None
-        paths.append(trail.config.path)
-        trail.close()
-    assert paths == [tmp_path / "audit.w1.jsonl", tmp_path / "audit.w2.jsonl",
-                     tmp_path / "audit.jsonl"]
 
 
 def test_run_with_workers_says_when_it_cannot_listen(

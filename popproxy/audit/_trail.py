@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -538,8 +537,8 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
     """The trail ``config`` asks for; None when the audit is off.
 
     ``worker`` (a number) is added to the checkpoints' origin as ``/w<N>``
-    when several processes each write a trail of their own, and names the
-    file: worker N writes its own chain, in ``worker_path``.
+    when several processes each write a trail of their own (each in files
+    of its own: ``worker_path``).
 
     A file that cannot be opened yet is not an error here: the trail starts
     failing (logged, counted, and refusing sessions with ``fail_closed``)
@@ -547,8 +546,6 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
     """
     if not config.enabled:
         return None
-    if worker is not None and config.path is not None:
-        config = replace(config, path=worker_path(config.path, worker))
     sinks: list[Sink] = []
     head: ChainHead | None = ChainHead() if config.hash_chain else None
     trail: AuditTrail | None = None
