@@ -230,7 +230,7 @@ async def run(
         async with app.hook or _nothing(), _shared_state(app) as state, \
                 trio.open_nursery() as nursery:
             if state is not None:
-                await nursery.start(state.renew_leases)
+                await nursery.start(state.maintain)
             if trail is not None:
                 # Audit records wait up to 10 ms and are written together
                 # (see popproxy.audit._trail).

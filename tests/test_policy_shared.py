@@ -464,3 +464,47 @@ class TestTheSessionWaits:
         out = s.receive_client(b"NOOP\r\nLIST\r\n", 1.0)
         assert out.ask is None
         assert out.to_upstream == b"NOOP\r\nLIST\r\n"
+
+
+class TestUpkeep:
+    """``StateClient.maintain``: leases renewed, a degraded backend probed."""
+
+    async def test_leases_renewed_every_third_of_the_lease(
+        self, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        state = MemoryState(clock=trio.current_time)  # the mock clock, for both
+        client = StateClient(state, lease_time=30.0)
+        engine = shared(max_sessions_per_user=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.maintain)
+            assert await login(client, engine, "alice", "s1") == ALLOW
+            await trio.sleep(40.5)  # past the lease, renewed at 10, 20, 30, 40 s
+            assert state.calls["renew_leases"] == 4
+            other = StateClient(state, lease_time=30.0)
+            assert await login(other, engine, "alice", "s2") == IN_USE
+            nursery.cancel_scope.cancel()
+
+    async def test_a_degraded_backend_is_probed_until_it_answers(
+        self, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        class Down(Failing):
+            up = False
+            probes = 0
+
+            async def check(self) -> bool:
+                self.probes += 1
+                return self.up
+
+        down = Down()
+        client = StateClient(down, lease_time=300.0)
+        await decide(client, shared([RETR_5]), facts(), RETR)  # fails: degraded
+        with structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.maintain)
+                await trio.sleep(5 * 2.0 + 0.5)
+                assert down.probes == 5
+                down.up = True
+                await trio.sleep(2.0)
+                nursery.cancel_scope.cancel()
+        assert down.probes == 6
+        assert [e["event"] for e in logs] == ["state.recovered"]

@@ -10,7 +10,7 @@ reply changes it.  ``StateClient`` carries them out against a
   ``StateError``) to ``ask.then``, until a decision comes out;
 * ``apply(effects)`` makes the updates, in order;
 * a lease taken for a session (the per-user and per-IP caps) is recorded
-  under its id, renewed by ``renew_leases`` every third of ``lease_time``
+  under its id, renewed by ``maintain`` every third of ``lease_time``
   while the session lives, and given back by ``release(session)`` at its
   end.  A process that dies renews nothing: its slots come back within
   ``lease_time``.
@@ -43,11 +43,12 @@ from ..policy import (
 )
 from .base import SharedState, StateError, StateHealth
 
-__all__ = ["LOG_EVERY", "StateClient"]
+__all__ = ["LOG_EVERY", "PROBE_EVERY", "StateClient"]
 
 logger = structlog.get_logger("popproxy.state")
 
 LOG_EVERY = 10.0  # seconds between log lines about failing calls, per operation
+PROBE_EVERY = 2.0  # seconds between probes of a degraded backend
 # A chain of Asks longer than this is a bug in the engine, not a decision.
 _MAX_ASKS = 8
 
@@ -140,15 +141,31 @@ class StateClient:
             except StateError as exc:
                 self._failed(exc)
 
-    async def renew_leases(
+    async def maintain(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run until cancelled: every third of ``lease_time``, extend the
-        leases of the sessions still alive (one call per session)."""
+        leases of the sessions still alive (one call per session); and
+        while the backend is degraded, probe it every ``PROBE_EVERY``
+        seconds, so that ``/readyz`` sees it back even when no session
+        asks anything meanwhile."""
         task_status.started()
+        renew_at = self._clock() + self.lease_time / 3
         while True:
-            await trio.sleep(self.lease_time / 3)
-            await self.renew_once()
+            wake = renew_at
+            if self.state.health().degraded:
+                wake = min(wake, self._clock() + PROBE_EVERY)
+            await trio.sleep_until(wake)
+            if self._clock() >= renew_at:
+                renew_at = self._clock() + self.lease_time / 3
+                await self.renew_once()
+            elif self.state.health().degraded:
+                await self.probe()
+
+    async def probe(self) -> None:
+        check = getattr(self.state, "check", None)
+        if check is not None and await check():
+            self._worked()
 
     async def renew_once(self) -> None:
         for session, caps in list(self.leases.items()):
