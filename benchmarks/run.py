@@ -3,7 +3,7 @@ and against trio's floor (a minimal trio relay), with issue 16's bars.
 
 Run from the repository root::
 
-    python -m benchmarks.run            # the full run (a few minutes)
+    python -m benchmarks.run            # the full run (about 90 s on 2 cores)
     python -m benchmarks.run --quick    # a smoke run: fewer rounds, smaller sizes
     python -m benchmarks.run --repeat 2 # twice, with each figure's spread
     python -m benchmarks.run --bare     # popproxy without audit, metrics, info logs
