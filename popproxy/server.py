@@ -25,6 +25,7 @@ from . import proxyproto, sockio
 from .addr import HostPort, host_of
 from .config import Config, LimitsConfig, ListenConfig
 from .events import (
+    CommandSent,
     EndReason,
     Event,
     SessionClosed,
@@ -136,6 +137,11 @@ class Proxy:
             self.pools.reconfigure(upstreams, down_time)
         return self.pools
 
+    def _hears(self, kind: type[Event]) -> bool:
+        """Whether an observer listens for events of type ``kind``."""
+        self._dispatcher.observers = self.observers  # the list may have been replaced
+        return bool(self._dispatcher.route(kind))
+
     def _emit(self, info: SessionInfo, events: Iterable[Event]) -> None:
         dispatcher = self._dispatcher
         dispatcher.observers = self.observers  # the list may have been replaced
@@ -163,6 +169,7 @@ class Proxy:
             require_tls_for_auth=listener.require_tls_for_auth,
             resolve_uidl=self.config.audit.enabled and self.config.audit.resolve_uidl,
         )
+        session.announce_sent = self._hears(CommandSent)
         info = SessionInfo(secrets.token_hex(8), peer)
         with structlog.contextvars.bound_contextvars(session=info.id, client=peer):
             await self._lifecycle(Connection(client, listener, local), via, session, info)

@@ -112,6 +112,9 @@ class Session:
         # Ask the upstream for a message's UIDL before RETR/TOP/DELE when the
         # client never listed it, so the audit can name the message.
         self.resolve_uidl = resolve_uidl
+        # ``CommandSent`` is built only if an observer hears it (the shell
+        # says; none of the production observers does).
+        self.announce_sent = True
         self.state = State.GREETING
         self.user: str | None = None  # authenticated user, once known
         self.commands_sent = 0  # client commands forwarded upstream
@@ -163,7 +166,9 @@ class Session:
             return out.done()
         self._reader.receive_data(data)
         self._read_upstream(out, now)
-        self._progress(out, now)
+        cmds = self._input
+        if cmds.queue or cmds.lines.buffered:  # else nothing waits to be parsed or sent
+            self._progress(out, now)
         self._end_if_drained(out)
         return out.done()
 
@@ -442,7 +447,8 @@ class Session:
                 self._pipeline.sent(Pending(probe, now, internal=True), len(wire), before=p)
         wire = bytes(cmd)
         out.upstream.append(wire)
-        out.events.append(CommandSent(cmd, now))
+        if self.announce_sent:
+            out.events.append(CommandSent(cmd, now))
         self.commands_sent += 1
         self._pipeline.sent(p, len(wire))
         if names_login(cmd):

@@ -123,6 +123,13 @@ class PolicyEngine:
         self.state.buckets = tables
         p = config.protections
         self._allowed_verbs = STANDARD_VERBS | p.extra_commands
+        # Verbs no rule can match and no protection looks at (NOOP, STAT,
+        # LIST... unless a rule names them): allowed without a look at the
+        # session, which is most commands of most sessions.
+        named = set().union(*(r.match.commands or () for r in config.rules))
+        self._plain_verbs = frozenset() if any(
+            r.match.commands is None for r in config.rules
+        ) else frozenset(self._allowed_verbs - named - {"PASS", "APOP", "AUTH", "RETR"})
         # User globs compiled once into one regex per rule.
         self._globs: dict[tuple[str, ...], Callable[[str], object]] = {
             r.match.users: re.compile("|".join(fnmatch.translate(g) for g in r.match.users)).match
@@ -142,6 +149,8 @@ class PolicyEngine:
     # Decisions
 
     def decide(self, facts: Facts, command: Command, now: float) -> Decision | Ask:
+        if command.verb in self._plain_verbs:
+            return ALLOW
         notes: list[Note] = []
         if command.verb not in self._allowed_verbs:
             deny = Deny(b"-ERR unknown command\r\n", "builtin:command-allowlist")
