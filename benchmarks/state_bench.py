@@ -174,35 +174,40 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(conn.close)
             conn.login("noop", users["noop"])
             noop_block(conn, 500)  # warm-up
-        for r in range(rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for mode in order:
-                meter = CpuMeter(proxies[mode].pid)
-                before = redis_calls(redis)
-                with meter.measure():
-                    done, errs = trio.run(rate_round, proxies[mode].port, pairs, seconds)
-                if mode == "redis":
-                    calls += redis_calls(redis) - before
-                    sessions += done
-                rates[mode].append(done / seconds)
-                cpu[mode].append(meter.cpu / done * 1000 if done else float("nan"))
-                errors[mode] += errs
-                log(f"round {r + 1}/{rounds} {mode}: {done / seconds:,.0f} sessions/s, "
-                    f"{cpu[mode][-1]:.2f} ms CPU per session"
-                    + (f", {errs} errors" if errs else ""))
-            for mode in order:
-                meter = CpuMeter(proxies[mode].pid)
-                before = redis_calls(redis)
-                threads_before = client_threads_cpu(proxies[mode].pid)
-                with meter.measure():
-                    noop_block(conns[mode], noops)
-                noop_calls += redis_calls(redis) - before
-                glide_noop_cpu += client_threads_cpu(proxies[mode].pid) - threads_before
-                noop_cpu[mode].append(meter.cpu / noops * 1e6)
-            log(f"round {r + 1}/{rounds} NOOP CPU: " + ", ".join(
-                f"{m} {noop_cpu[m][-1]:.1f} µs" for m in MODES))
-            for proxy in proxies.values():
-                proxy.check_alive()
+        try:
+            for r in range(rounds):
+                order = MODES if r % 2 == 0 else MODES[::-1]
+                for mode in order:
+                    meter = CpuMeter(proxies[mode].pid)
+                    before = redis_calls(redis)
+                    with meter.measure():
+                        done, errs = trio.run(rate_round, proxies[mode].port, pairs, seconds)
+                    if mode == "redis":
+                        calls += redis_calls(redis) - before
+                        sessions += done
+                    rates[mode].append(done / seconds)
+                    cpu[mode].append(meter.cpu / done * 1000 if done else float("nan"))
+                    errors[mode] += errs
+                    log(f"round {r + 1}/{rounds} {mode}: {done / seconds:,.0f} sessions/s, "
+                        f"{cpu[mode][-1]:.2f} ms CPU per session"
+                        + (f", {errs} errors" if errs else ""))
+                for mode in order:
+                    meter = CpuMeter(proxies[mode].pid)
+                    before = redis_calls(redis)
+                    threads_before = client_threads_cpu(proxies[mode].pid)
+                    with meter.measure():
+                        noop_block(conns[mode], noops)
+                    noop_calls += redis_calls(redis) - before
+                    glide_noop_cpu += client_threads_cpu(proxies[mode].pid) - threads_before
+                    noop_cpu[mode].append(meter.cpu / noops * 1e6)
+                log(f"round {r + 1}/{rounds} NOOP CPU: " + ", ".join(
+                    f"{m} {noop_cpu[m][-1]:.1f} µs" for m in MODES))
+                for proxy in proxies.values():
+                    proxy.check_alive()
+        except Exception:
+            for mode, proxy in proxies.items():
+                log(f"--- {mode} proxy's log, last lines:\n{proxy.log_tail(40)}")
+            raise
         for conn in conns.values():
             conn.cmd("QUIT")
         if args.profile is not None:

@@ -508,3 +508,31 @@ class TestUpkeep:
                 nursery.cancel_scope.cancel()
         assert down.probes == 6
         assert [e["event"] for e in logs] == ["state.recovered"]
+
+    async def test_a_lease_taken_while_a_renewal_is_out(self) -> None:
+        """The session's per-user lease arrives while its per-IP lease is
+        being renewed: the renewal accounts for what it sent, no more."""
+        class Slow(MemoryState):
+            def __init__(self) -> None:
+                super().__init__(clock=trio.current_time)
+                self.renewing = trio.Event()
+                self.go_on = trio.Event()
+
+            async def renew_leases(self, caps: Sequence[str], session: str, ttl: float
+                                   ) -> tuple[bool, ...]:
+                self.renewing.set()
+                await self.go_on.wait()
+                return await super().renew_leases(caps, session, ttl)
+
+        state = Slow()
+        client = StateClient(state, lease_time=30.0)
+        engine = shared()
+        ask = engine.client_lease("192.0.2.7:1")
+        assert ask is not None
+        assert await client.decide(ask, "s1") == ALLOW
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.renew_once)
+            await state.renewing.wait()
+            assert await login(client, engine, "alice", "s1") == ALLOW
+            state.go_on.set()
+        assert client.leases["s1"] == {"ip:192.0.2.7", "user:alice"}

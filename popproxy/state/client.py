@@ -156,11 +156,16 @@ class StateClient:
             if self.state.health().degraded:
                 wake = min(wake, self._clock() + PROBE_EVERY)
             await trio.sleep_until(wake)
-            if self._clock() >= renew_at:
-                renew_at = self._clock() + self.lease_time / 3
-                await self.renew_once()
-            elif self.state.health().degraded:
-                await self.probe()
+            try:
+                if self._clock() >= renew_at:
+                    renew_at = self._clock() + self.lease_time / 3
+                    await self.renew_once()
+                elif self.state.health().degraded:
+                    await self.probe()
+            except Exception:
+                # A bug here must not take the proxy down with it (this
+                # task runs in app.run's nursery): say so, and go on.
+                logger.exception("state.upkeep_failed")
 
     async def probe(self) -> None:
         check = getattr(self.state, "check", None)
@@ -171,13 +176,16 @@ class StateClient:
         for session, caps in list(self.leases.items()):
             if self.leases.get(session) is not caps:
                 continue  # released meanwhile
+            # The set may grow while the call is out (the session's login
+            # takes its per-user lease): what was renewed is this list.
+            names = sorted(caps)
             try:
-                kept = await self.state.renew_leases(sorted(caps), session, self.lease_time)
+                kept = await self.state.renew_leases(names, session, self.lease_time)
             except StateError as exc:
                 self._failed(exc)
                 continue
             self._worked()
-            for cap, ok in zip(sorted(caps), kept, strict=True):
+            for cap, ok in zip(names, kept, strict=True):
                 if not ok:
                     # Expired before it was renewed (the shared state was
                     # away longer than the lease): the slot is not taken
