@@ -36,6 +36,7 @@ __all__ = [
     "CATEGORIES",
     "KERNEL",
     "OTHER",
+    "RUN_LOOP",
     "SAMPLED",
     "Breakdown",
     "Categorizer",
@@ -211,12 +212,20 @@ class Categorizer:
         return "logging"
 
 
+#: ``Breakdown.trio_for``'s name for trio time with no popproxy task below the run loop.
+RUN_LOOP = "(the run loop itself)"
+# popproxy frames that only start the run loop.
+_ENTRY_FILES = frozenset({"popproxy/cli.py", "popproxy/__main__.py", "popproxy/app.py"})
+
+
 @dataclass
 class Breakdown:
-    """Samples per category, and per deciding frame (``category``, label)."""
+    """Samples per category, per deciding frame (``category``, label), and
+    trio's samples by the popproxy frame they run for (``trio_for``)."""
 
     samples: Counter[str] = field(default_factory=Counter)
     frames: Counter[tuple[str, str]] = field(default_factory=Counter)
+    trio_for: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def of(cls, stacks: Mapping[tuple[Frame, ...], int], categorizer: Categorizer) -> Breakdown:
@@ -229,11 +238,26 @@ class Breakdown:
             else:
                 label = frame.label()
             out.frames[(cat, label)] += count
+            if cat == "trio":
+                out.trio_for[_trio_caller(stack)] += count
         return out
 
     @property
     def total(self) -> int:
         return sum(self.samples.values())
+
+
+def _trio_caller(stack: Sequence[Frame]) -> str:
+    """The innermost popproxy frame of a trio sample, sockio.py aside: the
+    task (or the call) trio was working for."""
+    for frame in reversed(stack):
+        parts = _module_path(frame.file)
+        if parts[:1] != ("popproxy",) or parts[1:] == ("sockio.py",):
+            continue
+        if "/".join(parts) in _ENTRY_FILES:
+            return RUN_LOOP
+        return frame.label()
+    return RUN_LOOP
 
 
 def shares(samples: Mapping[str, int], keys: Iterable[str] = SAMPLED) -> dict[str, float]:

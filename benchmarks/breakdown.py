@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.breakdown            # about three minutes
+    python -m benchmarks.breakdown            # about two minutes
     python -m benchmarks.breakdown --quick    # a smoke run
     python -m benchmarks.breakdown --json breakdown.json --keep /tmp/stacks
 
@@ -112,7 +112,7 @@ SETTLE = 0.05  # seconds metered after a session block, for the proxy's tail of 
 @dataclass(frozen=True)
 class Settings:
     rounds: int = 10
-    noops: int = 6000  # per NOOP block: about 1.5 s
+    noops: int = 10_000  # per NOOP block: about 2 s
     session_seconds: float = 3.0  # per session block
     rate: int = 250  # py-spy samples per second
 
@@ -464,6 +464,11 @@ def _results(settings: Settings, arms: Mapping[str, Mapping[str, Arm]],
                  "us": n / b.total * user_us if b.total else math.nan}
                 for (cat, label), n in b.frames.most_common(40)
             ],
+            "trio_for": [
+                {"frame": label, "samples": n,
+                 "us": n / b.total * user_us if b.total else math.nan}
+                for label, n in b.trio_for.most_common(15)
+            ],
         }
     return out
 
@@ -517,6 +522,9 @@ def render(results: Mapping[str, Any]) -> str:
         for f in r["top_frames"][:15]:
             lines.append(f"| {f['us']:,.1f} | {100 * f['samples'] / total:.1f} | "
                          f"{f['category']} | `{f['frame']}` |")
+        lines.append("")
+        lines.append(f"trio's time per {r['unit']} by the popproxy frame it ran for: " + "; ".join(
+            f"`{f['frame']}` {f['us']:,.1f} µs" for f in r["trio_for"][:8]))
         others = [f for f in r["top_frames"] if f["category"] == OTHER][:5]
         if others:
             lines.append("")
@@ -552,10 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return 2
-    print()
-    print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print()
+    print(render(results))
     return 0
 
 

@@ -14,6 +14,7 @@ from benchmarks._stacks import (
     CATEGORIES,
     KERNEL,
     OTHER,
+    RUN_LOOP,
     SAMPLED,
     Breakdown,
     Categorizer,
@@ -188,6 +189,20 @@ def test_shares_add_up_to_100_percent_and_allocate_to_the_cpu() -> None:
     assert us[KERNEL] == 20.0
     assert us["trio"] == pytest.approx(60.0)
     assert b.frames[("trio", "unrolled_run (trio/_core/_run.py)")] == 30
+
+
+def test_trio_time_is_told_by_the_popproxy_frame_it_ran_for() -> None:
+    text = "\n".join([
+        ROOT + " 7",
+        PUMP + ";receive (popproxy/sockio.py:53);wait_readable (trio/_core/_io_epoll.py:45) 5",
+        PUMP + ";send_all (popproxy/sockio.py:79) 2",
+        ROOT + ";Proxy.handle (popproxy/server.py:150);__enter__ (trio/_core/_run.py:500) 3",
+        SESSION + " 4",
+    ])
+    b = Breakdown.of(parse_folded(text), categorizer())
+    assert b.trio_for == Counter({RUN_LOOP: 7, "Relay._pump (popproxy/relay.py)": 7,
+                                  "Proxy.handle (popproxy/server.py)": 3})
+    assert sum(b.trio_for.values()) == b.samples["trio"]
 
 
 def test_shares_of_nothing_and_of_unknown_categories() -> None:
