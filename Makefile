@@ -45,7 +45,7 @@ test-with:
 	$$venv/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run --repeat 2
 	$(BIN)/python -m benchmarks.floor
 	$(BIN)/python -m benchmarks.policy_bench
 	$(BIN)/python -m benchmarks.tls_bench
@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.audit_bench
 	$(BIN)/python -m benchmarks.audit_bench --checkpoints
 	$(BIN)/python -m benchmarks.routing_bench
+	$(BIN)/python -m benchmarks.state_bench
+	$(BIN)/python -m benchmarks.workers_bench
 
 # The working tree against another revision, interleaved, twice:
 #   make bench-ab BASELINE=main

@@ -177,7 +177,7 @@ def _div(a: float, b: float) -> float:
 @dataclass
 class Figure:
     """One measured quantity: a value per target name (``direct``,
-    ``baseline``, ``proxy``); a target it does not apply to is absent.
+    ``baseline``, ``proxy``, ``floor``); a target it does not apply to is absent.
 
     ``rounds``: the same quantity per interleaved round (or block), where
     the scenario has them; ``paired`` compares two targets round by round.
@@ -221,22 +221,29 @@ def _ratio(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}x"
 
 
-def _compare(names: Sequence[str]) -> tuple[str, str]:
-    """The pair a ratio is taken of: current/baseline when there is a baseline."""
-    return ("proxy", "baseline") if "baseline" in names else ("proxy", "direct")
+def _compare(names: Sequence[str]) -> list[tuple[str, str]]:
+    """The pairs ratios are taken of: current / baseline when there is a
+    baseline, else proxy / direct; and proxy / floor (the trio-sockio relay
+    of ``benchmarks.floor``) when it was measured."""
+    pairs = [("proxy", "baseline") if "baseline" in names else ("proxy", "direct")]
+    if "floor" in names:
+        pairs.append(("proxy", "floor"))
+    return pairs
 
 
 def render_figures(
     figures: Sequence[Figure], names: Sequence[str], labels: Mapping[str, str],
 ) -> str:
-    """A table: each figure's value per target and the ratio of the last two."""
-    num, den = _compare(names)
-    head = ["Figure", *(labels[n] for n in names), f"{labels[num]} / {labels[den]}",
-            "paired (median of rounds' ratios)"]
+    """A table: each figure's value per target and the ratios of ``_compare``'s pairs."""
+    pairs = _compare(names)
+    head = ["Figure", *(labels[n] for n in names)]
+    for num, den in pairs:
+        head += [f"{labels[num]} / {labels[den]}", "paired (median of rounds' ratios)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for f in figures:
-        cells = [f.label, *(_num(f.values.get(n, math.nan), f.digits) for n in names),
-                 _ratio(f.ratio(num, den)), _ratio(f.paired(num, den))]
+        cells = [f.label, *(_num(f.values.get(n, math.nan), f.digits) for n in names)]
+        for num, den in pairs:
+            cells += [_ratio(f.ratio(num, den)), _ratio(f.paired(num, den))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -252,10 +259,12 @@ def _span(values: Sequence[float], fmt: str, suffix: str = "") -> str:
 def render_spread(
     runs: Sequence[Sequence[Figure]], names: Sequence[str], labels: Mapping[str, str],
 ) -> str:
-    """Each figure's min-max over ``runs`` per target, and the ratio of every run."""
-    num, den = _compare(names)
-    head = ["Figure (min-max over runs)", *(labels[n] for n in names),
-            f"{labels[num]} / {labels[den]}", "per run", "paired", "per run"]
+    """Each figure's min-max over ``runs`` per target, and the ratios of
+    ``_compare``'s pairs in every run."""
+    pairs = _compare(names)
+    head = ["Figure (min-max over runs)", *(labels[n] for n in names)]
+    for num, den in pairs:
+        head += [f"{labels[num]} / {labels[den]}", "per run", "paired", "per run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     order: list[str] = []
     by_key: dict[str, list[Figure]] = {}
@@ -270,8 +279,10 @@ def render_spread(
         cells = [found[0].label]
         for n in names:
             cells.append(_span([f.values.get(n, math.nan) for f in found], f",.{digits}f"))
-        for ratios in ([f.ratio(num, den) for f in found], [f.paired(num, den) for f in found]):
-            cells.append(_span(ratios, ".2f", "x"))
-            cells.append(", ".join(_ratio(r) for r in ratios))
+        for num, den in pairs:
+            for ratios in ([f.ratio(num, den) for f in found],
+                           [f.paired(num, den) for f in found]):
+                cells.append(_span(ratios, ".2f", "x"))
+                cells.append(", ".join(_ratio(r) for r in ratios))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ __all__ = [
     "proc_cpu_clock",
     "proc_cpu_seconds",
     "proc_status_kib",
+    "process_tree",
     "raise_fd_limit",
     "reset_peak_rss",
 ]
@@ -146,6 +147,27 @@ def proc_cpu_clock(pid: int) -> float | None:
         return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants alive now (from ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
 class CpuMeter:
     """Adds up a process's CPU time and the wall time of measured blocks.
 
@@ -153,13 +175,20 @@ class CpuMeter:
     (10 ms): a block of a few ticks is off by up to one.  ``cpu``, their sum,
     is read from the process's CPU-time clock instead when it can be, which
     keeps short blocks (a pipelined batch, a few sessions) exact.
+
+    ``tree=True``: the process and every descendant alive when a block
+    starts (a supervisor and its worker processes), summed; a process that
+    ends inside a block is not counted for that block (``lost`` says how
+    often that happened).
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, tree: bool = False) -> None:
         self.pid = pid
+        self.tree = tree
         self.user = 0.0
         self.system = 0.0
         self.wall = 0.0
+        self.lost = 0
         self._clock: float | None = 0.0  # None once a block could not read it
 
     @property
@@ -168,21 +197,35 @@ class CpuMeter:
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
-        (u0, s0), w0 = proc_cpu_seconds(self.pid), time.perf_counter()
-        c0 = proc_cpu_clock(self.pid)
+        pids = process_tree(self.pid) if self.tree else [self.pid]
+        w0 = time.perf_counter()
+        start = {p: (_seconds(p), proc_cpu_clock(p)) for p in pids}
         try:
             yield
         finally:
-            c1 = proc_cpu_clock(self.pid)
+            end = {p: (_seconds(p), proc_cpu_clock(p)) for p in pids}
             self.wall += time.perf_counter() - w0
-            with contextlib.suppress(OSError):
-                u1, s1 = proc_cpu_seconds(self.pid)
-                self.user += u1 - u0
-                self.system += s1 - s0
-            if self._clock is not None and c0 is not None and c1 is not None:
-                self._clock += c1 - c0
+            clock: float | None = 0.0
+            for p in pids:
+                (t0, c0), (t1, c1) = start[p], end[p]
+                if t0 is None or t1 is None:
+                    self.lost += 1
+                    continue
+                self.user += t1[0] - t0[0]
+                self.system += t1[1] - t0[1]
+                clock = None if clock is None or c0 is None or c1 is None else (
+                    clock + c1 - c0)
+            if self._clock is not None and clock is not None:
+                self._clock += clock
             else:
                 self._clock = None
+
+
+def _seconds(pid: int) -> tuple[float, float] | None:
+    try:
+        return proc_cpu_seconds(pid)
+    except OSError:
+        return None
 
 
 def reset_peak_rss(pid: int) -> bool:

@@ -21,7 +21,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from .addr import HostPort
-from .audit import open_audit
+from .audit import AuditConfig, open_audit, worker_path
 from .config import Config, ConfigError, load_config
 from .endpoint import serve_metrics
 from .events import Event, SessionClosed
@@ -32,7 +32,7 @@ from .policy import Deny
 from .policy.engine import BUILTIN_RULE_NAMES, SwitchablePolicy
 from .policy.shared import SharedEngine, engine_for
 from .routing import AuthHttpClient, Router, UserMap, load_map_file
-from .server import Proxy, serve
+from .server import ListenerGroup, Proxy, serve
 from .state import StateError, open_state
 from .state.client import StateClient
 from .tls import TLSContexts, check_files
@@ -176,6 +176,10 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
         logger.warning("config.reload_partial",
                        detail="[state] changes take effect after a restart")
         new = replace(new, state=old.state)
+    if new.server != old.server:
+        logger.warning("config.reload_partial",
+                       detail="[server] workers change after a restart")
+        new = replace(new, server=old.server)
     if new.audit != old.audit or new.metrics != old.metrics:
         # The audit trail tracks every live session (marks, retrievals) to
         # write its records; swapping it under them would lose that, so
@@ -196,19 +200,23 @@ def reload(app: App, load: Callable[[], Config]) -> bool:
 
 async def run(
     config: Config,
-    listeners: Sequence[trio.SocketListener] | None = None,
+    listeners: Sequence[trio.SocketListener] | Sequence[ListenerGroup] | None = None,
     *,
     config_path: str | Path | None = None,
     registry: CollectorRegistry | None = None,
     app: App | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM (drain) or SIGINT; SIGHUP reloads ``config_path``.
 
     Pass ``app`` (from ``build``) to keep a handle on the running parts.
+    ``worker``: this process is worker number ``worker`` of ``popproxy run``
+    with ``[server] workers > 1`` (``popproxy.worker``): it writes its own
+    audit file, and the supervisor, not this process, serves ``[metrics]``.
     """
     app = app or build(config, registry)
-    trail = open_audit(config.audit, app.metrics)
+    trail = open_audit(_worker_audit(config.audit, worker), app.metrics, worker=worker)
     if trail is not None:
         # First: a session's records are written before the other observers
         # (logs, metrics) report it closed.
@@ -227,7 +235,7 @@ async def run(
                 # Audit records wait up to 10 ms and are written together
                 # (see popproxy.audit._trail).
                 await nursery.start(trail.write_behind)
-            if config.metrics.address is not None:
+            if config.metrics.address is not None and worker is None:
                 app.metrics_address = await nursery.start(
                     serve_metrics, config.metrics, app.metrics, app.proxy)
             if config_path is not None:
@@ -238,6 +246,19 @@ async def run(
     finally:
         if trail is not None:
             trail.close()
+
+
+def _worker_audit(audit: AuditConfig, worker: int | None) -> AuditConfig:
+    """Worker N's audit settings: a chain of its own in files of its own
+    (``audit.w2.jsonl``, and ``audit.w2.checkpoints`` for the copies)."""
+    if worker is None:
+        return audit
+    return replace(
+        audit,
+        path=worker_path(audit.path, worker) if audit.path is not None else None,
+        checkpoint_path=(worker_path(audit.checkpoint_path, worker)
+                         if audit.checkpoint_path is not None else None),
+    )
 
 
 @asynccontextmanager

@@ -9,7 +9,7 @@ from functools import partial
 
 import trio
 
-from . import __version__, app
+from . import __version__, app, workers
 from .addr import HostPort
 from .audit import AuditConfig
 from .audit import cli as audit_cli
@@ -67,10 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit_cli.run(args)
     if args.command == "check-config":
         try:
-            app.load(args.file)
+            config = app.load(args.file)
         except ConfigError as exc:
             print(f"popproxy: {exc}", file=sys.stderr)
             return 1
+        for warning in workers.config_warnings(config):
+            print(f"popproxy: warning: {warning}", file=sys.stderr)
         print(f"{args.file}: OK")
         return 0
     if args.command == "run":
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"popproxy: {exc}", file=sys.stderr)
             return 2
         configure_logging(config.log.level, config.log.format)
+        if config.server.worker_count() > 1:
+            return workers.run(args.config)
         try:
             trio.run(partial(app.run, config, config_path=args.config))
         except OSError as exc:

@@ -10,12 +10,13 @@ configuration dicts.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .addr import HostPort
 from .audit.config import AuditConfig, parse_audit
@@ -44,8 +45,10 @@ __all__ = [
     "ListenConfig",
     "LogConfig",
     "MetricsConfig",
+    "ServerConfig",
     "StateConfig",
     "UpstreamConfig",
+    "available_cpus",
     "load_config",
     "parse_address",
     "parse_config",
@@ -124,6 +127,33 @@ class MetricsConfig:
     address: HostPort | None = None  # None: no HTTP endpoint
 
 
+#: More worker processes than this is a typing error, not a machine.
+MAX_WORKERS = 256
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1.
+
+    A container's CPU quota is not an affinity mask: under a Kubernetes CPU
+    limit this still counts the node's CPUs (set ``workers`` explicitly there).
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: how many worker processes serve the listeners."""
+
+    workers: int | Literal["auto"] = 1  # "auto": one per CPU available
+
+    def worker_count(self) -> int:
+        """``workers`` as a number (``"auto"`` resolved now, on this machine)."""
+        return available_cpus() if self.workers == "auto" else self.workers
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenConfig, ...] = (ListenConfig(),)
@@ -136,6 +166,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     # ``[upstream]`` (as ``default``) and every ``[upstreams.NAME]``.
     upstreams: tuple[UpstreamConfig, ...] = ()
     # ``[routing]``: routed mode; None: transparent mode.
@@ -328,6 +359,20 @@ def parse_metrics(raw: object) -> MetricsConfig:
     return cfg
 
 
+def _server(raw: object) -> ServerConfig:
+    s = Section(raw, "server")
+    value = s.get("workers", 1)
+    if value != "auto" and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS
+    ):
+        raise ConfigError(
+            f'{s.key("workers")}: expected a number of processes (1..{MAX_WORKERS}) or "auto", '
+            f"got {value!r}"
+        )
+    s.finish()
+    return ServerConfig(workers=value)
+
+
 _SECTIONS = {
     "listen": _listeners,
     "upstream": _upstream,
@@ -338,6 +383,7 @@ _SECTIONS = {
     "audit": parse_audit,
     "metrics": parse_metrics,
     "policy": parse_policy,
+    "server": _server,
     "state": parse_state,
 }
 
@@ -370,6 +416,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         state=parse_state(raw["state"]) if "state" in raw else StateConfig(),
         upstreams=upstreams,
         routing=routing,
+        server=_server(raw.get("server", {})),
     )
 
 

@@ -30,7 +30,7 @@ from .metrics import Metrics
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["HEARTBEAT_SECONDS", "make_app", "serve_metrics"]
+__all__ = ["HEARTBEAT_SECONDS", "make_app", "serve_http", "serve_metrics"]
 
 logger = structlog.get_logger("popproxy.endpoint")
 
@@ -124,9 +124,25 @@ async def serve_metrics(
     if config.address is None:
         raise ValueError("serve_metrics: [metrics] address is not set")
     health = Health(proxy)
-    app = make_app(metrics.registry, health)
-    server = await trio.to_thread.run_sync(_bind, config.address, app)
     metrics.upstream_up.source = health.upstreams
+    await serve_http(config.address, make_app(metrics.registry, health), health,
+                     task_status=task_status)
+
+
+async def serve_http(
+    address: HostPort,
+    app: WSGIApplication,
+    health: Health,
+    *,
+    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the WSGI ``app`` on ``address`` from a daemon thread until
+    cancelled, beating ``health``'s heartbeat from this event loop.
+
+    ``serve_metrics`` for one proxy; ``popproxy.workers`` for the
+    supervisor's view of all its workers.
+    """
+    server = await trio.to_thread.run_sync(_bind, address, app)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": _POLL_SECONDS},
         name="popproxy-metrics-http", daemon=True,

@@ -30,7 +30,7 @@ from typing import Final, Protocol
 from .addr import HostPort
 from .config import Config
 
-__all__ = ["Health", "ProxyStatus", "tcp_probe"]
+__all__ = ["Health", "ProxyStatus", "degraded", "tcp_probe"]
 
 PROBE_TIMEOUT: Final = 1.0
 CACHE_SECONDS: Final = 5.0
@@ -96,8 +96,12 @@ class Health:
         """Called from the event loop: it is running."""
         self._heartbeat = self.clock()
 
+    def lag(self) -> float:
+        """Seconds since the event loop last beat."""
+        return self.clock() - self._heartbeat
+
     def alive(self) -> tuple[bool, str]:
-        lag = self.clock() - self._heartbeat
+        lag = self.lag()
         if lag > self.stale_after:
             return False, f"event loop unresponsive for {lag:.0f}s"
         return True, "ok"
@@ -143,12 +147,20 @@ class Health:
         alive, why = self.alive()
         if not alive:
             return False, why
-        state = getattr(self.proxy, "state", None)
-        health = state.health() if state is not None else None
-        if health is not None and health.degraded:
+        why_degraded = degraded(self.proxy)
+        if why_degraded is not None:
             # Still ready: on_error says what sessions get meanwhile, and
             # every replica shares the same Redis, so taking this one out
             # of the load balancer would help no client.
-            return True, (f"degraded: shared state ({health.backend}) failing: "
-                          f"{health.last_error_op}: {health.last_error_reason}")
+            return True, why_degraded
         return True, "ready"
+
+
+def degraded(proxy: object) -> str | None:
+    """``"degraded: ..."`` while the proxy's shared state fails, else None."""
+    state = getattr(proxy, "state", None)
+    health = state.health() if state is not None else None
+    if health is not None and health.degraded:
+        return (f"degraded: shared state ({health.backend}) failing: "
+                f"{health.last_error_op}: {health.last_error_reason}")
+    return None

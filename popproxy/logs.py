@@ -8,6 +8,7 @@ observer; these are the proxy's own logs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,13 +35,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 logger = structlog.get_logger("popproxy.session")
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """The only ``structlog.configure`` call in popproxy."""
+def configure_logging(level: str = "info", fmt: str = "auto", worker: int | None = None) -> None:
+    """The only ``structlog.configure`` call in popproxy.
+
+    ``worker``: in worker process N (``[server] workers > 1``) every line
+    carries ``worker=N`` and the process id, whichever thread logs it.
+    """
     global _debug
     _debug = _LEVELS[level] <= logging.DEBUG
     json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([_WorkerFields(worker)] if worker is not None else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -63,6 +69,25 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
+
+
+class _WorkerFields:
+    """A processor: ``worker`` and ``pid`` on every line of a worker process.
+
+    A processor rather than context variables, so that lines logged from
+    threads (the audit's fsync thread, the supervisor channel) carry them too.
+    """
+
+    __slots__ = ("pid", "worker")
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.pid = os.getpid()
+
+    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict["worker"] = self.worker
+        event_dict["pid"] = self.pid
+        return event_dict
 
 
 def log_observer(info: SessionInfo, event: Event) -> None:

@@ -18,7 +18,10 @@ Every label set is created at zero up front, so dashboards and ``rate()``
 see a series before its first event (policy rules come from the
 configuration: ``policy_rules`` creates theirs).
 
-The HTTP endpoint that serves them is ``endpoint.py``.
+The HTTP endpoint that serves them is ``endpoint.py``.  With ``[server]
+workers > 1`` the supervisor serves one view of all workers and sums each
+family over them, except those ``aggregate.WORKER_MERGE`` names: a gauge
+that must not be summed over processes belongs there.
 
 Usage::
 

@@ -368,3 +368,30 @@ def test_a_trail_from_before_signing_then_signed(tmp_path: Path) -> None:
     out = io.StringIO()
     assert audit_main(["verify", "--key", str(KEY.verifier), str(path)], out) == 0
     assert "signed up to seq 3" in out.getvalue()
+
+
+def test_unsigned_worker_trails_verify_together_by_file_name(tmp_path: Path) -> None:
+    """Without checkpoints, each worker's files (``audit.wN.jsonl`` and its
+    rotations) are one chain of their own."""
+    for w in (1, 2):
+        trail = open_audit(AuditConfig(enabled=True, sink="file",
+                                       path=tmp_path / f"audit.w{w}.jsonl", rotate_size=2000))
+        assert trail is not None
+        for i in range(12 * w):
+            info = Info(f"w{w}s{i:02d}", "192.0.2.1:40000")
+            trail.observe(info, SessionOpened(info.client, 0.0))
+            trail.observe(info, SessionClosed(EndReason.QUIT, 0.5, 10, 20, 1))
+        trail.close()
+    files = sorted(tmp_path.glob("audit.w*.jsonl*"))
+    assert len(files) > 2  # rotated
+    out = io.StringIO()
+    assert audit_main(["verify", *map(str, files)], out, io.StringIO()) == 0, out.getvalue()
+    assert out.getvalue().count("OK: ") == 2
+    assert "OK: 24 records, seq 1..24" in out.getvalue()
+    assert "OK: 48 records, seq 1..48" in out.getvalue()
+    # A record removed from worker 1's files is reported for that chain.
+    first = files[0]
+    lines = first.read_bytes().splitlines(keepends=True)
+    first.write_bytes(b"".join(lines[:3] + lines[4:]))
+    out = io.StringIO()
+    assert audit_main(["verify", *map(str, files)], out, io.StringIO()) == 1

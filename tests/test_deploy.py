@@ -30,6 +30,7 @@ import trio
 import yaml
 from prometheus_client import CollectorRegistry
 
+from popproxy.aggregate import WorkerMetrics
 from popproxy.config import Config, HostPort, LimitsConfig, load_config
 from popproxy.metrics import Metrics
 from tests.proxy_fixtures import RunningProxy
@@ -87,6 +88,10 @@ def test_systemd_unit_is_hardened() -> None:
     stop = one["TimeoutStopSec"]
     assert stop.endswith("s")
     assert float(stop[:-1]) > LimitsConfig().drain_timeout
+    # The unit installs the example configuration, which runs a worker
+    # process per CPU.
+    assert "deploy/popproxy.example.toml /etc/popproxy/popproxy.toml" in SYSTEMD_UNIT.read_text()
+    assert load_config(DEPLOY / "popproxy.example.toml").server.workers == "auto"
     sysusers = (DEPLOY / "systemd" / "popproxy.sysusers").read_text()
     assert re.search(r"^u popproxy ", sysusers, re.MULTILINE)
 
@@ -325,13 +330,32 @@ def k8s_docs() -> Iterator[dict[str, Any]]:
                 yield doc
 
 
-@pytest.fixture(scope="module")
-def k8s() -> dict[str, dict[str, Any]]:
+def k8s_by_kind(app: str) -> dict[str, dict[str, Any]]:
+    """The manifests labelled ``app.kubernetes.io/name: <app>``, by kind."""
     docs = {}
     for doc in k8s_docs():
+        if doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") != app:
+            continue
         assert doc["kind"] not in docs, doc["kind"]
         docs[doc["kind"]] = doc
     return docs
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict[str, Any]]:
+    """popproxy's own manifests (Valkey's are checked on their own)."""
+    return k8s_by_kind("popproxy")
+
+
+@pytest.fixture(scope="module")
+def valkey() -> dict[str, dict[str, Any]]:
+    return k8s_by_kind("popproxy-valkey")
+
+
+def test_every_manifest_is_popproxys_or_valkeys(
+    k8s: dict[str, dict[str, Any]], valkey: dict[str, dict[str, Any]]
+) -> None:
+    assert len(list(k8s_docs())) == len(k8s) + len(valkey)
 
 
 def test_kubernetes_manifests_agree(k8s: dict[str, dict[str, Any]], tmp_path: Path) -> None:
@@ -398,6 +422,52 @@ def test_kubernetes_manifests_agree(k8s: dict[str, dict[str, Any]], tmp_path: Pa
         pod_labels.items())
 
 
+def test_kubernetes_replicas_share_their_limits_through_valkey(
+    k8s: dict[str, dict[str, Any]], valkey: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    assert set(valkey) == {"Deployment", "Service", "NetworkPolicy"}
+    deployment = k8s["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    (tmp_path / "popproxy.toml").write_text(
+        k8s["ConfigMap"]["data"][Path(CONFIG_PATH).name])
+    config = load_config(tmp_path / "popproxy.toml")
+    # Workers: a number, not "auto" (which would count the node's CPUs),
+    # and a core requested for each.
+    assert isinstance(config.server.workers, int)
+    assert config.server.workers >= 2
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert float(container["resources"]["requests"]["cpu"]) == config.server.workers
+    assert "cpu" not in container["resources"].get("limits", {})
+    # [state] names the Valkey Service, on the port it serves.
+    assert config.state.backend == "redis"
+    service = valkey["Service"]
+    assert config.state.target.host == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert config.state.target.port == port["port"]
+    vk_pod = valkey["Deployment"]["spec"]["template"]
+    vk_labels = vk_pod["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= vk_labels.items()
+    assert valkey["Deployment"]["spec"]["selector"]["matchLabels"].items() <= vk_labels.items()
+    (vk,) = vk_pod["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in vk["ports"]}
+    assert vk["securityContext"]["readOnlyRootFilesystem"] is True
+    assert vk["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert vk_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Only popproxy pods may reach it, and popproxy's own selectors (Service,
+    # PodMonitor, PDB) do not pick up the Valkey pod.
+    policy = valkey["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= vk_labels.items()
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    popproxy_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= popproxy_labels.items()
+    assert [p["port"] for p in rule["ports"]] == [port["targetPort"]]
+    for selector in (k8s["Service"]["spec"]["selector"],
+                     k8s["PodMonitor"]["spec"]["selector"]["matchLabels"],
+                     k8s["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+        assert not selector.items() <= vk_labels.items()
+
+
 def test_prometheus_rule_matches_alerts_yml(k8s: dict[str, dict[str, Any]]) -> None:
     assert k8s["PrometheusRule"]["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
@@ -429,6 +499,7 @@ def dashboard() -> dict[str, Any]:
 def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
+    WorkerMetrics(registry, 1)  # the supervisor's own, with [server] workers > 1
     names = set()
     for family in registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}

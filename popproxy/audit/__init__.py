@@ -17,6 +17,7 @@ from ._note import Verifier as Verifier
 from ._records import RecordBuilder as RecordBuilder
 from ._trail import AuditTrail as AuditTrail
 from ._trail import open_audit as open_audit
+from ._trail import worker_path as worker_path
 from ._verify import verify_trail as verify_trail
 from .config import AuditConfig as AuditConfig
 from .config import parse_audit as parse_audit
@@ -32,4 +33,5 @@ __all__ = [
     "parse_audit",
     "verify_files",
     "verify_trail",
+    "worker_path",
 ]

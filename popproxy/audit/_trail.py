@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 import trio
@@ -63,7 +64,8 @@ from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
 from ._sinks import FileSink, Sink, StreamSink, Writer
 from .config import AuditConfig, default_origin
 
-__all__ = ["AuditTrail", "open_audit"]
+__all__ = ["AuditTrail", "open_audit", "worker_path"]
+
 
 logger = structlog.get_logger("popproxy.audit")
 
@@ -535,7 +537,8 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
     """The trail ``config`` asks for; None when the audit is off.
 
     ``worker`` (a number) is added to the checkpoints' origin as ``/w<N>``
-    when several processes each write a trail of their own.
+    when several processes each write a trail of their own (each in files
+    of its own: ``worker_path``).
 
     A file that cannot be opened yet is not an error here: the trail starts
     failing (logged, counted, and refusing sessions with ``fail_closed``)
@@ -574,3 +577,15 @@ def open_audit(config: AuditConfig, metrics: object = None, *,
     if head is not None and head.seq:
         logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
     return trail
+
+
+def worker_path(path: Path, worker: int) -> Path:
+    """Worker ``worker``'s audit file: ``audit.jsonl`` -> ``audit.w2.jsonl``.
+
+    Each worker process keeps its own hash chain (two processes cannot
+    append to one chain without coordinating on every record); rotated
+    files are named after the worker's file as usual.
+    """
+    stem, dot, suffix = path.name.rpartition(".")
+    name = f"{stem}.w{worker}.{suffix}" if dot and stem else f"{path.name}.w{worker}"
+    return path.with_name(name)

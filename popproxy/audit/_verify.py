@@ -19,8 +19,10 @@ past the end of the trail means the trail was cut.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ._chain import VerifyResult, verify_files
@@ -129,16 +131,22 @@ def _scan(data: bytes) -> tuple[set[str], tuple[int, str] | None, tuple[int, str
     return origins, first, last
 
 
+# A worker's file, ``audit.w2.jsonl`` or a rotation of it (``_trail.worker_path``).
+_WORKER_FILE = re.compile(r"\.w(\d+)(?:\.|$)")
+
+
 def group_chains(files: Sequence[tuple[str, bytes]],
                  scans: Sequence[tuple[set[str], tuple[int, str] | None,
                                        tuple[int, str] | None]] | None = None,
                  ) -> list[list[int]]:
     """The files, grouped into chains (as indexes into ``files``).
 
-    Files whose checkpoints name the same origin, and a file whose first
-    record continues another's last, are one chain.  With at most one origin
-    among them (one proxy, today's case) all files are one chain, so a break
-    between them is reported as a break, not as two chains.
+    Files whose checkpoints name the same origin, files of the same worker
+    (``audit.w2.jsonl`` and its rotations, ``_trail.worker_path``), and a
+    file whose first record continues another's last, are one chain.  With
+    at most one origin or worker among them (one proxy, today's case) all
+    files are one chain, so a break between them is reported as a break,
+    not as two chains.
     """
     if scans is None:
         scans = [_scan(data) for _, data in files]
@@ -156,11 +164,13 @@ def group_chains(files: Sequence[tuple[str, bytes]],
     by_origin: dict[str, int] = {}
     by_end: dict[tuple[int, str], int] = {}
     for i, (origins, _, last) in enumerate(scans):
-        for origin in origins:
-            if origin in by_origin:
-                union(i, by_origin[origin])
+        worker = _WORKER_FILE.search(Path(files[i][0]).name)
+        keys = [*origins, *([f"worker file {worker[1]}"] if worker else [])]
+        for key in keys:
+            if key in by_origin:
+                union(i, by_origin[key])
             else:
-                by_origin[origin] = i
+                by_origin[key] = i
         if last is not None:
             by_end[last] = i
     for i, (_, first, _) in enumerate(scans):
