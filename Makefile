@@ -45,7 +45,9 @@ test-with:
 	$$venv/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'  # py-spy, for the breakdown
 	$(BIN)/python -m benchmarks.run --repeat 2
+	$(BIN)/python -m benchmarks.breakdown
 	$(BIN)/python -m benchmarks.floor
 	$(BIN)/python -m benchmarks.policy_bench
 	$(BIN)/python -m benchmarks.tls_bench
