@@ -227,7 +227,7 @@ class Relay:
                     out = self.session.fail(why, now)
                     out.events.insert(0, UpstreamFailed("response_timeout"))
                 else:
-                    out = self.session.expire(why, now)
+                    out = self.session.expire(why)
                 self._emit(self.info, out.events)
                 await send_quietly(self.conn.client, out.to_client, self.stats)
                 self.finish(why)

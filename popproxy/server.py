@@ -261,7 +261,7 @@ class Proxy:
             ending.reason, ending.detail = EndReason.REFUSED, refusal
         else:
             return True
-        out = session.refuse(ending.reason, ending.detail or None)
+        out = session.expire(ending.reason, ending.detail or None)
         self._emit(info, out.events)
         await send_quietly(conn.client, out.to_client, stats)
         return False

@@ -224,23 +224,17 @@ class Session:
         self._end_if_drained(out)
         return out.done()
 
-    def expire(self, reason: EndReason, now: float) -> Output:
-        """A limit of the relay's passed (idle, session age): say so and end.
+    def expire(self, reason: EndReason, text: str | None = None) -> Output:
+        """A limit passed (idle, session age), or the client is turned away
+        before its greeting (session caps, admission gates): say so, end.
 
-        The notice is ``-ERR [SYS/TEMP] <reason.notice>``, unless a message
-        body is being written, where any line from the proxy would corrupt it.
+        The notice is ``-ERR [SYS/TEMP] <text or reason.notice>``, unless a
+        message body is being written, where any line would corrupt it.
         """
         mid_reply = self.mid_reply
         out = self.close(reason)
         if not mid_reply:
-            out.to_client = b"-ERR [SYS/TEMP] " + reason.notice.encode() + b"\r\n"
-        return out
-
-    def refuse(self, reason: EndReason, text: str | None = None) -> Output:
-        """Turn the client away before anything else: the line to send instead
-        of a greeting (session caps, admission gates)."""
-        out = self.close(reason)
-        out.to_client = b"-ERR [SYS/TEMP] " + (text or reason.notice).encode() + b"\r\n"
+            out.to_client = b"-ERR [SYS/TEMP] " + (text or reason.notice).encode() + b"\r\n"
         return out
 
     def close(self, reason: EndReason) -> Output:

@@ -55,7 +55,7 @@ async def test_run_serves_dovecot_and_drains_on_sigterm(
     )
     try:
         assert proc.stdout is not None
-        m = await read_line_matching(proc.stdout, r'^\{.*"event": "listening".*\}$')
+        m = await read_line_matching(proc.stdout, r'^\{.*"event": ?"listening".*\}$')
         port = int(json.loads(m.group(0))["address"].rsplit(":", 1)[1])
 
         def client(verb: str) -> tuple[int, bytes]:
@@ -78,7 +78,7 @@ async def test_run_serves_dovecot_and_drains_on_sigterm(
         # SIGHUP reloads the file: the rule is gone.
         config.write_text(config.read_text().split("[[policy.rules]]")[0])
         proc.send_signal(signal.SIGHUP)
-        await read_line_matching(proc.stdout, r'"event": "config.reloaded"')
+        await read_line_matching(proc.stdout, r'"event": ?"config.reloaded"')
         assert (await trio.to_thread.run_sync(client, "DELE"))[1].startswith(b"+OK")
         assert await stop(proc, signal.SIGTERM) == 0
     finally:

@@ -15,7 +15,6 @@ reads SASL lines, PASS or APOP arguments.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -35,6 +34,8 @@ from ..events import (
     UpstreamConnected,
 )
 from ..pop3 import MESSAGE_VERBS, header_values, message_number
+from ..timefmt import rfc3339 as rfc3339
+from ..timefmt import utcnow_rfc3339 as utcnow_rfc3339
 from .config import AuditConfig
 
 __all__ = ["Record", "RecordBuilder", "SessionRef", "rfc3339"]
@@ -55,34 +56,6 @@ class SessionRef(Protocol):
 def utcnow() -> datetime:
     """The real clock (the default; tests inject their own)."""
     return datetime.now(UTC)
-
-
-_second_prefix: list[Any] = [-1, ""]  # the last whole second seen, formatted
-
-
-def utcnow_rfc3339() -> str:
-    """``rfc3339(utcnow())`` without a datetime: every record needs one, and
-    the date and time of day change only once a second."""
-    second, micro = divmod(time.time_ns() // 1000, 1_000_000)
-    cache = _second_prefix
-    if second != cache[0]:
-        cache[0] = second
-        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-    # str() of a seven-digit number, less its leading 1: the six digits,
-    # zero-padded, without a format specification to interpret.
-    return f"{cache[1]}{str(1_000_000 + micro)[1:]}Z"
-
-
-def rfc3339(t: datetime) -> str:
-    """``2026-11-27T14:24:03.000123Z``: UTC, always with microseconds.
-
-    A naive ``t`` is taken to be UTC already.
-    """
-    if t.tzinfo is None:
-        return t.isoformat(timespec="microseconds") + "Z"
-    if t.tzinfo is not UTC:
-        t = t.astimezone(UTC)
-    return t.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 def _clean(text: str) -> str:
