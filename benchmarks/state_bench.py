@@ -38,7 +38,9 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -116,6 +118,36 @@ def noop_block(conn: Conn, count: int) -> None:
         conn.ok_line()
 
 
+async def _glide_floor(url: str, calls: int) -> float:
+    """CPU seconds per call of valkey-glide alone, under trio: one EVALSHA of
+    popproxy's script after another, nothing else (the least a question to
+    Redis can cost this process)."""
+    from popproxy.state import parse_state
+    from popproxy.state.redis import open_redis_state
+    from popproxy.state.script import SCRIPT_SHA
+
+    config = parse_state({"backend": "redis", "url": url, "timeout": "1s"})
+    command = ["EVALSHA", SCRIPT_SHA, "1", "floor:cap:ip:x", "acquire", "", "s", "1000", "30.0"]
+    async with open_redis_state(config) as state:
+        await state.acquire_lease("ip:x", "s", 1000, 30.0)  # loads the script
+        for _ in range(200):
+            await state.client.custom_command(command)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        begun = usage.ru_utime + usage.ru_stime
+        for _ in range(calls):
+            await state.client.custom_command(command)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return (usage.ru_utime + usage.ru_stime - begun) / calls
+
+
+def glide_floor(url: str, calls: int) -> float:
+    """``_glide_floor`` in a process of its own (so nothing else counts)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.state_bench", "--glide-floor", url, str(calls)],
+        capture_output=True, text=True, timeout=300, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
@@ -125,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="after the rounds, sample each proxy with py-spy during one "
                          "more session round; folded stacks and a summary go to DIR")
+    ap.add_argument("--glide-floor", nargs=2, metavar=("URL", "CALLS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.glide_floor:
+        print(trio.run(_glide_floor, args.glide_floor[0], int(args.glide_floor[1])))
+        return 0
     rounds = args.rounds or (2 if args.quick else 8)
     seconds = args.seconds or (1.5 if args.quick else 4.0)
     noops = 2000 if args.quick else 5000
@@ -169,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = sessions = 0
         noop_calls = 0
         glide_noop_cpu = 0.0
+        floor_cpu: list[float] = []
         conns = {m: Conn("127.0.0.1", proxies[m].port, timeout=30.0) for m in MODES}
         for conn in conns.values():
             stack.callback(conn.close)
@@ -200,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     noop_calls += redis_calls(redis) - before
                     glide_noop_cpu += client_threads_cpu(proxies[mode].pid) - threads_before
                     noop_cpu[mode].append(meter.cpu / noops * 1e6)
+                floor_cpu.append(glide_floor(redis.url, 2000))
                 log(f"round {r + 1}/{rounds} NOOP CPU: " + ", ".join(
                     f"{m} {noop_cpu[m][-1]:.1f} µs" for m in MODES))
                 for proxy in proxies.values():
@@ -243,13 +281,25 @@ def main(argv: list[str] | None = None) -> int:
           f"session's caps, every 10 s) | — | {noop_calls} | — | — | — |")
     print(f"| valkey-glide threads' CPU during those NOOPs | — | {glide_noop_cpu * 1e3:.0f} ms "
           f"| — | — | — |")
+    floor = statistics.median(floor_cpu) * 1000  # ms per call
+    mem_cpu = statistics.median(cpu["memory"])
+    print(f"| valkey-glide alone, CPU per EVALSHA (ms, its own process) | — | {floor:.3f} | — | — "
+          "| — |")
+    red_cpu = statistics.median(cpu["redis"])
+    least = mem_cpu + per_session * floor
+    own = (red_cpu - least) / per_session * 1000 if per_session else float("nan")
+    print(f"\nThe floor: {per_session:.2f} calls a session at {floor * 1000:.0f} µs of CPU each "
+          f"for the client library alone put a session at {least:.2f} ms of CPU at least "
+          f"({least / mem_cpu:.2f}x memory's {mem_cpu:.2f} ms); measured {red_cpu:.2f} ms, so "
+          f"popproxy's own work around a call is about {own:.0f} µs.  Where the proxy's CPU "
+          f"is the bound, the session rate can be at most {mem_cpu / least:.2f}x memory's.")
     if any(errors.values()):
         print(f"\nerrors: {errors}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rates": rates, "cpu_ms_per_session": cpu, "noop_cpu_us": noop_cpu,
             "errors": errors, "redis_calls_per_session": per_session,
-            "redis_calls_during_noops": noop_calls,
+            "redis_calls_during_noops": noop_calls, "glide_cpu_per_call": floor_cpu,
         }, indent=2))
     return 0
 
