@@ -265,7 +265,7 @@ class Relay:
                 # before the next one is judged), then the question the
                 # session waits on.  Each call is bounded by state.timeout.
                 assert self.state is not None
-                await self.state.apply(out.effects)
+                await self.state.apply(out.effects, self.info.id)
                 if out.ask is not None:
                     decision = await self.state.decide(out.ask, self.info.id)
                     out = self.session.answered(decision, trio.current_time())

@@ -32,8 +32,8 @@ import shutil
 import ssl
 import subprocess
 import tomllib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,18 @@ class Info:
         self.client = client
 
 
-def write_trail(path: Path, cp_path: Path, signer: Signer, sessions: int) -> list[bytes]:
+def write_trail(path: Path, cp_path: Path, signer: Signer, sessions: int,
+                after_session: Callable[[int], None] | None = None) -> list[bytes]:
     """A signed trail written by popproxy's trail (rotating as it goes);
-    returns the records' lines in chain order."""
+    returns the records' lines in chain order.
+
+    ``after_session(n)``, if given, is called after each session's records
+    are written, with the number of lines written so far: a follower can be
+    waited for there, so that a file is never rotated before the follower
+    has read it.  In production a file is rotated at ``rotate_size``,
+    megabytes after the follower first opened it; here it is 8 KiB, and
+    imfile cannot ship a file that was renamed before it ever opened it.
+    """
     from popproxy.events import EndReason, SessionClosed, SessionOpened
 
     trail = open_audit(AuditConfig(
@@ -75,29 +84,25 @@ def write_trail(path: Path, cp_path: Path, signer: Signer, sessions: int) -> lis
         trail.record({"ts": "2026-12-05T12:00:00.000000Z", "event": "test.note",
                       "session": info.id, "text": 'Grüße "aus" C:\\mail\\ — 测试 ' * 40})
         trail.observe(info, SessionClosed(EndReason.QUIT, 0.5, 10, 20, 1))
+        if after_session is not None:
+            after_session(sum(len(f.read_bytes().splitlines())
+                              for f in [*rotated_files(path), path]))
     trail.close()
     files = [*rotated_files(path), path]
     assert len(files) >= 3, "the trail should have rotated at least twice"
     return [line for f in files for line in f.read_bytes().splitlines()]
 
 
-async def read_frames(stream: trio.SocketStream, want: int) -> list[tuple[str, bytes]]:
-    """RFC 6587 octet-counted frames ("LEN SP MSG") of "APP-NAME SP LINE"."""
-    buf = b""
+def take_frames(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """RFC 6587 octet-counted frames ("LEN SP MSG") of "APP-NAME SP LINE"
+    complete in ``buf``, and what is left of it."""
     got: list[tuple[str, bytes]] = []
-    while len(got) < want:
-        while True:
-            space = buf.find(b" ")
-            if space > 0 and len(buf) >= space + 1 + int(buf[:space]):
-                size = int(buf[:space])
-                frame, buf = buf[space + 1:space + 1 + size], buf[space + 1 + size:]
-                app, _, line = frame.partition(b" ")
-                got.append((app.decode(), line))
-                break
-            chunk = await stream.receive_some(65536)
-            assert chunk, f"the log host closed the connection after {len(got)} lines"
-            buf += chunk
-    return got
+    while (space := buf.find(b" ")) > 0 and len(buf) >= space + 1 + int(buf[:space]):
+        size = int(buf[:space])
+        frame, buf = buf[space + 1:space + 1 + size], buf[space + 1 + size:]
+        app, _, line = frame.partition(b" ")
+        got.append((app.decode(), line))
+    return got, buf
 
 
 @pytest.fixture
@@ -120,19 +125,34 @@ def certs(tmp_path: Path) -> dict[str, Path]:
 
 @dataclass
 class LogHost:
-    """``deploy/rsyslog/log-host.conf`` running, with the test's ear on it."""
+    """``deploy/rsyslog/log-host.conf`` running, with the test's ear on it:
+    every line it writes, as (app name, line), in ``lines``."""
 
     port: int
     received: Path
     daemon: Rsyslogd
-    ear: trio.SocketListener
+    lines: list[tuple[str, bytes]] = field(default_factory=list)
+    _more: trio.Event = field(default_factory=trio.Event)
 
-    async def heard(self, count: int) -> list[tuple[str, bytes]]:
-        """The first ``count`` lines the log host wrote: (app name, line)."""
+    async def listen(self, ear: trio.SocketListener) -> None:
+        """Take the log host's connection to the ear and keep reading it."""
+        stream = await ear.accept()
+        buf = b""
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                buf += chunk
+                frames, buf = take_frames(buf)
+                if frames:
+                    self.lines += frames
+                    self._more.set()
+                    self._more = trio.Event()
+
+    async def heard(self, count: int, app: str | None = None) -> list[tuple[str, bytes]]:
+        """Once the log host wrote ``count`` lines (of ``app``): all it wrote."""
         with trio.fail_after(60):
-            stream = await self.ear.accept()
-            async with stream:
-                return await read_frames(stream, count)
+            while sum(1 for a, _ in self.lines if app in (None, a)) < count:
+                await self._more.wait()
+        return list(self.lines)
 
     def files(self) -> tuple[Path, Path]:
         """The trail and the checkpoint copy the log host wrote (one sender)."""
@@ -168,7 +188,11 @@ async def log_host_running(tmp_path: Path, certs: dict[str, Path]) -> AsyncItera
     daemon.check()
     await daemon.start()
     try:
-        yield LogHost(int(port_file.read_text()), received, daemon, listeners[0])
+        host = LogHost(int(port_file.read_text()), received, daemon)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host.listen, listeners[0])
+            yield host
+            nursery.cancel_scope.cancel()
     finally:
         await daemon.stop()  # its files are complete once it has stopped
         for listener in listeners:
@@ -199,7 +223,12 @@ async def test_rsyslog_ships_the_trail_and_its_checkpoints_unchanged_over_tls(
         try:
             # The trail is written while rsyslog follows it (and its rotations).
             signer = Signer.generate("ship-test")
-            lines = await trio.to_thread.run_sync(write_trail, trail_path, cp_path, signer, 30)
+
+            def shipped(count: int) -> None:
+                trio.from_thread.run(log_host.heard, count, "popproxy-audit")
+
+            lines = await trio.to_thread.run_sync(write_trail, trail_path, cp_path, signer, 30,
+                                                  shipped)
             copies = cp_path.read_bytes().splitlines()
             assert copies, "the trail wrote no checkpoint copies"
             got = await log_host.heard(len(lines) + len(copies))

@@ -24,8 +24,8 @@ from popproxy.policy import (
     Allow,
     Ask,
     Charge,
+    CheckLogin,
     ClearFailures,
-    CountFailures,
     Decision,
     Delay,
     Deny,
@@ -106,7 +106,9 @@ class TestWhatAsks:
     def test_a_login_asks_for_its_failures_by_address_and_user(self) -> None:
         ask = shared().decide(facts(None, login_user="alice"), PASS, 0.0)
         assert isinstance(ask, Ask)
-        assert ask.query == CountFailures(("ip:192.0.2.7", "user:alice"), 900.0)
+        # ... and takes the per-user lease in the same round trip.
+        assert ask.query == CheckLogin(("ip:192.0.2.7", "user:alice"), 900.0, (20, 5),
+                                       "user:alice", 10)
 
     def test_memory_backend_means_the_plain_engine(self) -> None:
         config = parse_policy({"rules": [RETR_5]})
@@ -183,7 +185,7 @@ class TestRateLimits:
                                                   Outcome.OK), 1.0)
         assert isinstance(effect, Charge)
         assert [(lim.key, cost) for lim, cost in effect.items] == [("rl:mb/alice", 5000.0)]
-        await client.apply([effect])
+        await client.apply([effect], "s")
         engine, client = workers[1]  # the other worker sees the overdrawn budget
         refused = await decide(client, engine, facts(), RETR)
         assert isinstance(refused, Deny)
@@ -199,8 +201,9 @@ class TestLogins:
             f = facts(None, client=f"198.51.100.{i}:1000", login_user="alice")
             assert isinstance(await decide(client, engine, f, PASS), Allow)
             effect = engine.observe(f, AuthResult("USER", "alice", False, "AUTH"), 0.0)
-            assert effect == RecordFailure((f"ip:198.51.100.{i}", "user:alice"), 900.0, 20)
-            await client.apply([effect])
+            assert effect == RecordFailure((f"ip:198.51.100.{i}", "user:alice"), 900.0, 20,
+                                           ("user:alice",))
+            await client.apply([effect], "s")
         engine, client = workers[1]
         refused = await decide(client, engine,
                                facts(None, client="203.0.113.9:1", login_user="alice"), PASS)
@@ -209,14 +212,74 @@ class TestLogins:
         # A login that worked clears the user's count, wherever it happened.
         ok = workers[0][0].observe(facts("alice"), AuthResult("USER", "alice", True, None), 0.0)
         assert ok == ClearFailures(("user:alice",))
-        await workers[0][1].apply([ok])
+        await workers[0][1].apply([ok], "s")
         allowed = await decide(client, engine,
                                facts(None, client="203.0.113.9:1", login_user="alice"), PASS)
         assert isinstance(allowed, Allow)
 
     def test_a_busy_mailbox_is_not_a_guess(self) -> None:
+        """Not counted; but the lease its login took still goes back."""
         e = shared()
-        assert e.observe(facts(None), AuthResult("USER", "alice", False, "IN-USE"), 0) is None
+        assert e.observe(facts(None), AuthResult("USER", "alice", False, "IN-USE"), 0) == (
+            RecordFailure((), 900.0, 20, ("user:alice",)))
+
+
+class TestFewerCalls:
+    """A login's failure count and its per-user lease share one round trip;
+    sessions ending together give their leases back in one."""
+
+    async def test_the_login_takes_its_lease_with_the_count(self) -> None:
+        backend = Backend()
+        client = backend.client()
+        engine = shared(max_sessions_per_user=1)
+        f = facts(None, login_user="alice")
+        assert isinstance(await decide(client, engine, f, PASS, session="a"), Allow)
+        assert await login(client, engine, "alice", "a") == ALLOW
+        assert backend.state.calls == {"check_login": 1}  # no acquire_lease call
+        # The cap holds: another session's login finds the slot taken at
+        # its own PASS, and asks again when the upstream accepts.
+        assert isinstance(await decide(client, engine, f, PASS, session="b"), Allow)
+        assert await login(client, engine, "alice", "b") == IN_USE
+        assert backend.state.calls["acquire_lease"] == 1
+
+    async def test_a_failed_login_gives_its_lease_back(self) -> None:
+        backend = Backend()
+        client = backend.client()
+        engine = shared(max_sessions_per_user=1)
+        f = facts(None, login_user="alice")
+        await decide(client, engine, f, PASS, session="a")
+        assert client.leases == {"a": {"user:alice"}}
+        effect = engine.observe(f, AuthResult("USER", "alice", False, "AUTH"), 0.0)
+        assert effect is not None
+        await client.apply([effect], "a")
+        assert client.leases == {"a": set()}
+        assert await login(client, engine, "alice", "b") == ALLOW  # the slot is free
+
+    async def test_a_throttled_login_takes_no_lease(self) -> None:
+        backend = Backend()
+        client = backend.client()
+        engine = shared(login_failures_per_user=1)
+        f = facts(None, login_user="alice")
+        await client.apply([RecordFailure(("user:alice",), 900.0, 5)], "x")
+        refused = await decide(client, engine, f, PASS, session="a")
+        assert isinstance(refused, Deny)
+        assert refused.rule == "builtin:login-throttle"
+        assert "a" not in client.leases
+
+    async def test_sessions_ending_together_release_in_one_call(
+        self, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        state = MemoryState(clock=trio.current_time)
+        client = StateClient(state, lease_time=30.0)
+        engine = shared(max_sessions_per_user=3)
+        for s in ("a", "b", "c"):
+            assert await login(client, engine, "alice", s) == ALLOW
+        async with trio.open_nursery() as nursery:
+            for s in ("a", "b", "c"):
+                nursery.start_soon(client.release, s)
+        assert state.calls["release_leases"] == 1
+        assert state.leases_held("user:alice") == 0
+        assert client.leases == {}
 
 
 class TestSessionCaps:
@@ -296,6 +359,15 @@ class Failing:
     async def acquire_lease(self, cap: str, session: str, limit: int, ttl: float) -> bool:
         raise self._fail("acquire_lease")
 
+    async def check_login(
+        self, keys: Sequence[str], window: float, limits: Sequence[int],
+        cap: str, session: str, cap_limit: int, ttl: float,
+    ) -> tuple[tuple[int, ...], bool]:
+        raise self._fail("check_login")
+
+    async def release_many(self, leases: Sequence[tuple[str, str]]) -> None:
+        raise self._fail("release_leases")
+
     async def renew_leases(self, caps: Sequence[str], session: str, ttl: float
                            ) -> tuple[bool, ...]:
         raise self._fail("renew_leases")
@@ -343,7 +415,7 @@ class TestWhenTheSharedStateFails:
         with structlog.testing.capture_logs() as logs:
             for _ in range(50):
                 await decide(client, e, facts(), RETR)
-            await client.apply([Charge(())])
+            await client.apply([Charge(())], "s")
             backend.clock.advance(LOG_EVERY)
             await decide(client, e, facts(), RETR)
         failed = [entry for entry in logs if entry["event"] == "state.call_failed"]
@@ -391,7 +463,7 @@ def shared_session(engine: SharedEngine, user: bytes = b"alice") -> Session:
     out = s.receive_client(b"USER " + user + b"\r\nPASS pw\r\n", 0)
     assert out.to_upstream == b"USER " + user + b"\r\n"
     assert isinstance(out.ask, Ask)  # PASS: the failed logins so far
-    assert isinstance(out.ask.query, CountFailures)
+    assert isinstance(out.ask.query, CheckLogin)
     assert s.answered(ALLOW, 0).to_upstream == b"PASS pw\r\n"
     s.receive_upstream(b"+OK\r\n", 0)
     out = s.receive_upstream(b"+OK logged in\r\n", 0)
@@ -457,7 +529,8 @@ class TestTheSessionWaits:
         s.receive_upstream(b"+OK\r\n", 0)
         out = s.receive_upstream(b"-ERR [AUTH] invalid\r\n", 0)
         assert out.to_client == b"-ERR [AUTH] invalid\r\n"
-        assert out.effects == [RecordFailure(("ip:192.0.2.7", "user:alice"), 900.0, 20)]
+        assert out.effects == [RecordFailure(("ip:192.0.2.7", "user:alice"), 900.0, 20,
+                                             ("user:alice",))]
 
     def test_noop_after_login_asks_nothing(self) -> None:
         s = shared_session(shared([RETR_5]))

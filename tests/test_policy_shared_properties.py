@@ -103,14 +103,14 @@ async def run_plan(engines: list[Any], clients: list[StateClient | None], clock:
                                     now)
             if effect is not None:
                 assert client is not None
-                await client.apply([effect])
+                await client.apply([effect], "s")
             continue
         if step.kind in ("RETR", "TOP") and not isinstance(decision, Deny):
             reply = Response(cmd, True, None, "", step.octets, False, now, now, Outcome.OK)
             effect = engine.observe(f, reply, now)
             if effect is not None:
                 assert client is not None
-                await client.apply([effect])
+                await client.apply([effect], "s")
     return out
 
 

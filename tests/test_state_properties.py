@@ -90,13 +90,14 @@ def test_redis_answers_as_memory(
 @dataclass(frozen=True)
 class CapStep:
     dt: float
-    kind: str  # "acquire" | "renew" | "release" | "fail" | "count" | "clear"
+    kind: str  # "acquire" | "renew" | "release" | "fail" | "count" | "clear" | "login" | "many"
     session: int
 
 
 cap_steps = st.lists(
     st.builds(CapStep, st.integers(0, 40).map(float),
-              st.sampled_from(["acquire", "renew", "release", "fail", "count", "clear"]),
+              st.sampled_from(["acquire", "renew", "release", "fail", "count", "clear", "login",
+                               "many"]),
               st.integers(0, 4)),
     min_size=1,
     max_size=40,
@@ -119,6 +120,12 @@ async def run_caps(state: SharedState, clock: FakeClock, plan: list[CapStep]) ->
             out.append(await state.record_failure([f"user:{session}", "ip:x"], 60.0, 3))
         elif step.kind == "count":
             out.append(await state.count_failures([f"user:{session}", "ip:x"], 60.0))
+        elif step.kind == "login":
+            out.append(await state.check_login([f"user:{session}", "ip:x"], 60.0, (2, 3),
+                                               "user:u", session, 2, 30.0))
+        elif step.kind == "many":
+            await state.release_many([("user:u", session), ("user:u", "s0")])
+            out.append(None)
         else:
             await state.clear_failures([f"user:{session}"])
             out.append(None)

@@ -28,6 +28,7 @@ __all__ = [
     "AllowAll",
     "Ask",
     "Charge",
+    "CheckLogin",
     "ClearFailures",
     "CountFailures",
     "Decision",
@@ -119,7 +120,22 @@ class AcquireLease:
     limit: int
 
 
-Query = Take | CountFailures | AcquireLease
+@dataclass(frozen=True, slots=True)
+class CheckLogin:
+    """A login's failures (``CountFailures``) and, unless a count has
+    reached its entry of ``limits``, a lease of ``cap`` taken for the
+    session already, in one round trip: the answer is the counts.  The
+    lease serves the ``AcquireLease`` asked when the upstream accepts the
+    login; a login that fails gives it back (``RecordFailure.release``)."""
+
+    keys: tuple[str, ...]
+    window: float
+    limits: tuple[int, ...]
+    cap: str
+    cap_limit: int
+
+
+Query = Take | CountFailures | AcquireLease | CheckLogin
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +156,14 @@ class Charge:
 
 @dataclass(frozen=True, slots=True)
 class RecordFailure:
+    """A failed login: count it under ``keys`` (none: a failure that is not
+    a guess), and give back the session's ``release`` caps (taken by a
+    ``CheckLogin``) if it holds them."""
+
     keys: tuple[str, ...]
     window: float
     keep: int
+    release: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from . import (
     Allow,
     Ask,
     Charge,
+    CheckLogin,
     ClearFailures,
     CountFailures,
     Decision,
@@ -57,6 +58,7 @@ UNAVAILABLE = Deny(b"-ERR [SYS/TEMP] service temporarily unavailable, try again 
 IN_USE = Deny(b"-ERR [IN-USE] too many sessions for this user\r\n",
               "builtin:max-sessions-per-user")
 IP_CAP = Deny(b"-ERR [SYS/TEMP] too many sessions from your address\r\n")
+_NO_LIMIT = 2**31  # a failure count never reaches it
 # Limits built once per (rule, subject), bounded.
 _MAX_LIMITS = 10_000
 
@@ -134,8 +136,20 @@ class SharedEngine(PolicyEngine):
                         self._seen(key, clean=not count)
             return self._throttle(keys, counts, facts, command, now, notes)
 
-        window = self.config.protections.login_failure_window
-        return Ask(CountFailures(keys, window), then)
+        p = self.config.protections
+        user_key = next((k for k in keys if k.startswith("user:")), None)
+        if user_key is None:  # AUTH names the user only in its SASL data
+            return Ask(CountFailures(keys, p.login_failure_window), then)
+        # The per-user lease is taken in the same round trip, ahead of the
+        # upstream's answer; the client hears of the cap only after the
+        # upstream accepted the password, and a failed login gives the
+        # lease back (``observe``).  Monitor mode takes it whatever the counts.
+        limits = tuple(
+            _NO_LIMIT if self.monitor
+            else p.login_failures_per_ip if k.startswith("ip:") else p.login_failures_per_user
+            for k in keys)
+        return Ask(CheckLogin(keys, p.login_failure_window, limits, user_key,
+                              p.max_sessions_per_user), then)
 
     def _rules(self, facts: Facts, verb: str, now: float, notes: list[Note]) -> Decision | Ask:
         """The rules in order; the rate limits that apply are asked of the
@@ -203,10 +217,12 @@ class SharedEngine(PolicyEngine):
                     return None
                 return ClearFailures((key,))
             keys = self._failed_login_keys(facts, event)
-            if not keys:
+            # The per-user lease a CheckLogin may have taken goes back.
+            release = (f"user:{event.user}",) if event.user else ()
+            if not keys and not release:
                 return None
             return RecordFailure(keys, self.config.protections.login_failure_window,
-                                 self._failures_kept())
+                                 self._failures_kept(), release)
         if (
             isinstance(event, Response) and event.ok and not event.local
             and event.command.verb in RETRIEVE

@@ -43,7 +43,7 @@ Clock = Callable[[], float]
 #: The operations, as ``StateError.op`` and ``popproxy_state_errors_total{op}``
 #: name them ("connect": opening the client at start).
 OPS = ("take", "charge", "record_failure", "count_failures", "clear_failures",
-       "acquire_lease", "renew_leases", "release_leases", "connect")
+       "check_login", "acquire_lease", "renew_leases", "release_leases", "connect")
 
 
 class StateError(Exception):
@@ -158,6 +158,16 @@ class SharedState(Protocol):
         """Forget the keys' failures (a successful login)."""
         ...
 
+    async def check_login(
+        self, keys: Sequence[str], window: float, limits: Sequence[int],
+        cap: str, session: str, cap_limit: int, ttl: float,
+    ) -> tuple[tuple[int, ...], bool]:
+        """A login, in one call: each key's failures within ``window``
+        (``count_failures``), and, unless a count has reached its ``limits``
+        entry, a lease of ``cap`` for ``session`` (``acquire_lease``).
+        Returns the counts and whether the lease was taken."""
+        ...
+
     async def acquire_lease(self, cap: str, session: str, limit: int, ttl: float) -> bool:
         """Take one of ``limit`` slots of ``cap`` for ``session`` for ``ttl``
         seconds; False when all are held by unexpired leases of other
@@ -173,6 +183,11 @@ class SharedState(Protocol):
 
     async def release_leases(self, caps: Sequence[str], session: str) -> None:
         """Give ``session``'s slots back (idempotent)."""
+        ...
+
+    async def release_many(self, leases: Sequence[tuple[str, str]]) -> None:
+        """Give back several sessions' slots at once: (cap, session) pairs
+        (counted as ``release_leases``)."""
         ...
 
     def health(self) -> StateHealth:

@@ -33,6 +33,7 @@ from ..policy import (
     AcquireLease,
     Ask,
     Charge,
+    CheckLogin,
     ClearFailures,
     CountFailures,
     Decision,
@@ -43,18 +44,30 @@ from ..policy import (
 )
 from .base import SharedState, StateError, StateHealth
 
-__all__ = ["LOG_EVERY", "PROBE_EVERY", "StateClient"]
+__all__ = ["LOG_EVERY", "PROBE_EVERY", "RELEASE_WAIT", "StateClient"]
 
 logger = structlog.get_logger("popproxy.state")
 
 LOG_EVERY = 10.0  # seconds between log lines about failing calls, per operation
 PROBE_EVERY = 2.0  # seconds between probes of a degraded backend
+# How long an ending session's leases wait for others' to go in the same call.
+RELEASE_WAIT = 0.01
 # A chain of Asks longer than this is a bug in the engine, not a decision.
 _MAX_ASKS = 8
 
 
 def _nothing(op: str) -> None:
     return None
+
+
+class _Releases:
+    """Leases given back together: (cap, session) pairs, and when they are."""
+
+    __slots__ = ("done", "leases")
+
+    def __init__(self, leases: list[tuple[str, str]]) -> None:
+        self.leases = leases
+        self.done = trio.Event()
 
 
 class StateClient:
@@ -73,6 +86,7 @@ class StateClient:
         self._errors = errors
         self._clock = clock
         self.leases: dict[str, set[str]] = {}  # session id -> caps it holds
+        self._releasing: _Releases | None = None  # the batch being gathered
         self._logged: dict[str, float] = {}  # op -> when last logged
         self._quiet: dict[str, int] = {}  # op -> failures not logged since
         self._failing = False
@@ -99,8 +113,16 @@ class StateClient:
                 answer: object = await state.take(query.items, force=query.force)
             elif isinstance(query, CountFailures):
                 answer = await state.count_failures(query.keys, query.window)
+            elif isinstance(query, CheckLogin):
+                answer, acquired = await state.check_login(
+                    query.keys, query.window, query.limits, query.cap, session,
+                    query.cap_limit, self.lease_time)
+                if acquired:
+                    self.leases.setdefault(session, set()).add(query.cap)
             else:
                 assert isinstance(query, AcquireLease)
+                if query.cap in self.leases.get(session, ()):
+                    return True  # taken with the login's CheckLogin: no call
                 answer = await state.acquire_lease(query.cap, session, query.limit,
                                                    self.lease_time)
                 if answer:
@@ -111,16 +133,22 @@ class StateClient:
         self._worked()
         return answer
 
-    async def apply(self, effects: Sequence[Effect]) -> None:
-        """Make the updates, in order; a failure is counted and logged, and
-        the rest are still tried (each is bounded)."""
+    async def apply(self, effects: Sequence[Effect], session: str) -> None:
+        """Make ``session``'s updates, in order; a failure is counted and
+        logged, and the rest are still tried (each is bounded)."""
         state = self.state
         for effect in effects:
             try:
                 if isinstance(effect, Charge):
                     await state.charge(effect.items)
                 elif isinstance(effect, RecordFailure):
-                    await state.record_failure(effect.keys, effect.window, effect.keep)
+                    if effect.keys:
+                        await state.record_failure(effect.keys, effect.window, effect.keep)
+                    held = self.leases.get(session, set())
+                    back = [cap for cap in effect.release if cap in held]
+                    if back:
+                        held.difference_update(back)
+                        await state.release_leases(back, session)
                 else:
                     assert isinstance(effect, ClearFailures)
                     await state.clear_failures(effect.keys)
@@ -132,14 +160,34 @@ class StateClient:
     # ------------------------------------------------------------- leases
 
     async def release(self, session: str) -> None:
-        """The session ended: give its slots back (if the call fails they
-        come back when the lease runs out)."""
+        """The session ended: give its slots back, returning once they are
+        (if the call fails they come back when the leases run out).
+
+        Sessions that end within ``RELEASE_WAIT`` of each other share one
+        call: the first waits that long, then releases every lease given
+        back meanwhile; the others wait for it.
+        """
         caps = self.leases.pop(session, None)
-        if caps:
+        if not caps:
+            return
+        batch = self._releasing
+        if batch is not None:
+            batch.leases += [(cap, session) for cap in sorted(caps)]
+            await batch.done.wait()
+            return
+        batch = self._releasing = _Releases([(cap, session) for cap in sorted(caps)])
+        try:
+            await trio.sleep(RELEASE_WAIT)
+        finally:
+            self._releasing = None
             try:
-                await self.state.release_leases(sorted(caps), session)
+                await self.state.release_many(batch.leases)
             except StateError as exc:
                 self._failed(exc)
+            else:
+                self._worked()
+            finally:
+                batch.done.set()
 
     async def maintain(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

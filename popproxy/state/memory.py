@@ -122,6 +122,20 @@ class MemoryState:
 
     # -------------------------------------------------------- session caps
 
+    async def check_login(
+        self, keys: Sequence[str], window: float, limits: Sequence[int],
+        cap: str, session: str, cap_limit: int, ttl: float,
+    ) -> tuple[tuple[int, ...], bool]:
+        self.calls["check_login"] += 1
+        now = self.clock()
+        counts = tuple(
+            sum(1 for t in self._failures.get(key, ()) if t > now - window) for key in keys)
+        acquired = False
+        if all(c < limit for c, limit in zip(counts, limits, strict=True)):
+            acquired = self._acquire(cap, session, cap_limit, ttl, now)
+        self._health.ok()
+        return counts, acquired
+
     def _live(self, cap: str, now: float) -> dict[str, float]:
         leases = self._leases.get(cap)
         if leases is None:
@@ -132,9 +146,11 @@ class MemoryState:
 
     async def acquire_lease(self, cap: str, session: str, limit: int, ttl: float) -> bool:
         self.calls["acquire_lease"] += 1
-        now = self.clock()
-        leases = self._live(cap, now)
         self._health.ok()
+        return self._acquire(cap, session, limit, ttl, self.clock())
+
+    def _acquire(self, cap: str, session: str, limit: int, ttl: float, now: float) -> bool:
+        leases = self._live(cap, now)
         if session not in leases and len(leases) >= limit:
             return False
         if not leases:
@@ -169,14 +185,17 @@ class MemoryState:
         return tuple(held)
 
     async def release_leases(self, caps: Sequence[str], session: str) -> None:
-        if not caps:
+        await self.release_many([(cap, session) for cap in caps])
+
+    async def release_many(self, leases: Sequence[tuple[str, str]]) -> None:
+        if not leases:
             return
         self.calls["release_leases"] += 1
-        for cap in caps:
-            leases = self._leases.get(cap)
-            if leases is not None:
-                leases.pop(session, None)
-                if not leases:
+        for cap, session in leases:
+            held = self._leases.get(cap)
+            if held is not None:
+                held.pop(session, None)
+                if not held:
                     del self._leases[cap]
         self._health.ok()
 

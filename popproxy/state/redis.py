@@ -319,6 +319,23 @@ class RedisState:
         if caps:
             await self._call("release_leases", "release", ["cap:" + c for c in caps], [session])
 
+    async def release_many(self, leases: Sequence[tuple[str, str]]) -> None:
+        if leases:
+            await self._call("release_leases", "release_many",
+                             ["cap:" + cap for cap, _ in leases], [s for _, s in leases])
+
+    async def check_login(
+        self, keys: Sequence[str], window: float, limits: Sequence[int],
+        cap: str, session: str, cap_limit: int, ttl: float,
+    ) -> tuple[tuple[int, ...], bool]:
+        reply = await self._call(
+            "check_login", "login", [*("lf:" + k for k in keys), "cap:" + cap],
+            [repr(float(window)), session, str(cap_limit), repr(float(ttl)),
+             *map(str, limits)],
+        )
+        values = self._ints("check_login", reply, len(keys) + 1)
+        return values[:-1], values[-1] == 1
+
     # -------------------------------------------------------------- health
 
     def health(self) -> StateHealth:

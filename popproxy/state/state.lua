@@ -159,6 +159,45 @@ if op == 'renew' then
   return held
 end
 
+-- A login: each failure key's count within the window (as 'failures') and,
+-- unless a count has reached its limit, a lease of the cap (the last key)
+-- for the session (as 'acquire').  ARGV[3] window, ARGV[4] session, ARGV[5]
+-- the cap's limit, ARGV[6] ttl, ARGV[7..] the limit of each failure key.
+-- Reply: {count_1, ..., count_n, acquired (0|1)}.
+if op == 'login' then
+  local window = tonumber(ARGV[3])
+  local n = #KEYS - 1
+  local reply = {}
+  local under = true
+  for i = 1, n do
+    reply[i] = redis.call('ZCOUNT', KEYS[i], '(' .. fmt(now - window), '+inf')
+    if reply[i] >= tonumber(ARGV[6 + i]) then
+      under = false
+    end
+  end
+  reply[n + 1] = 0
+  if under then
+    local key, session = KEYS[n + 1], ARGV[4]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
+    if redis.call('ZSCORE', key, session) or redis.call('ZCARD', key) < tonumber(ARGV[5]) then
+      redis.call('ZADD', key, fmt(now + tonumber(ARGV[6])), session)
+      expire_set(key)
+      reply[n + 1] = 1
+    end
+  end
+  return reply
+end
+
+-- Release several sessions' leases at once: KEYS the caps, ARGV[2 + i] the
+-- session whose lease of KEYS[i] goes.  Reply: how many were held.
+if op == 'release_many' then
+  local n = 0
+  for i = 1, #KEYS do
+    n = n + redis.call('ZREM', KEYS[i], ARGV[2 + i])
+  end
+  return n
+end
+
 -- Release a session's leases: ARGV[3] session.  Reply: how many were held.
 if op == 'release' then
   local n = 0
