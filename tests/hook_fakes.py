@@ -1,4 +1,4 @@
-"""A stand-in for httpcore's connection pool: an auth_http hook without sockets.
+"""A stand-in for the hook client's connection pool: an auth_http hook without sockets.
 
 ``AuthHttpClient(settings, pool=FakePool(answer))`` sends every request to
 ``answer``, an async callable from ``FakeRequest`` to ``FakeResponse``.
@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from popproxy.routing.authhttp import HttpAnswer
 
 __all__ = ["FakePool", "FakeRequest", "FakeResponse", "response"]
 
 
 @dataclass(frozen=True)
 class FakeRequest:
-    method: bytes
+    """A ``GET`` as the client hands it to its pool (no ``Host``: the pool adds it)."""
+
     url: str
     headers: list[tuple[bytes, bytes]]
 
@@ -32,11 +33,6 @@ class FakeRequest:
 class FakeResponse:
     status: int = 200
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
-
-    async def aiter_stream(self) -> AsyncIterator[bytes]:
-        if self.body:
-            yield self.body
 
 
 def response(status: int = 200, **headers: str) -> FakeResponse:
@@ -46,15 +42,15 @@ def response(status: int = 200, **headers: str) -> FakeResponse:
 
 
 class FakePool:
+    """What ``AuthHttpClient`` needs of its pool (``authhttp.Pool``), without sockets."""
+
     def __init__(self, answer: Callable[[FakeRequest], Awaitable[FakeResponse]]) -> None:
         self.answer = answer
+        self.closed = False
 
-    @asynccontextmanager
-    async def stream(
-        self, method: bytes, url: str, *, headers: list[tuple[bytes, bytes]],
-        extensions: dict[str, Any],
-    ) -> AsyncIterator[FakeResponse]:
-        yield await self.answer(FakeRequest(method, url, headers))
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]]) -> HttpAnswer:
+        answer = await self.answer(FakeRequest(url, headers))
+        return HttpAnswer(answer.status, answer.headers)
 
     async def aclose(self) -> None:
-        pass
+        self.closed = True

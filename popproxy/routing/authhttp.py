@@ -33,12 +33,9 @@ that never answers holds at most ``concurrency`` requests open while every
 lookup still ends within its timeout.  The response body is read only to
 keep the connection (up to ``MAX_BODY``), never interpreted.
 
-The HTTP client is httpcore, the maintained HTTP/1.1 engine under httpx:
-under trio it detects trio (sniffio) and runs its own trio backend, so
-trio's clock and cancellation govern every socket wait.  httpx's request
-and response models on top of it cost about twice httpcore's CPU per
-lookup (1.2 ms against 0.5 ms on the development machine), a third of a
-routed session, for features a GET with a few headers does not need.
+The HTTP client is ``httpclient.HttpPool``: h11, the maintained sans-IO
+HTTP/1.1 state machine (httpcore's, and so httpx's), on trio streams with
+kept-alive connections; see that module for why not httpcore itself.
 Environment proxies (``HTTP_PROXY``...) are not consulted: the request
 carries a password and must go where the configuration says, nowhere else.
 
@@ -54,23 +51,22 @@ duplicate response headers and an unparsable ``Auth-Wait`` are failures
 from __future__ import annotations
 
 import ipaddress
-import logging
-import ssl
-import urllib.parse
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-import httpcore
 import trio
 
 from ..addr import HostPort
 from .config import RoutingConfig, check_user_name
+from .httpclient import IDLE_EXPIRY, MAX_BODY, MAX_KEPT, HttpAnswer, HttpFailure, HttpPool
 
 __all__ = [
+    "IDLE_EXPIRY",
     "MAX_AUTH_WAIT",
+    "MAX_BODY",
+    "MAX_KEPT",
     "MAX_REFUSAL_TEXT",
     "AuthHttpClient",
     "AuthRequest",
@@ -79,6 +75,10 @@ __all__ = [
     "HookResult",
     "HookRoute",
     "HookSettings",
+    "HttpAnswer",
+    "HttpFailure",
+    "HttpPool",
+    "Pool",
     "escape",
     "interpret_response",
     "request_headers",
@@ -90,13 +90,6 @@ MAX_AUTH_WAIT = 60
 #: Refusal texts are cut to this many octets (UTF-8): they become a ``-ERR``
 #: line, and RFC 2449 §4 bounds responses to 512 octets.
 MAX_REFUSAL_TEXT = 256
-#: A response body up to this long is read (and ignored) so that the
-#: connection can be kept; a longer one closes the connection instead.
-MAX_BODY = 16384
-#: Idle connections to the hook kept open (the largest sensible
-#: ``auth_http_concurrency``); each closes after 30 s unused.
-MAX_KEPT = 256
-
 _ANSWER_HEADERS = (
     b"auth-status", b"auth-server", b"auth-port", b"auth-user", b"auth-pass", b"auth-wait",
 )
@@ -279,46 +272,13 @@ def interpret_response(
     return HookRefusal(text, wait)
 
 
-class _NoHeadersInTrace(logging.Filter):
-    """Drops httpcore trace records that may quote headers.
-
-    ``receive_response_headers.complete`` lists the response headers, and a
-    ``... exception=`` record may quote an offending header line (h11's
-    errors do): either can hold the hook's ``Auth-Pass`` or our request's.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not (message.startswith("receive_response_headers") or "exception=" in message)
-
-
-_HTTPCORE_LOGGERS = ("httpcore.http11", "httpcore.http2", "httpcore.connection",
-                     "httpcore.connection_pool", "httpcore.proxy", "httpcore.socks")
-
-
-def _silence_httpcore_trace() -> None:
-    """Keep credentials out of httpcore's DEBUG trace.
-
-    Its loggers inherit from ``httpcore``: a level set there holds even when
-    the root logger is at DEBUG, and then no trace is even formatted.  The
-    filter covers a logging set-up that turns one of them to DEBUG later.
-    """
-    quiet = logging.getLogger("httpcore")
-    if quiet.getEffectiveLevel() < logging.INFO or quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.INFO)
-    for name in _HTTPCORE_LOGGERS:
-        child = logging.getLogger(name)
-        if not any(isinstance(f, _NoHeadersInTrace) for f in child.filters):
-            child.addFilter(_NoHeadersInTrace())
-
-
 class Pool(Protocol):
-    """What the client needs of ``httpcore.AsyncConnectionPool`` (tests fake it)."""
+    """What the client needs of its connection pool (``HttpPool``; tests fake it)."""
 
-    def stream(
-        self, method: bytes, url: str, *, headers: list[tuple[bytes, bytes]],
-        extensions: dict[str, Any],
-    ) -> AbstractAsyncContextManager[Any]: ...
+    async def get(self, url: str, headers: list[tuple[bytes, bytes]]
+                  ) -> HttpAnswer | HttpFailure:
+        """``GET url`` with ``headers`` (``Host`` added): the answer or a failure."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -329,21 +289,14 @@ class AuthHttpClient:
     One per process, shared by all sessions; ``reconfigure`` applies a
     reloaded ``[routing]`` to the lookups that start afterwards.  Without
     settings (no ``auth_http`` yet: a reload may add one) every lookup is a
-    failure.  ``pool`` is for tests (a stand-in for httpcore's pool).
+    failure.  ``pool`` is for tests (an ``HttpPool`` with another TLS
+    context, or a stand-in without sockets).
     """
 
     def __init__(self, settings: HookSettings | None = None, *, pool: Pool | None = None) -> None:
-        _silence_httpcore_trace()
         self._settings = settings
         self._limiter = trio.CapacityLimiter(settings.concurrency if settings else 1)
-        self._pool: Pool = pool or httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(),  # the system's trust store
-            # As many kept as may be in flight (auth_http_concurrency): with
-            # fewer, a busy proxy opens a new connection for most lookups.
-            max_keepalive_connections=MAX_KEPT,
-            keepalive_expiry=30.0,
-        )
-        self._hosts: dict[str, bytes] = {}
+        self._pool: Pool = pool if pool is not None else HttpPool()
 
     @property
     def settings(self) -> HookSettings | None:
@@ -360,6 +313,7 @@ class AuthHttpClient:
         self._settings = settings
 
     async def aclose(self) -> None:
+        """Close the kept connections."""
         await self._pool.aclose()
 
     async def __aenter__(self) -> AuthHttpClient:
@@ -385,45 +339,9 @@ class AuthHttpClient:
             f"no answer from the hook within {settings.timeout:g}s", "timeout")
         with trio.move_on_after(settings.timeout):
             async with self._limiter:
-                result = await self._ask(settings, request)
+                answer = await self._pool.get(settings.url, request_headers(settings, request))
+                if isinstance(answer, HttpFailure):
+                    result = _failure(answer.reason)
+                else:
+                    result = interpret_response(answer.headers, request, answer.status)
         return result
-
-    def _host(self, url: str) -> bytes:
-        """The Host header for ``url`` (httpcore sends only what it is given)."""
-        host = self._hosts.get(url)
-        if host is None:
-            parts = urllib.parse.urlsplit(url)
-            host = self._hosts[url] = parts.netloc.rpartition("@")[2].encode("idna")
-        return host
-
-    async def _ask(self, settings: HookSettings, request: AuthRequest) -> HookResult:
-        # Reasons are fixed text on purpose: exception messages may quote
-        # request or response lines, and those can hold a password.
-        headers = [(b"Host", self._host(settings.url)), *request_headers(settings, request)]
-        t = settings.timeout
-        timeouts = {"connect": t, "read": t, "write": t, "pool": t}
-        try:
-            async with self._pool.stream(
-                b"GET", settings.url, headers=headers, extensions={"timeout": timeouts},
-            ) as response:
-                result = interpret_response(response.headers, request, response.status)
-                # Read a short body to its end, so that the connection goes
-                # back to the pool (keep-alive); a long one closes it.
-                size = 0
-                async for chunk in response.aiter_stream():
-                    size += len(chunk)
-                    if size > MAX_BODY:
-                        break
-                return result
-        except httpcore.TimeoutException:
-            return HookFailure(f"no answer from the hook within {settings.timeout:g}s", "timeout")
-        except httpcore.ConnectError:
-            return _failure("cannot connect to the hook")
-        except (httpcore.RemoteProtocolError, httpcore.LocalProtocolError):
-            return _failure("the hook sent a malformed HTTP response")
-        except httpcore.NetworkError as exc:
-            return _failure(f"the connection to the hook broke ({type(exc).__name__})")
-        except (httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
-            return _failure(f"the request to the hook failed ({type(exc).__name__})")
-        except (OSError, ValueError) as exc:
-            return _failure(f"the request to the hook failed ({type(exc).__name__})")
