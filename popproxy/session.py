@@ -488,6 +488,7 @@ class Session:
         if p.local_reply is STLS_OK:
             # Parsing resumes only after the handshake (``tls_started``);
             # until then every client octet is discarded.
+            self._input.start_discarding(out.events)
             out.start_tls = True
         elif p.command.verb == "STLS" or starts_sasl(p.command):
             self._input.resume()

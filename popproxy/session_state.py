@@ -136,9 +136,10 @@ class OutputBuilder:
 class CommandInput:
     """Client bytes into a queue of commands (or malformed lines).
 
-    Parsing stops after AUTH (what follows is SASL data) and after STLS,
-    where everything the client pipelined is discarded (RFC 2595 §4, the
-    STARTTLS-injection class of bugs) until ``resume``.
+    Parsing stops after AUTH (what follows is SASL data) and after STLS
+    until its reply: after ``+OK`` everything the client pipelined is
+    discarded (RFC 2595 §4, the STARTTLS-injection class of bugs) until
+    ``resume``; after ``-ERR`` parsing simply goes on.
     """
 
     __slots__ = ("bad_lines", "discarding", "limits", "lines", "queue", "stopped")
@@ -150,7 +151,7 @@ class CommandInput:
         self.queue: deque[Command | MalformedLine] = deque()
         self.bad_lines = 0
         self.stopped = False  # an AUTH or STLS in the queue or the FIFO
-        self.discarding = False  # after STLS, until its reply is out
+        self.discarding = False  # after STLS's +OK, until the handshake
 
     def resume(self) -> None:
         self.stopped = False
@@ -192,14 +193,19 @@ class CommandInput:
             self.queue.append(item)
             if not isinstance(item, Command) or item.verb not in STOPS_PARSING:
                 continue
-            if item.verb == "STLS":
-                self.stopped = self.discarding = True
-                dropped = self.lines.discard()
-                if dropped:
-                    events.append(
-                        ProtocolAnomaly("client", "data-after-stls", f"{dropped} octets"))
-            elif starts_sasl(item):
+            # Parsing waits for the reply to STLS: after +OK what was
+            # pipelined behind it is dropped (``start_discarding``), after
+            # -ERR it is read on as any other command.
+            if item.verb == "STLS" or starts_sasl(item):
                 self.stopped = True
+
+    def start_discarding(self, events: list[Event]) -> None:
+        """STLS was accepted: drop what the client sent after it, and all
+        that comes until the handshake (RFC 2595 §4, STARTTLS injection)."""
+        self.discarding = True
+        dropped = self.lines.discard()
+        if dropped:
+            events.append(ProtocolAnomaly("client", "data-after-stls", f"{dropped} octets"))
 
 
 @dataclass(slots=True)

@@ -218,25 +218,31 @@ class TestPipelining:
         s = fresh(starttls=True)
         out = s.receive_client(b"CAPA\r\nSTLS\r\nUSER evil\r\nPASS x\r\n", 1)
         assert out.to_upstream == b"CAPA\r\n"
-        assert of(out.events, ProtocolAnomaly)
-        # More plaintext before the +OK: discarded too.
+        # More plaintext before the +OK: held, never parsed, then discarded.
         out = s.receive_client(b"DELE 1\r\n", 1)
         assert out.to_upstream == b""
         out = s.receive_upstream(b"+OK\r\nUSER\r\n.\r\n", 2)
         assert out.to_client == b"+OK\r\nUSER\r\nSTLS\r\n.\r\n+OK Begin TLS negotiation\r\n"
+        assert out.to_upstream == b""
         assert out.start_tls
+        [anomaly] = of(out.events, ProtocolAnomaly)
+        assert anomaly.detail == "27 octets"  # USER evil, PASS x, DELE 1
         out = s.tls_started(3)
         assert out.to_upstream == b""
         assert out.to_client == b""
         out = s.receive_client(b"CAPA\r\n", 4)
         assert out.to_upstream == b"CAPA\r\n"
 
-    def test_refused_stls_never_executes_pipelined_commands(self) -> None:
-        """Refused STLS (no STLS on this port): the pipelined rest is not run."""
+    def test_refused_stls_answers_the_pipelined_rest(self) -> None:
+        """Refused STLS (no STLS on this port): the connection stays plain
+        text, and what was pipelined behind it is read as usual (dropping
+        it would leave the client waiting for replies that never come)."""
         s = fresh()
         out = s.receive_client(b"STLS\r\nUSER evil\r\n", 1)
         assert out.to_client == b"-ERR STLS is not available on this port\r\n"
-        assert out.to_upstream == b""
+        assert out.to_upstream == b"USER evil\r\n"
+        assert not of(out.events, ProtocolAnomaly)
+        assert s.receive_upstream(b"+OK\r\n", 2).to_client == b"+OK\r\n"
         # Later input is read again.
         assert s.receive_client(b"CAPA\r\n", 2).to_upstream == b"CAPA\r\n"
 
@@ -247,7 +253,7 @@ class TestPipelining:
         out = s.receive_upstream(b"+OK\r\n", 2)
         assert out.to_client == b"+OK\r\n"
         out = s.receive_upstream(b"+OK\r\n", 3)
-        # NOOP now valid (TRANSACTION); STLS not (and nothing after it was kept).
+        # NOOP now valid (TRANSACTION); STLS not.
         assert out.to_upstream == b"NOOP\r\n"
         out = s.receive_upstream(b"+OK\r\n", 4)
         assert out.to_client == b"+OK\r\n-ERR STLS is only valid before login\r\n"
