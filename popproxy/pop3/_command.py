@@ -46,7 +46,8 @@ class Command:
     def __repr__(self) -> str:
         return f"Command(verb={self.verb!r}, args={self.redacted_args()!r})"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 def message_number(arg: str) -> int | None:
