@@ -16,13 +16,13 @@ star import gets the fixtures but not the end-of-run banner hook).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 import pytest
 
 from tests.dovecot import SAMPLE_MESSAGES, Dovecot, DovecotError, ensure_dovecot
+from tests.peers import MissingPeer
 
 __all__ = [
     "Mailbox",
@@ -50,33 +50,14 @@ MailboxFactory = Callable[..., Mailbox]
 
 
 # Why Dovecot could not be had this session (for the end-of-run banner).
-_unavailable_reasons: list[str] = []
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if reason not in _unavailable_reasons:
-        _unavailable_reasons.append(reason)
-    message = f"REAL DOVECOT NOT AVAILABLE, interoperability test NOT run: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+_missing = MissingPeer("REAL DOVECOT", "interoperability test",
+                       "apt-get install dovecot-core dovecot-pop3d (as root)")
+_unavailable = _missing.unavailable
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Repeat loudly, once, at the very end, that Dovecot tests did not run."""
-    if not _unavailable_reasons:
-        return
-    tr = terminalreporter
-    tr.section("DOVECOT TESTS DID NOT RUN", sep="!", red=True, bold=True)
-    tr.write_line(
-        "The tests against a real Dovecot POP3 server were "
-        + ("FAILED (CI=true)." if os.environ.get("CI") == "true" else "SKIPPED."),
-        red=True,
-        bold=True,
-    )
-    for reason in _unavailable_reasons:
-        tr.write_line(f"Reason: {reason}", red=True)
-    tr.write_line("Fix: apt-get install dovecot-core dovecot-pop3d (as root)", red=True)
+    """Repeat loudly, once, at the very end, that these tests did not run."""
+    _missing.summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")

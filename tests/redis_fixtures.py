@@ -16,45 +16,23 @@ end-of-run banner hook is registered too).
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import NoReturn
 
 import pytest
 
+from tests.peers import MissingPeer
 from tests.redis_server import RedisServer, RedisServerError, ensure_redis
 
 __all__ = ["private_redis", "redis_available", "redis_prefix", "redis_server", "running_redis"]
 
-# Why redis-server could not be had this session (for the end-of-run banner).
-_unavailable_reasons: list[str] = []
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if reason not in _unavailable_reasons:
-        _unavailable_reasons.append(reason)
-    message = f"REAL REDIS NOT AVAILABLE, shared-state test NOT run: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+_missing = MissingPeer("REAL REDIS", "shared-state test", "apt-get install redis-server (as root)")
+_unavailable = _missing.unavailable
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Repeat loudly, once, at the very end, that the Redis tests did not run."""
-    if not _unavailable_reasons:
-        return
-    tr = terminalreporter
-    tr.section("REDIS TESTS DID NOT RUN", sep="!", red=True, bold=True)
-    tr.write_line(
-        "The tests against a real redis-server were "
-        + ("FAILED (CI=true)." if os.environ.get("CI") == "true" else "SKIPPED."),
-        red=True,
-        bold=True,
-    )
-    for reason in _unavailable_reasons:
-        tr.write_line(f"Reason: {reason}", red=True)
-    tr.write_line("Fix: apt-get install redis-server (as root)", red=True)
+    """Repeat loudly, once, at the very end, that these tests did not run."""
+    _missing.summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")

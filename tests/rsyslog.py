@@ -30,12 +30,12 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO
 
-import pytest
 import trio
 
 from tests.packages import apt_install, can_install
+from tests.peers import MissingPeer
 
 __all__ = [
     "DEBIAN_PACKAGES",
@@ -80,18 +80,15 @@ def ensure_rsyslog() -> str | None:
     return _status()
 
 
+_missing = MissingPeer("REAL RSYSLOG", "audit shipping test",
+                       "apt-get install rsyslog rsyslog-gnutls (as root)")
+
+
 def rsyslog_or_skip() -> None:
     """Skip (with ``CI=true``: fail) the test when rsyslog cannot be had."""
     reason = ensure_rsyslog()
     if reason is not None:
-        _unavailable(reason)
-
-
-def _unavailable(reason: str) -> NoReturn:
-    message = f"REAL RSYSLOG NOT AVAILABLE, audit shipping test NOT run: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+        _missing.unavailable(reason)
 
 
 def render(source: Path, target: Path, replacements: Mapping[str, str]) -> Path:
