@@ -51,6 +51,15 @@ per second over the sampling rate times the user CPU share of wall time
 is about 1 when the samples track user time (above 1: the process held
 the GIL while preempted; below: samples lost to errors).
 
+Which build: the pure-Python package by default (``POPPROXY_PURE=1``).
+The mypyc-compiled core of ``make`` runs its functions without Python
+frames, so py-spy charges their time to the frame that called them (the
+relay's), and the framing, session and event lines read zero; the
+pure build shows each category, and ``benchmarks.run`` measures what
+compiling saves (``--baseline HEAD`` runs the pure sources of the same
+commit beside the compiled tree).  ``--compiled`` samples the compiled
+build anyway.
+
 What the figures do not show: CPython's garbage collector and the
 interpreter's own work are charged to the Python frame that was running;
 CPU the proxy causes in Dovecot or in the client is not the proxy's.
@@ -546,7 +555,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     ap.add_argument("--keep", metavar="DIR", type=Path,
                     help="keep py-spy's folded stacks (one file per sampled block) here")
+    ap.add_argument("--compiled", action="store_true",
+                    help="sample the mypyc-compiled build (its core runs without Python "
+                         "frames, so its time shows under the shell that calls it); "
+                         "by default the proxy runs as pure Python (POPPROXY_PURE=1)")
     args = ap.parse_args(argv)
+    if not args.compiled:
+        os.environ["POPPROXY_PURE"] = "1"  # inherited by the proxy process
     settings = Settings.quick() if args.quick else Settings()
     if args.rounds:
         settings = Settings(args.rounds, settings.noops, settings.session_seconds, settings.rate)
