@@ -21,6 +21,7 @@ from .events import (
     AuthResult,
     Event,
     Greeting,
+    Outcome,
     ProtocolAnomaly,
     Response,
     SessionClosed,
@@ -28,6 +29,7 @@ from .events import (
     Unsolicited,
 )
 from .observe import SessionInfo, listens_to
+from .pop3 import arg_octets, recorded
 from .timefmt import utcnow_rfc3339
 
 __all__ = ["configure_logging", "log_observer"]
@@ -156,8 +158,13 @@ def _anomaly(info: SessionInfo, event: Any) -> None:
 
 def _response(info: SessionInfo, event: Any) -> None:
     if _debug:  # build the arguments only when the line will be written
+        # As in the audit (``pop3.recorded``): an unknown verb's arguments,
+        # and those of a command refused before login, are not written.
+        cmd = event.command
+        verb, args = recorded(cmd, refused=info.user is None and event.outcome is Outcome.DENIED)
         logger.debug(
-            "command", verb=event.command.verb, args=list(event.command.redacted_args()),
+            "command", verb=verb, args=list(args) if args is not None else None,
+            **({"arg_octets": arg_octets(cmd)} if args is None else {}),
             outcome=event.outcome.value, local=event.local, latency=event.latency,
         )
 
