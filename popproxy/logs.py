@@ -28,6 +28,7 @@ from .events import (
     SessionOpened,
     Unsolicited,
 )
+from .jsonl import one_line
 from .observe import SessionInfo, listens_to
 from .pop3 import arg_octets, recorded
 from .timefmt import utcnow_rfc3339
@@ -70,7 +71,7 @@ def configure_logging(
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         factory = structlog.BytesLoggerFactory(file=file or sys.stdout.buffer)
     else:
@@ -85,6 +86,11 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _dumps(obj: Any, **kw: Any) -> bytes:
+    """orjson, with what would split a line for some readers escaped (``jsonl``)."""
+    return one_line(orjson.dumps(obj, **kw))
 
 
 def _timestamp(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
