@@ -123,5 +123,6 @@ def recorded(cmd: Command, *, refused: bool = False) -> tuple[str, tuple[str, ..
 
 
 def arg_octets(cmd: Command) -> int:
-    """The arguments' length in octets, as ``bytes(cmd)`` writes them (spaces included)."""
-    return len(bytes(cmd)) - len(cmd.verb) - 2
+    """The arguments' length in octets, as ``bytes(cmd)`` writes them (the
+    spaces between them included)."""
+    return len(bytes(cmd)) - len(cmd.verb) - 3 if cmd.args else 0
