@@ -20,6 +20,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from popproxy import logs
 from popproxy.audit import AuditConfig, ChainHead, RecordBuilder, verify_files
 from popproxy.audit._chain import canonical, line
 from popproxy.events import (
@@ -30,7 +31,6 @@ from popproxy.events import (
     SessionClosed,
     SessionOpened,
 )
-from popproxy import logs
 from popproxy.jsonl import one_line
 from popproxy.logs import configure_logging, log_observer
 from popproxy.observe import SessionInfo
@@ -166,7 +166,7 @@ class TestAuditRecords:
 # One record, one line
 
 LINE_BREAKERS = "\u2028\u2029\x85\x7f\x9b\x0b\x0c\x1c\x1d\x1e\r\n"
-names = st.text(st.sampled_from(LINE_BREAKERS) | st.characters(exclude_categories=("Cs",)),
+names = st.text(st.sampled_from(LINE_BREAKERS) | st.characters(exclude_categories=["Cs"]),
                 min_size=1, max_size=40)
 
 
