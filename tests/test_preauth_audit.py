@@ -11,16 +11,13 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popproxy import logs
 from popproxy.audit import AuditConfig, ChainHead, RecordBuilder, verify_files
 from popproxy.audit._chain import canonical, line
 from popproxy.events import (
@@ -32,10 +29,11 @@ from popproxy.events import (
     SessionOpened,
 )
 from popproxy.jsonl import one_line
-from popproxy.logs import configure_logging, log_observer
+from popproxy.logs import log_observer
 from popproxy.observe import SessionInfo
 from popproxy.pop3 import KNOWN_VERBS, UNKNOWN_VERB, Command, recorded
 from popproxy.session import Session
+from tests.log_capture import captured_log
 from tests.session_helpers import GREETING
 
 SECRET = "Tr0ub4dor&3-zebra"
@@ -207,24 +205,6 @@ def test_the_fast_path_returns_the_same_object() -> None:
     umlaut = '{"user":"jürgen"}'.encode()
     assert one_line(umlaut) is not None
     assert one_line(umlaut) == umlaut
-
-
-@contextmanager
-def captured_log(level: str) -> Iterator[io.BytesIO]:
-    """The session log lines as ``popproxy run`` writes them (JSON), captured.
-
-    The module's logger is cached on first use, so a fresh one is put in
-    its place while the capture lasts.
-    """
-    buf = io.BytesIO()
-    saved = logs.logger, logs._debug
-    configure_logging(level, "json", file=buf)
-    logs.logger = structlog.get_logger("popproxy.session")
-    try:
-        yield buf
-    finally:
-        logs.logger, logs._debug = saved
-        structlog.reset_defaults()
 
 
 @pytest.fixture
