@@ -11,10 +11,14 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+from popproxy.config import ConfigError, parse_config
 from popproxy.events import EndReason, Outcome, ProtocolAnomaly, Response
 from popproxy.metrics import ANOMALY_KINDS
 from popproxy.pop3 import ProtocolError
 from popproxy.routed import RoutedSession
+from popproxy.server import session_limits
 from popproxy.session import SessionLimits
 from popproxy.session_state import TOO_MANY_REFUSED
 from tests.session_helpers import DenyVerb, fresh, logged_in, of
@@ -192,3 +196,19 @@ def test_every_anomaly_kind_is_one_spelling_and_has_its_label() -> None:
         assert kind in ANOMALY_KINDS[side], (side, kind)
     for side, labels in ANOMALY_KINDS.items():
         assert all(KIND.fullmatch(k) for k in labels), side
+
+
+def test_the_limit_and_the_audit_bounds_are_configured() -> None:
+    base = {"listen": {"address": "127.0.0.1:0"}, "upstream": {"address": "127.0.0.1:110"}}
+    cfg = parse_config({**base, "limits": {"max_refused_before_login": 3},
+                        "audit": {"prelogin_commands": 5, "prelogin_commands_per_client": 7}})
+    assert session_limits(cfg.limits).max_refused_before_login == 3
+    assert (cfg.audit.prelogin_commands, cfg.audit.prelogin_commands_per_client) == (5, 7)
+    defaults = parse_config({**base, "audit": {}})
+    assert session_limits(defaults.limits).max_refused_before_login == 10
+    assert (defaults.audit.prelogin_commands,
+            defaults.audit.prelogin_commands_per_client) == (16, 256)
+    with pytest.raises(ConfigError, match=r"limits\.max_refused_before_login"):
+        parse_config({**base, "limits": {"max_refused_before_login": 0}})
+    with pytest.raises(ConfigError, match=r"audit\.prelogin_commands_per_client"):
+        parse_config({**base, "audit": {"prelogin_commands_per_client": "many"}})
