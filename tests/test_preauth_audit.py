@@ -24,6 +24,7 @@ from popproxy.events import (
     AuthResult,
     EndReason,
     Outcome,
+    PolicyDecision,
     Response,
     SessionClosed,
     SessionOpened,
@@ -106,6 +107,17 @@ class TestAuditRecords:
         assert rec["verb"] == "USER"
         assert rec["args"] is None
         assert rec["arg_octets"] == len(SECRET)
+
+    def test_policy_refusals_before_login_keep_no_arguments(self) -> None:
+        builder = RecordBuilder(AuditConfig(enabled=True), Clock())
+        info = Info("s1")
+        (before,) = records_of(builder, info,
+                               PolicyDecision("ip-limit", "deny", Command("USER", (SECRET,)), True))
+        assert (before["command"], before["args"]) == ("USER", None)
+        records_of(builder, info, AuthResult("USER", "bob", True, None))
+        (after,) = records_of(builder, info,
+                              PolicyDecision("ro", "deny", Command("DELE", ("1",)), True))
+        assert (after["command"], after["args"]) == ("DELE", ["1"])
 
     def test_per_session_bound_and_the_count_at_close(self) -> None:
         builder = RecordBuilder(AuditConfig(enabled=True, prelogin_commands=3), Clock())

@@ -351,7 +351,9 @@ class RecordBuilder:
         rec = self._base("policy.decision", info, st)
         rec["rule"] = event.rule
         rec["action"] = event.action
-        verb, args = recorded(event.command)
+        # As for ``command`` records: a refusal before login keeps no arguments.
+        verb, args = recorded(event.command,
+                              refused=st.user is None and event.action == "deny")
         rec["command"] = verb
         rec["args"] = [_clean(a) for a in args] if args is not None else None
         rec["enforced"] = event.enforced
