@@ -114,6 +114,7 @@ class LimitsConfig:
     send_timeout: float = 60.0
     drain_timeout: float = 30.0
     handshake_timeout: float = 15.0  # TLS handshakes, both sides
+    max_refused_before_login: int = 10  # then -ERR and close (issue 17)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +331,10 @@ def _limits(raw: object) -> LimitsConfig:
         ),
         handshake_timeout=parse_duration(
             s.get("handshake_timeout", d.handshake_timeout), s.key("handshake_timeout")
+        ),
+        max_refused_before_login=parse_int(
+            s.get("max_refused_before_login", d.max_refused_before_login),
+            s.key("max_refused_before_login"), 1, 10**6,
         ),
     )
     s.finish()

@@ -67,10 +67,11 @@ class LoginFront:
         self._mechanism: str | None = None  # the SASL exchange in progress
         self._sasl_user: str | None = None  # AUTH LOGIN's user, before the password
 
-    def capa(self, *, offer_stls: bool, hide_user: bool) -> bytes:
-        """The CAPA reply before login: what the proxy itself supports."""
-        tags = [] if hide_user else ["USER"]
-        tags += ["SASL PLAIN LOGIN", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE", "TOP", "UIDL"]
+    def capa(self, *, offer_stls: bool, hide_logins: bool) -> bytes:
+        """The CAPA reply before login: what the proxy itself supports
+        (no USER or SASL while logins wait for STLS: ``hide_logins``)."""
+        tags = [] if hide_logins else ["USER", "SASL PLAIN LOGIN"]
+        tags += ["PIPELINING", "RESP-CODES", "AUTH-RESP-CODE", "TOP", "UIDL"]
         if offer_stls:
             tags.append("STLS")
         return b"+OK Capability list follows\r\n" + "".join(
@@ -86,7 +87,7 @@ class LoginFront:
             return Step(b"+OK\r\n")
         if verb == "PASS":
             if self._user is None:
-                return Step(b"-ERR send USER first\r\n")
+                return Step(b"-ERR No username given.\r\n")  # as the core (pop3.local_reply)
             user, self._user = self._user, None
             password = cmd.args[0] if cmd.args else ""
             return Step(login=Credentials(user, password, "USER"))

@@ -21,13 +21,16 @@ from .events import (
     AuthResult,
     Event,
     Greeting,
+    Outcome,
     ProtocolAnomaly,
     Response,
     SessionClosed,
     SessionOpened,
     Unsolicited,
 )
+from .jsonl import one_line
 from .observe import SessionInfo, listens_to
+from .pop3 import arg_octets, recorded
 from .timefmt import utcnow_rfc3339
 
 __all__ = ["configure_logging", "log_observer"]
@@ -68,7 +71,7 @@ def configure_logging(
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         factory = structlog.BytesLoggerFactory(file=file or sys.stdout.buffer)
     else:
@@ -83,6 +86,11 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _dumps(obj: Any, **kw: Any) -> bytes:
+    """orjson, with what would split a line for some readers escaped (``jsonl``)."""
+    return one_line(orjson.dumps(obj, **kw))
 
 
 def _timestamp(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +164,13 @@ def _anomaly(info: SessionInfo, event: Any) -> None:
 
 def _response(info: SessionInfo, event: Any) -> None:
     if _debug:  # build the arguments only when the line will be written
+        # As in the audit (``pop3.recorded``): an unknown verb's arguments,
+        # and those of a command refused before login, are not written.
+        cmd = event.command
+        verb, args = recorded(cmd, refused=info.user is None and event.outcome is Outcome.DENIED)
         logger.debug(
-            "command", verb=event.command.verb, args=list(event.command.redacted_args()),
+            "command", verb=verb, args=list(args) if args is not None else None,
+            **({"arg_octets": arg_octets(cmd)} if args is None else {}),
             outcome=event.outcome.value, local=event.local, latency=event.latency,
         )
 

@@ -119,12 +119,13 @@ BYTE_DIRECTIONS: Final = ("client_rx", "client_tx", "upstream_rx", "upstream_tx"
 RETRIEVE_KINDS: Final = ("retr", "top")
 
 #: ``ProtocolAnomaly`` kinds the core emits, by side; others are ``other``.
+#: One spelling: lower-case words joined by hyphens (``ProtocolError.kind``).
 ANOMALY_KINDS: Final = {
     "client": (
-        "malformed-line", "data-after-stls", "LineTooLong", "MalformedLine",
-        "PipelineOverflow", "other",
+        "malformed-line", "data-after-stls", "line-too-long", "pipeline-overflow",
+        "too-many-bad-lines", "too-many-refused", "other",
     ),
-    "upstream": ("UpstreamProtocolError", "unsolicited", "other"),
+    "upstream": ("upstream-protocol-error", "data-after-stls", "unsolicited", "other"),
 }
 
 RELOAD_OUTCOMES: Final = ("ok", "fail")

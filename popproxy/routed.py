@@ -88,7 +88,7 @@ class RoutedSession(Session):
         reply, decision = super()._judge(cmd, now)
         if reply is None and cmd.verb == "CAPA" and self.state is State.AUTHORIZATION:
             reply = self._front.capa(offer_stls=self.starttls and not self.tls,
-                                     hide_user=self.require_tls_for_auth and not self.tls)
+                                     hide_logins=self.require_tls_for_auth and not self.tls)
         return reply, decision
 
     def _forward(self, p: Pending, sasl: bool, out: OutputBuilder, now: float) -> None:

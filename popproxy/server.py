@@ -69,6 +69,7 @@ def session_limits(limits: LimitsConfig) -> SessionLimits:
         command_line=limits.command_line,
         sasl_line=limits.sasl_line,
         max_pipeline=limits.max_pipeline,
+        max_refused_before_login=limits.max_refused_before_login,
     )
 
 

@@ -60,6 +60,7 @@ from .pop3 import (
 )
 from .session_policy import PolicyDesk, note
 from .session_state import (
+    TOO_MANY_REFUSED,
     CommandInput,
     Listed,
     Login,
@@ -68,6 +69,7 @@ from .session_state import (
     Pending,
     Pipeline,
     ReplyInProgress,
+    local_status,
 )
 from .session_state import OutputBuilder as _Out
 from .session_state import SessionLimits as SessionLimits
@@ -153,7 +155,7 @@ class Session:
         except ClientProtocolError as exc:
             # Fatal: what was already produced still goes out, then the
             # error line, then the connection closes.
-            out.events.append(ProtocolAnomaly("client", type(exc).__name__, str(exc)))
+            out.events.append(ProtocolAnomaly("client", exc.kind, str(exc)))
             if not self.mid_reply:  # never an -ERR inside a message body
                 out.client.append(exc.reply)
             self._end_with(out, EndReason.PROTOCOL_ERROR)
@@ -196,7 +198,7 @@ class Session:
                     assert type(event) is Reply
                     self._on_reply(event, head, out, now)
         except UpstreamProtocolError as exc:
-            out.events.append(ProtocolAnomaly("upstream", type(exc).__name__, str(exc)))
+            out.events.append(ProtocolAnomaly("upstream", exc.kind, str(exc)))
             out.events.append(UpstreamFailed("protocol"))
             failed = self.fail(EndReason.UPSTREAM_PROTOCOL_ERROR, now)
             out.client.append(failed.to_client)
@@ -414,7 +416,8 @@ class Session:
     def _judge(self, cmd: Command, now: float) -> tuple[bytes | None, Decision | Ask | None]:
         """The core's own checks, then policy; a None reply means forward."""
         reply = local_reply(self.state, cmd, tls=self.tls, starttls=self.starttls,
-                            require_tls_for_auth=self.require_tls_for_auth)
+                            require_tls_for_auth=self.require_tls_for_auth,
+                            user_given=self._login.asserted_user is not None)
         if reply is not None:
             return reply, None
         decision = self._desk.decide(self.facts(), cmd, now)
@@ -455,7 +458,7 @@ class Session:
         """Send local replies that have reached the head of the FIFO."""
         moved = False
         entries = self._pipeline.entries
-        while entries and entries[0].local_reply is not None:
+        while entries and entries[0].local_reply is not None and not self._closed:
             due = entries[0].not_before
             if due is not None and due > now:
                 # A tarpit: the refusal goes out later, and nothing behind it.
@@ -470,17 +473,16 @@ class Session:
 
     def _answer_locally(self, p: Pending, out: _Out, now: float) -> None:
         reply = p.local_reply or b""
+        ending = EndReason.QUIT if p.closes else None
+        if reply[:1] == b"-" and self.state is State.AUTHORIZATION and self._input.refused(
+                out.events):
+            reply, ending = TOO_MANY_REFUSED, EndReason.PROTOCOL_ERROR
         out.client.append(reply)
-        first = reply[: reply.find(b"\r\n")]  # a local CAPA reply has more lines
-        status = parse_status(first)
-        ok = status is not None and status.ok
-        self._respond(
-            p, ok, status.code if status else None,
-            _decode(status.text if status else first), len(reply), True,
-            Outcome.OK if ok else Outcome.DENIED, out, now,
-        )
-        if p.closes:
-            self._end_with(out, EndReason.QUIT)
+        ok, code, text = local_status(reply)
+        self._respond(p, ok, code, text, len(reply), True,
+                      Outcome.OK if ok else Outcome.DENIED, out, now)
+        if ending is not None:
+            self._end_with(out, ending)
 
     def _release(self, p: Pending, out: _Out) -> None:
         """The barrier ``p``'s reply is out: what was held back behind it may go."""
@@ -565,7 +567,7 @@ class Session:
             out.client.append(progress.rewritten_capa(
                 offer_stls=self.starttls and not self.tls
                 and self.state is State.AUTHORIZATION,
-                hide_user=self.require_tls_for_auth and not self.tls,
+                hide_logins=self.require_tls_for_auth and not self.tls,
             ))
         out.events += progress.finished(self._listed.uids)
         status = progress.status

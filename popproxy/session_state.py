@@ -44,12 +44,14 @@ from .pop3 import (
     message_id,
     message_number,
     parse_command,
+    parse_status,
     rewrite_capa,
     sasl_user,
     starts_sasl,
 )
 
 __all__ = [
+    "TOO_MANY_REFUSED",
     "CommandInput",
     "Listed",
     "Login",
@@ -60,7 +62,21 @@ __all__ = [
     "Pipeline",
     "ReplyInProgress",
     "SessionLimits",
+    "local_status",
 ]
+
+
+#: The last word to a client past ``SessionLimits.max_refused_before_login``.
+TOO_MANY_REFUSED = b"-ERR too many refused commands before login\r\n"
+
+
+def local_status(reply: bytes) -> tuple[bool, str | None, str]:
+    """A local reply's outcome, code and text (a CAPA reply has more lines)."""
+    first = reply[: reply.find(b"\r\n")]
+    status = parse_status(first)
+    if status is None:
+        return False, None, first.decode("utf-8", "replace")
+    return status.ok, status.code, status.text.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +96,9 @@ class SessionLimits:
     capa_octets: int = 65536
     # Malformed lines answered with -ERR before the session is closed.
     max_bad_lines: int = 10
+    # Commands the proxy itself refuses before login (unknown verbs, verbs
+    # out of state, policy, malformed lines); one more closes the session.
+    max_refused_before_login: int = 10
 
 
 @dataclass(slots=True)
@@ -142,7 +161,7 @@ class CommandInput:
     ``resume``; after ``-ERR`` parsing simply goes on.
     """
 
-    __slots__ = ("bad_lines", "discarding", "limits", "lines", "queue", "stopped")
+    __slots__ = ("bad_lines", "discarding", "limits", "lines", "queue", "refusals", "stopped")
 
     def __init__(self, limits: SessionLimits) -> None:
         self.limits = limits
@@ -150,8 +169,27 @@ class CommandInput:
                                 long_limit=limits.sasl_line)
         self.queue: deque[Command | MalformedLine] = deque()
         self.bad_lines = 0
+        self.refusals = 0  # commands refused before login
         self.stopped = False  # an AUTH or STLS in the queue or the FIFO
         self.discarding = False  # after STLS's +OK, until the handshake
+
+    def refused(self, events: list[Event]) -> bool:
+        """A command was refused before login: whether that was one too many.
+
+        Then nothing more the client sent is read: the session ends after
+        ``TOO_MANY_REFUSED``, so a client flooding unknown verbs costs a
+        bounded number of replies, events and audit records.
+        """
+        self.refusals += 1
+        limit = self.limits.max_refused_before_login
+        if self.refusals <= limit:
+            return False
+        events.append(ProtocolAnomaly("client", "too-many-refused",
+                                      f"more than {limit} commands refused before login"))
+        self.stopped = True
+        self.queue.clear()
+        self.lines.discard()
+        return True
 
     def resume(self) -> None:
         self.stopped = False
@@ -183,9 +221,10 @@ class CommandInput:
                 # -ERR in its turn, and close only a client that keeps at it.
                 self.bad_lines += 1
                 if self.bad_lines > self.limits.max_bad_lines:
-                    raise MalformedLine(
-                        "too many malformed commands", reply=b"-ERR too many bad commands\r\n"
-                    ) from None
+                    fatal = MalformedLine(
+                        "too many malformed commands", reply=b"-ERR too many bad commands\r\n")
+                    fatal.kind = "too-many-bad-lines"
+                    raise fatal from None
                 events.append(ProtocolAnomaly("client", "malformed-line", str(exc)))
                 item = exc
             if len(self.queue) + pending >= limit:
@@ -327,9 +366,9 @@ class ReplyInProgress:
             return b""
         return b"" if self.swallowed else data
 
-    def rewritten_capa(self, *, offer_stls: bool, hide_user: bool) -> bytes:
+    def rewritten_capa(self, *, offer_stls: bool, hide_logins: bool) -> bytes:
         assert self.capa is not None
-        capa = rewrite_capa(bytes(self.capa), offer_stls=offer_stls, hide_user=hide_user)
+        capa = rewrite_capa(bytes(self.capa), offer_stls=offer_stls, hide_logins=hide_logins)
         self.octets = len(capa)
         return capa
 

@@ -907,12 +907,12 @@ class TestCapa:
         out = capa_through(fresh(starttls=True), b".\r\n")
         assert out == b"+OK Capability list follows\r\nSTLS\r\n.\r\n"
 
-    def test_user_hidden_when_tls_required(self) -> None:
+    def test_user_and_sasl_hidden_when_tls_required(self) -> None:
         out = capa_through(
             fresh(starttls=True, require_tls_for_auth=True),
-            b"USER\r\nuser\r\nUSERX\r\nSASL PLAIN\r\n.\r\n",
+            b"USER\r\nuser\r\nUSERX\r\nSASL PLAIN\r\nsasl LOGIN\r\n.\r\n",
         )
-        assert out == b"+OK Capability list follows\r\nUSERX\r\nSASL PLAIN\r\nSTLS\r\n.\r\n"
+        assert out == b"+OK Capability list follows\r\nUSERX\r\nSTLS\r\n.\r\n"
 
     def test_capa_err_is_one_line(self) -> None:
         s = fresh()

@@ -402,7 +402,7 @@ def test_upstream_errors_and_anomalies(metrics: Metrics) -> None:
     f(UpstreamFailed("connect"), UpstreamFailed("response_timeout"), UpstreamFailed("weird"),
       ProtocolAnomaly("client", "malformed-line", "x"),
       ProtocolAnomaly("client", "SomethingNew", "x"),
-      ProtocolAnomaly("upstream", "UpstreamProtocolError", "x"),
+      ProtocolAnomaly("upstream", "upstream-protocol-error", "x"),
       Unsolicited(False, None, "bye"))
     assert value(metrics, "popproxy_upstream_errors_total", reason="connect") == 1
     assert value(metrics, "popproxy_upstream_errors_total", reason="response_timeout") == 1
@@ -411,7 +411,7 @@ def test_upstream_errors_and_anomalies(metrics: Metrics) -> None:
                  kind="malformed-line") == 1
     assert value(metrics, "popproxy_protocol_anomalies_total", side="client", kind="other") == 1
     assert value(metrics, "popproxy_protocol_anomalies_total", side="upstream",
-                 kind="UpstreamProtocolError") == 1
+                 kind="upstream-protocol-error") == 1
     assert value(metrics, "popproxy_protocol_anomalies_total", side="upstream",
                  kind="unsolicited") == 1
 

@@ -75,7 +75,7 @@ class TestFront:
 
     def test_pass_without_user(self) -> None:
         s = started()
-        assert s.receive_client(b"PASS x\r\n", 1).to_client == b"-ERR send USER first\r\n"
+        assert s.receive_client(b"PASS x\r\n", 1).to_client == b"-ERR No username given.\r\n"
 
     def test_auth_plain_with_an_initial_response(self) -> None:
         s = started()

@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from ..jsonl import one_line
+
 __all__ = [
     "GENESIS",
     "ChainHead",
@@ -87,7 +89,11 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _with_hash(body: bytes, digest: str) -> bytes:
+def _with_hash(body: bytes, digest: str, *, escaped: bool = True) -> bytes:
+    # The hash is over ``body`` as json.dumps writes it; the line writes the
+    # characters some readers take for line ends as escapes (``jsonl``).
+    if escaped:
+        body = one_line(body)
     return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}'
 
 
@@ -95,7 +101,7 @@ def line(record: Mapping[str, Any]) -> bytes:
     """The line of the audit file for ``record`` (without the newline)."""
     digest = record.get("hash")
     if not isinstance(digest, str):
-        return canonical(record)
+        return one_line(canonical(record))
     return _with_hash(canonical({k: v for k, v in record.items() if k != "hash"}), digest)
 
 
@@ -330,7 +336,9 @@ def verify_files(files: Iterable[tuple[str, bytes]], *, from_start: bool = False
             body = canonical({k: v for k, v in record.items() if k != "hash"})
             if hashlib.sha256(body).hexdigest() != link.hash:
                 return fail(name, line.number, seq, "the hash does not match (edited)")
-            if _with_hash(body, link.hash) != line.raw:
+            if _with_hash(body, link.hash) != line.raw and (
+                    # Written before U+2028 and the like were escaped.
+                    _with_hash(body, link.hash, escaped=False) != line.raw):
                 return fail(name, line.number, seq,
                             "the line is not the record's canonical JSON (edited)")
             if head is None:

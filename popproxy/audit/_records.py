@@ -19,11 +19,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..addr import host_of
 from ..events import (
     AuthResult,
     Deletions,
     Event,
     MessageComplete,
+    Outcome,
     PolicyDecision,
     Response,
     SessionClosed,
@@ -33,7 +35,7 @@ from ..events import (
     UidsLearned,
     UpstreamConnected,
 )
-from ..pop3 import MESSAGE_VERBS, header_values, message_number
+from ..pop3 import MESSAGE_VERBS, Command, arg_octets, header_values, message_number, recorded
 from ..timefmt import rfc3339 as rfc3339
 from ..timefmt import utcnow_rfc3339 as utcnow_rfc3339
 from .config import AuditConfig
@@ -74,12 +76,58 @@ def _seconds(value: float) -> float:
     return round(value * 1e6) / 1e6
 
 
+def _command_fields(rec: Record, cmd: Command, refused: bool) -> None:
+    """``verb`` and ``args`` as ``pop3.recorded`` allows; ``arg_octets`` for
+    arguments not shown."""
+    verb, args = recorded(cmd, refused=refused)
+    rec["verb"] = verb
+    if args is None:
+        rec["args"] = None
+        rec["arg_octets"] = arg_octets(cmd)
+    else:
+        rec["args"] = [_clean(a) for a in args]
+
+
+class _PerClient:
+    """``command`` records before login, per client address, in one-minute
+    windows: a client reconnecting to flood still costs a bounded number."""
+
+    __slots__ = ("counts", "limit", "start")
+
+    WINDOW = 60.0
+    # Addresses tracked in a window; past it, new ones share one count
+    # (memory stays bounded whatever the number of addresses).
+    MAX_ADDRESSES = 65536
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.start = float("-inf")
+        self.counts: dict[str, int] = {}
+
+    def take(self, host: str, now: float) -> bool:
+        """One record for ``host`` at ``now``: whether it may be written."""
+        if now - self.start >= self.WINDOW or now < self.start:
+            self.start = now
+            self.counts.clear()
+        counts = self.counts
+        if host not in counts and len(counts) >= self.MAX_ADDRESSES:
+            host = ""
+        n = counts.get(host, 0)
+        if n >= self.limit:
+            return False
+        counts[host] = n + 1
+        return True
+
+
 class _Session:
-    __slots__ = ("client", "marks", "message_ids", "tls", "tls_error", "uids", "upstream",
-                 "user")
+    __slots__ = ("client", "host", "marks", "message_ids", "prelogin", "suppressed", "tls",
+                 "tls_error", "uids", "upstream", "user")
 
     def __init__(self, client: str) -> None:
         self.client = client
+        self.host = host_of(client) or client
+        self.prelogin = 0  # command records before login, written or not
+        self.suppressed = 0  # of those, not written (the bounds)
         self.user: str | None = None
         self.uids: dict[int, str] = {}
         self.marks: dict[int, None] = {}  # open marks, for close_all
@@ -102,6 +150,7 @@ class RecordBuilder:
         self._sessions: dict[str, _Session] = {}
         self._all_commands = config.commands == "all"
         self._headers = config.headers
+        self._per_client = _PerClient(config.prelogin_commands_per_client)
         self._handlers: dict[type[Event], Callable[[SessionRef, _Session, Any], list[Record]]] = {
             SessionOpened: self._opened,
             SessionClosed: self._closed,
@@ -146,6 +195,8 @@ class RecordBuilder:
             rec = self._base("session.close", ref, st)
             rec.update(reason=reason, outcome="shutdown",
                        detail="audit trail closed before the session ended")
+            if st.suppressed:
+                rec["suppressed_commands"] = st.suppressed
             records.append(rec)
         return records
 
@@ -201,15 +252,25 @@ class RecordBuilder:
         cmd = event.command
         if not self._all_commands and cmd.verb not in MESSAGE_VERBS:
             return []
+        if st.user is None and not self._prelogin(st):
+            return []
         rec = self._base("command", info, st)
-        rec["verb"] = cmd.verb
-        rec["args"] = [_clean(a) for a in cmd.redacted_args()]
+        _command_fields(rec, cmd, st.user is None and event.outcome is Outcome.DENIED)
         rec["outcome"] = event.outcome.value
         if event.code is not None:
             rec["code"] = event.code
         latency = event.latency
         rec["latency"] = _seconds(latency) if latency is not None else None
         return [rec]
+
+    def _prelogin(self, st: _Session) -> bool:
+        """A ``command`` record before login: whether the bounds let it be written."""
+        st.prelogin += 1
+        if st.prelogin <= self.config.prelogin_commands and self._per_client.take(
+                st.host, self.now().timestamp()):
+            return True
+        st.suppressed += 1
+        return False
 
     def _deletions(self, info: SessionRef, st: _Session, event: Deletions) -> list[Record]:
         phase = event.phase
@@ -275,6 +336,8 @@ class RecordBuilder:
         rec["commands"] = event.commands
         rec["upstream_in"] = event.upstream_in
         rec["upstream_out"] = event.upstream_out
+        if st.suppressed:  # command records the pre-login bounds kept out
+            rec["suppressed_commands"] = st.suppressed
         if st.upstream is not None:
             rec["upstream"] = st.upstream
         if st.tls:
@@ -288,8 +351,11 @@ class RecordBuilder:
         rec = self._base("policy.decision", info, st)
         rec["rule"] = event.rule
         rec["action"] = event.action
-        rec["command"] = event.command.verb
-        rec["args"] = [_clean(a) for a in event.command.redacted_args()]
+        # As for ``command`` records: a refusal before login keeps no arguments.
+        verb, args = recorded(event.command,
+                              refused=st.user is None and event.action == "deny")
+        rec["command"] = verb
+        rec["args"] = [_clean(a) for a in args] if args is not None else None
         rec["enforced"] = event.enforced
         return [rec]
 

@@ -58,7 +58,8 @@ import trio
 from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
-from ._chain import ChainHead, canonical, read_head
+from ._chain import ChainHead, read_head
+from ._chain import line as unchained_line
 from ._checkpoint import CheckpointCopies, CopyJob, checkpoint_record
 from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
 from ._sinks import FileSink, Sink, StreamSink, Writer
@@ -114,7 +115,7 @@ class _Render:
                  event_dict: EventDict) -> tuple[tuple[bytes, int], dict[str, object]]:
         records: list[Record] = event_dict["records"]
         trail = self._trail
-        render = trail.head.link if trail.head is not None else canonical
+        render = trail.head.link if trail.head is not None else unchained_line
         lines: list[bytes] = []
         size = 0
         since = trail._since_checkpoint

@@ -62,6 +62,12 @@ class AuditConfig:
     seconds or ``checkpoint_records`` records, a copy of each appended to
     ``checkpoint_path`` when set.  ``origin`` names the trail in them
     (None: ``<hostname>/popproxy``).
+
+    ``command`` records before login are bounded, so that a client that is
+    not logged in costs the trail a bounded number of bytes:
+    ``prelogin_commands`` per session and ``prelogin_commands_per_client``
+    per client address a minute; the rest are counted, not written (the
+    session's ``session.close`` says how many: ``suppressed_commands``).
     """
 
     enabled: bool = False
@@ -80,6 +86,8 @@ class AuditConfig:
     checkpoint_records: int = 1000
     checkpoint_path: Path | None = None
     origin: str | None = None
+    prelogin_commands: int = 16
+    prelogin_commands_per_client: int = 256
 
     @property
     def to_file(self) -> bool:
@@ -117,6 +125,11 @@ def parse_audit(raw: object) -> AuditConfig:
         commands=parse_choice(s.get("commands", d.commands), s.key("commands"), COMMAND_SETS),
         headers=_headers(s.get("headers", []), s.key("headers")),
         resolve_uidl=parse_bool(s.get("resolve_uidl", d.resolve_uidl), s.key("resolve_uidl")),
+        prelogin_commands=parse_int(s.get("prelogin_commands", d.prelogin_commands),
+                                    s.key("prelogin_commands"), 0, 10**6),
+        prelogin_commands_per_client=parse_int(
+            s.get("prelogin_commands_per_client", d.prelogin_commands_per_client),
+            s.key("prelogin_commands_per_client"), 0, 10**9),
     )
     cfg = _checkpoints(s, cfg)
     s.finish()

@@ -61,9 +61,12 @@ from ._verbs import PRE_AUTH as PRE_AUTH
 from ._verbs import RETRIEVE as RETRIEVE
 from ._verbs import STANDARD_VERBS as STANDARD_VERBS
 from ._verbs import STOPS_PARSING as STOPS_PARSING
+from ._verbs import UNKNOWN_VERB as UNKNOWN_VERB
+from ._verbs import arg_octets as arg_octets
 from ._verbs import completes_login as completes_login
 from ._verbs import is_multiline as is_multiline
 from ._verbs import names_login as names_login
+from ._verbs import recorded as recorded
 from ._verbs import starts_sasl as starts_sasl
 
 __all__ = [
@@ -80,6 +83,7 @@ __all__ = [
     "STANDARD_VERBS",
     "STLS_OK",
     "STOPS_PARSING",
+    "UNKNOWN_VERB",
     "BodyChunk",
     "BodyReader",
     "ClientProtocolError",
@@ -99,6 +103,7 @@ __all__ = [
     "Status",
     "Trigger",
     "UpstreamProtocolError",
+    "arg_octets",
     "completes_login",
     "has_apop_timestamp",
     "header_values",
@@ -111,6 +116,7 @@ __all__ = [
     "names_login",
     "parse_command",
     "parse_status",
+    "recorded",
     "rewrite_capa",
     "sasl_user",
     "starts_sasl",

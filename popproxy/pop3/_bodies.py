@@ -154,17 +154,19 @@ class Listing:
                 self.uids.append(entry)
 
 
-def rewrite_capa(raw: bytes, *, offer_stls: bool, hide_user: bool) -> bytes:
+def rewrite_capa(raw: bytes, *, offer_stls: bool, hide_logins: bool) -> bytes:
     """Make a CAPA reply tell the truth about what works through the proxy.
 
     STLS is the proxy's to offer, not the upstream's: it is removed, then
-    added when this listener can upgrade the connection.  USER is hidden
-    while cleartext logins are refused (as Dovecot does).  Everything else
-    (PIPELINING, UIDL, TOP, RESP-CODES, SASL, ...) passes as advertised.
+    added when this listener can upgrade the connection.  USER and SASL
+    are hidden while logins are refused until STLS (``hide_logins``: a
+    client must not be told it may log in where it may not; Dovecot's
+    pre-TLS CAPA has neither).  Everything else (PIPELINING, UIDL, TOP,
+    RESP-CODES, ...) passes as advertised.
     """
     status, _, body = raw.partition(b"\n")
     lines = body.split(b"\r\n")  # the last two are "." and ""
-    drop = {b"STLS", b"USER"} if hide_user else {b"STLS"}
+    drop = {b"STLS", b"USER", b"SASL"} if hide_logins else {b"STLS"}
     kept = [ln for ln in lines[:-2] if ln.split(b" ", 1)[0].upper() not in drop]
     if offer_stls:
         kept.append(b"STLS")

@@ -79,7 +79,8 @@ def parse_command(line: bytes) -> Command:
         text = rest.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedLine(
-            f"{verb} arguments are not valid UTF-8",
+            # Not the verb itself: it is the client's text, and the message is logged.
+            "command arguments are not valid UTF-8",
             reply=b"-ERR command arguments are not valid UTF-8\r\n",
         ) from None
     # Arguments are separated by spaces (RFC 1939 §3); other whitespace

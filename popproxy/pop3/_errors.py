@@ -26,6 +26,9 @@ class ProtocolError(Exception):
     """
 
     reply: bytes = b"-ERR protocol error\r\n"
+    #: The ``ProtocolAnomaly.kind`` (and metric label) it is reported as:
+    #: lower-case words joined by hyphens, as every anomaly kind is.
+    kind: str = "protocol-error"
 
     def __init__(self, message: str, *, reply: bytes | None = None) -> None:
         if type(self) in (ProtocolError, ClientProtocolError):
@@ -43,21 +46,25 @@ class LineTooLong(ClientProtocolError):
     """A command (or SASL) line exceeded its configured limit."""
 
     reply = b"-ERR line too long\r\n"
+    kind = "line-too-long"
 
 
 class MalformedLine(ClientProtocolError):
     """A line with NUL, a bare CR, or bytes that cannot be a command."""
 
     reply = b"-ERR malformed command line\r\n"
+    kind = "malformed-line"
 
 
 class PipelineOverflow(ClientProtocolError):
     """Too many commands pipelined without reading the replies."""
 
     reply = b"-ERR too many pipelined commands\r\n"
+    kind = "pipeline-overflow"
 
 
 class UpstreamProtocolError(ProtocolError):
     """The upstream server sent something that is not POP3."""
 
     reply = b"-ERR [SYS/TEMP] upstream server protocol error\r\n"
+    kind = "upstream-protocol-error"

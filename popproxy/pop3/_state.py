@@ -55,16 +55,22 @@ def transition(state: State, trigger: Trigger) -> State:
         raise ValueError(f"no transition from {state.value} on {trigger.value}") from None
 
 
+#: PASS with no USER before it: Dovecot's words, and never forwarded (the
+#: login would name nobody).
+NO_USER: Final = b"-ERR No username given.\r\n"
+
+
 def local_reply(
-    state: State, cmd: Command, *, tls: bool, starttls: bool, require_tls_for_auth: bool
+    state: State, cmd: Command, *, tls: bool, starttls: bool, require_tls_for_auth: bool,
+    user_given: bool = True,
 ) -> bytes | None:
     """The reply the proxy gives ``cmd`` itself, before policy; None: forward it.
 
     STLS is always the proxy's to answer (an end-to-end TLS tunnel would
     blind policy and audit); credentials wait for TLS where the listener
     requires it (RFC 2595 §2.1); only the proxy may tell the upstream who
-    the client is (XCLIENT, XOIP, PROXY); and the verb must be valid in the
-    state.
+    the client is (XCLIENT, XOIP, PROXY); the verb must be valid in the
+    state; and PASS needs a USER before it (``user_given``).
     """
     verb = cmd.verb
     if verb == "STLS":
@@ -90,5 +96,7 @@ def local_reply(
     if state is State.AUTHORIZATION:
         if verb not in PRE_AUTH:
             return f"-ERR {verb} is not valid before login\r\n".encode()
+        if verb == "PASS" and not user_given:
+            return NO_USER
         return None
     return b"-ERR session is ending\r\n"

@@ -23,9 +23,12 @@ __all__ = [
     "RETRIEVE",
     "STANDARD_VERBS",
     "STOPS_PARSING",
+    "UNKNOWN_VERB",
+    "arg_octets",
     "completes_login",
     "is_multiline",
     "names_login",
+    "recorded",
     "starts_sasl",
 ]
 
@@ -93,3 +96,33 @@ def is_multiline(cmd: Command) -> bool:
     if cmd.verb in ("RETR", "TOP", "CAPA"):
         return True
     return cmd.verb in ("LIST", "UIDL", "LANG", "AUTH") and not cmd.args
+
+#: What the audit and the logs write for a verb that is not a POP3 one (the
+#: metrics' ``command`` label for it is the same word).
+UNKNOWN_VERB: Final = "OTHER"
+_NAMED: Final = frozenset(KNOWN_VERBS)
+
+
+def recorded(cmd: Command, *, refused: bool = False) -> tuple[str, tuple[str, ...] | None]:
+    """The verb and arguments the audit and the logs may write for ``cmd``.
+
+    Redaction cannot be keyed on exact verbs: ``PASSS secret`` or ``XPASS
+    secret`` carries a password as surely as ``PASS`` does, and a verb no
+    server knows may itself be a password typed on the wrong line.  So a
+    verb that is not a POP3 one is written as ``UNKNOWN_VERB`` and its
+    arguments never (None); nor are a command's the proxy refused before
+    login (``refused``: what a flooding client sends is not stored).
+    ``arg_octets`` says how long they were.  Otherwise the arguments are
+    ``Command.redacted_args``.
+    """
+    if cmd.verb not in _NAMED:
+        return UNKNOWN_VERB, None
+    if refused:
+        return cmd.verb, None
+    return cmd.verb, cmd.redacted_args()
+
+
+def arg_octets(cmd: Command) -> int:
+    """The arguments' length in octets, as ``bytes(cmd)`` writes them (the
+    spaces between them included)."""
+    return len(bytes(cmd)) - len(cmd.verb) - 3 if cmd.args else 0
