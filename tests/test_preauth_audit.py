@@ -160,12 +160,10 @@ class TestAuditRecords:
                             SessionClosed(EndReason.PROTOCOL_ERROR, 1.0, 1, 1, 1))
         assert closes[0]["suppressed_commands"] == 4
 
-    def test_the_address_table_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from popproxy.audit import _records
-
-        monkeypatch.setattr(_records._PerClient, "MAX_ADDRESSES", 3)
+    def test_the_address_table_is_bounded(self) -> None:
         builder = RecordBuilder(
             AuditConfig(enabled=True, prelogin_commands_per_client=2), Clock())
+        builder._per_client.max_addresses = 3
         written = sum(len(records_of(builder, Info(f"s{n}", f"192.0.2.{n}:1"), refused("X")))
                       for n in range(10))
         assert written == 3 + 2  # three addresses, then the shared count for the rest

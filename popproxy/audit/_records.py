@@ -92,15 +92,15 @@ class _PerClient:
     """``command`` records before login, per client address, in one-minute
     windows: a client reconnecting to flood still costs a bounded number."""
 
-    __slots__ = ("counts", "limit", "start")
+    __slots__ = ("counts", "limit", "max_addresses", "start")
 
     WINDOW = 60.0
-    # Addresses tracked in a window; past it, new ones share one count
-    # (memory stays bounded whatever the number of addresses).
-    MAX_ADDRESSES = 65536
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_addresses: int = 65536) -> None:
         self.limit = limit
+        # Addresses tracked in a window; past it, new ones share one count
+        # (memory stays bounded whatever the number of addresses).
+        self.max_addresses = max_addresses
         self.start = float("-inf")
         self.counts: dict[str, int] = {}
 
@@ -110,7 +110,7 @@ class _PerClient:
             self.start = now
             self.counts.clear()
         counts = self.counts
-        if host not in counts and len(counts) >= self.MAX_ADDRESSES:
+        if host not in counts and len(counts) >= self.max_addresses:
             host = ""
         n = counts.get(host, 0)
         if n >= self.limit:
