@@ -18,6 +18,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import pytest
@@ -43,6 +44,7 @@ from popproxy.events import (
 from popproxy.observe import SessionInfo
 from popproxy.server import UNAUTHENTICATED_FULL, serve
 from popproxy.session import Session
+from tests.proxy_fixtures import start_proxy_config
 
 Script = Callable[[trio.abc.Stream], Awaitable[None]]
 E = TypeVar("E", bound=Event)
@@ -569,3 +571,30 @@ class TestLimitsKeys:
     def test_bad_values_name_the_key(self, keys: dict[str, object], error: str) -> None:
         with pytest.raises(ConfigError, match=error):
             self.limits(**keys)
+
+
+async def test_a_routed_login_leaves_the_unauthenticated_share(nursery: trio.Nursery) -> None:
+    """Routed mode: the proxy greets and holds the login; the session counts
+    as logged in from the routed login's +OK."""
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        await logged_in_upstream(stream, {b"STAT": b"+OK 0 0\r\n", b"QUIT": b"+OK bye\r\n"})
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    running = await start_proxy_config(nursery, parse_config({
+        "listen": {"address": "127.0.0.1:0"},
+        "upstreams": {"legacy": {"address": f"127.0.0.1:{port}"}},
+        "routing": {"default": "legacy"}}))
+    proxy = running.proxy
+    with trio.fail_after(30):
+        client = await trio.open_tcp_stream(running.host, running.port)
+        await read_until(client, b"\r\n")
+        assert (proxy.active, proxy.unauthenticated) == (1, 1)
+        await client.send_all(LOGIN)
+        await read_until(client, b"+OK\r\n+OK\r\n")
+        assert (proxy.active, proxy.unauthenticated) == (1, 0)
+        await client.send_all(b"STAT\r\nQUIT\r\n")
+        assert await read_all(client) == b"+OK 0 0\r\n+OK bye\r\n"
+        await running.wait_for(SessionClosed)
+    assert (proxy.active, proxy.unauthenticated) == (0, 0)
