@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +46,7 @@ from popproxy.events import (
 from popproxy.observe import SessionInfo
 from popproxy.server import UNAUTHENTICATED_FULL, serve
 from popproxy.session import Session
-from tests.proxy_fixtures import start_proxy_config
+from tests.proxy_fixtures import start_proxy, start_proxy_config
 
 Script = Callable[[trio.abc.Stream], Awaitable[None]]
 E = TypeVar("E", bound=Event)
@@ -598,3 +600,31 @@ async def test_a_routed_login_leaves_the_unauthenticated_share(nursery: trio.Nur
         assert await read_all(client) == b"+OK 0 0\r\n+OK bye\r\n"
         await running.wait_for(SessionClosed)
     assert (proxy.active, proxy.unauthenticated) == (0, 0)
+
+
+async def test_a_client_reset_while_the_upstream_hangs_ends_at_once(
+    nursery: trio.Nursery,
+) -> None:
+    """Real sockets: the client resets its connection (SO_LINGER 0) while
+    STAT waits on an upstream that never answers; the session ends when the
+    reset arrives, not at response_timeout (an hour here)."""
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        await logged_in_upstream(stream, {b"STAT": b""})
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    running = await start_proxy(
+        nursery, HostPort("127.0.0.1", port),
+        upstream_config=UpstreamConfig(HostPort("127.0.0.1", port), response_timeout=3600.0))
+    with trio.fail_after(30):
+        client = await trio.open_tcp_stream(running.host, running.port)
+        await client.send_all(LOGIN)
+        await read_until(client, b"+OK scripted\r\n+OK\r\n+OK\r\n")
+        await client.send_all(b"STAT\r\n")
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.socket.close()  # a reset, not a FIN
+        await running.wait_for(SessionClosed)
+    (closed,) = running.of_type(SessionClosed)
+    assert closed.reason is EndReason.CLIENT_CLOSED
+    assert running.proxy.active == 0
