@@ -115,6 +115,20 @@ class LimitsConfig:
     drain_timeout: float = 30.0
     handshake_timeout: float = 15.0  # TLS handshakes, both sides
     max_refused_before_login: int = 10  # then -ERR and close (issue 17)
+    # From connect to a successful login; a slowloris holds a slot no longer.
+    login_timeout: float = 60.0
+    # Sessions not yet logged in may hold at most this many of max_sessions
+    # (None: half of them), so that they cannot take the logged-in users' slots.
+    max_unauthenticated: int | None = None
+    # Longest multi-line reply other than RETR/TOP (LIST, UIDL, CAPA...).
+    max_listing: int = 64 << 20
+
+    @property
+    def unauthenticated_cap(self) -> int:
+        """``max_unauthenticated``, or half of ``max_sessions`` (at least 1)."""
+        if self.max_unauthenticated is not None:
+            return self.max_unauthenticated
+        return max(1, self.max_sessions // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +350,13 @@ def _limits(raw: object) -> LimitsConfig:
             s.get("max_refused_before_login", d.max_refused_before_login),
             s.key("max_refused_before_login"), 1, 10**6,
         ),
+        login_timeout=parse_duration(
+            s.get("login_timeout", d.login_timeout), s.key("login_timeout")
+        ),
+        max_unauthenticated=parse_int(
+            s.get("max_unauthenticated"), s.key("max_unauthenticated"), 1, 10**6
+        ) if s.has("max_unauthenticated") else None,
+        max_listing=parse_size(s.get("max_listing", d.max_listing), s.key("max_listing")),
     )
     s.finish()
     if cfg.command_line < 255:
@@ -343,6 +364,8 @@ def _limits(raw: object) -> LimitsConfig:
         raise ConfigError("limits.command_line: must be at least 255 octets (RFC 2449 §4)")
     if cfg.sasl_line < cfg.command_line:
         raise ConfigError("limits.sasl_line: must not be smaller than limits.command_line")
+    if cfg.unauthenticated_cap > cfg.max_sessions:
+        raise ConfigError("limits.max_unauthenticated: must not exceed limits.max_sessions")
     return cfg
 
 

@@ -64,7 +64,7 @@ class Outcome(enum.StrEnum):
 SESSION_OUTCOMES: Final = (
     "ok",              # the client said QUIT and got its reply
     "client_closed",   # the client hung up (or stopped reading) without QUIT
-    "timeout",         # the idle timeout or the session time limit closed it
+    "timeout",         # the idle or login timeout or the session time limit closed it
     "upstream_error",  # the upstream was unreachable, refused, broke or timed out
     "protocol_error",  # the client broke the protocol or a limit
     "tls_error",       # the client's TLS handshake failed
@@ -89,6 +89,7 @@ class EndReason(enum.StrEnum):
     CLIENT_CLOSED = "client closed"
     PEER_GONE = "peer gone or too slow"  # a write failed or stalled past send_timeout
     IDLE_TIMEOUT = "idle timeout"
+    LOGIN_TIMEOUT = "login timeout"  # limits.login_timeout passed before a login
     TIME_LIMIT = "session time limit"
     PROTOCOL_ERROR = "client protocol error"
     TLS_FAILED = "client TLS handshake failed"
@@ -125,6 +126,7 @@ _ENDINGS: Final[dict[EndReason, tuple[str, str, str]]] = {
     EndReason.PEER_GONE: ("client_closed", "client gone", ""),
     EndReason.IDLE_TIMEOUT: ("timeout", "idle timeout", "disconnected for inactivity"),
     EndReason.TIME_LIMIT: ("timeout", "time limit", ""),
+    EndReason.LOGIN_TIMEOUT: ("timeout", "login timeout", ""),
     EndReason.PROTOCOL_ERROR: ("protocol_error", "client error", ""),
     EndReason.TLS_FAILED: ("tls_error", "client error", ""),
     EndReason.UPSTREAM_UNAVAILABLE: ("upstream_error", "upstream error", ""),

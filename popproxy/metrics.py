@@ -125,7 +125,8 @@ ANOMALY_KINDS: Final = {
         "malformed-line", "data-after-stls", "line-too-long", "pipeline-overflow",
         "too-many-bad-lines", "too-many-refused", "other",
     ),
-    "upstream": ("upstream-protocol-error", "data-after-stls", "unsolicited", "other"),
+    "upstream": ("upstream-protocol-error", "reply-too-long", "data-after-stls", "unsolicited",
+                 "other"),
 }
 
 RELOAD_OUTCOMES: Final = ("ok", "fail")

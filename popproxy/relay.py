@@ -20,6 +20,7 @@ from .config import Config, ListenConfig
 from .events import EndReason, Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
 from .front import Credentials
 from .observe import SessionInfo
+from .pop3 import State
 from .routed import RoutedSession
 from .session import Output, Session
 from .state.client import StateClient
@@ -27,6 +28,9 @@ from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import LoginOutcome
 
 __all__ = ["RECEIVE_SIZE", "Connection", "Emit", "Relay", "RouteLogin", "Stats", "send_quietly"]
+
+#: The states of a session whose client has logged in.
+LOGGED_IN = frozenset({State.TRANSACTION, State.UPDATE})
 
 logger = structlog.get_logger("popproxy.relay")
 
@@ -74,6 +78,7 @@ class Relay:
         self, config: Config, tls: TLSContexts, emit: Emit, conn: Connection,
         upstream: Stream | None, session: Session, info: SessionInfo, stats: Stats,
         route_login: RouteLogin | None = None, state: StateClient | None = None,
+        *, login_by: float | None = None, on_login: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
@@ -97,6 +102,11 @@ class Relay:
         self.last_client = self.last_upstream = now
         limit = config.policy.protections.max_session_duration
         self.ends = now + limit if limit is not None else math.inf
+        # limits.login_timeout: by when the client must have logged in (from
+        # its connection, ``login_by``); ``on_login`` is told when it has.
+        self.login_by = login_by if login_by is not None else now + config.limits.login_timeout
+        self.on_login = on_login
+        self.logged_in = False
 
     def finish(self, reason: EndReason) -> None:
         if self.reason is None:
@@ -171,17 +181,34 @@ class Relay:
         now = trio.current_time()
         out = self.feed(self.session, from_client, data, now, self.stats, broken)
         if from_client:
-            self.last_client = now
-        # Upstream silence is measured from its last octet or from the
-        # moment we last asked it something, whichever is later.
-        if not from_client or out.to_upstream:
-            self.last_upstream = now
-        await self.deliver(out, from_client)
+            # Only a complete line is activity: a client dribbling the bytes
+            # of an unfinished line does not keep its session alive.
+            if b"\n" in data:
+                self.last_client = now
+            # Upstream silence is measured from the moment we last asked it
+            # something ...
+            if out.to_upstream:
+                self.last_upstream = now
+            await self.deliver(out, from_client)
+        else:
+            await self.deliver(out, from_client)
+            # ... or from its last octet, once passed on: while a write to a
+            # slow client blocks, this pump does not read the upstream, and
+            # that wait is send_timeout's, not the upstream's silence.
+            self.last_upstream = trio.current_time()
         self.reschedule()
 
     def next_deadline(self) -> tuple[float, EndReason | None]:
         """When the watchdog must act, and why (None: the session's own timer)."""
         why: EndReason | None
+        if not self.logged_in and self.session.state in LOGGED_IN:
+            # The login succeeded (transparent mode: the upstream's +OK to
+            # PASS, APOP or AUTH; routed mode: the routed login): the login
+            # clock stops and the session leaves the unauthenticated share.
+            self.logged_in = True
+            self.login_by = math.inf
+            if self.on_login is not None:
+                self.on_login()
         if self.session.owes_upstream_reply:
             deadline = self.last_upstream + self.config.upstream.response_timeout
             why = EndReason.UPSTREAM_TIMEOUT
@@ -190,6 +217,8 @@ class Relay:
             why = EndReason.IDLE_TIMEOUT
         if self.ends < deadline:
             deadline, why = self.ends, EndReason.TIME_LIMIT
+        if self.login_by < deadline:
+            deadline, why = self.login_by, EndReason.LOGIN_TIMEOUT
         wake = self.session.wake_at
         if wake is not None and wake < deadline:
             deadline, why = wake, None

@@ -36,6 +36,7 @@ from .events import (
 from .front import Credentials
 from .observe import Dispatcher, Observer, SessionInfo
 from .policy import Policy, allow_all
+from .pop3 import State
 from .relay import RECEIVE_SIZE, Connection, Relay, Stats, send_quietly
 from .routed import RoutedSession
 from .routing import Pools, Router
@@ -48,6 +49,7 @@ __all__ = ["Proxy", "serve", "session_limits"]
 
 logger = structlog.get_logger("popproxy.server")
 
+SHUTDOWN_NOTICE = b"-ERR [SYS/TEMP] " + EndReason.SHUTDOWN.notice.encode() + b"\r\n"
 LINGER_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
 # The PROXY protocol spec asks receivers to wait at least 3 s for the header.
@@ -70,6 +72,7 @@ def session_limits(limits: LimitsConfig) -> SessionLimits:
         sasl_line=limits.sasl_line,
         max_pipeline=limits.max_pipeline,
         max_refused_before_login=limits.max_refused_before_login,
+        max_listing=limits.max_listing,
     )
 
 
@@ -79,6 +82,28 @@ class _Ending:
 
     reason: EndReason = EndReason.INTERNAL_ERROR
     detail: str = ""
+
+
+#: The refusal when ``limits.max_unauthenticated`` sessions wait to log in.
+UNAUTHENTICATED_FULL = "too many sessions not logged in, try again later"
+
+
+class _LoginSlot:
+    """A session's place among those not logged in yet (``Proxy.unauthenticated``),
+    taken when it is accepted and given back at its login or its end."""
+
+    __slots__ = ("held", "proxy", "started")
+
+    def __init__(self, proxy: Proxy, started: float) -> None:
+        self.proxy = proxy
+        self.started = started
+        self.held = True
+        proxy.unauthenticated += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.proxy.unauthenticated -= 1
 
 
 @dataclass
@@ -104,6 +129,8 @@ class Proxy:
     state: StateClient | None = None
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())
     active: int = 0
+    # Of ``active``, those not logged in yet (``limits.max_unauthenticated``).
+    unauthenticated: int = 0
     listening: bool = False
     # Routed mode (``[routing]``): where logins go.  ``pools``: the upstreams'
     # addresses and which are down (made from the configuration when None).
@@ -184,9 +211,10 @@ class Proxy:
         stats = Stats()
         ending = _Ending()
         self.active += 1
+        slot = _LoginSlot(self, started)
         try:
             if await self._admit(conn, via, session, info, started, stats, ending):
-                ending.reason = await self._serve_session(conn, session, info, stats)
+                ending.reason = await self._serve_session(conn, session, info, stats, slot)
         except BaseException as exc:
             if _is_bug(exc):
                 # A bug met by one session ends that session, never the
@@ -196,15 +224,21 @@ class Proxy:
                 return
             if not _is_cancellation(exc):
                 raise  # KeyboardInterrupt, SystemExit
-            # Shutdown (drain deadline, SIGINT): say so where a reply is owed.
+            # Shutdown (drain deadline, SIGINT): every owed reply becomes
+            # -ERR [SYS/TEMP], and a session owed nothing is told too (as
+            # Dovecot tells its clients), unless a body is being written.
             ending.reason = EndReason.SHUTDOWN
             with trio.CancelScope(shield=True):
+                told = session.state is not State.CLOSED and not session.mid_reply
                 out = session.fail(EndReason.SHUTDOWN, trio.current_time())
+                if told and not out.to_client:
+                    out.to_client = SHUTDOWN_NOTICE
                 self._emit(info, out.events)
                 await send_quietly(conn.client, out.to_client, stats, seconds=1.0)
             raise
         finally:
             self.active -= 1
+            slot.release()
             with trio.CancelScope(shield=True):
                 if ending.reason is EndReason.PROTOCOL_ERROR:
                     await _linger(conn.client)
@@ -251,13 +285,19 @@ class Proxy:
         # and SessionClosed un-counts them all.
         refusals = [admit(info.client) for admit in self.admission]
         refusal = next((r for r in refusals if r is not None), None)
-        over = self.active > self.config.limits.max_sessions
-        for gate in self.gates if refusal is None and not over else ():
+        limits = self.config.limits
+        over = self.active > limits.max_sessions
+        # Sessions not logged in keep to their share, so that a slowloris
+        # cannot take the slots of users who do log in.
+        crowded = self.unauthenticated > limits.unauthenticated_cap
+        for gate in self.gates if refusal is None and not over and not crowded else ():
             refusal = await gate(info)
             if refusal is not None:
                 break
         if over:
             ending.reason = EndReason.SESSION_LIMIT
+        elif crowded:
+            ending.reason, ending.detail = EndReason.SESSION_LIMIT, UNAUTHENTICATED_FULL
         elif refusal is not None:
             ending.reason, ending.detail = EndReason.REFUSED, refusal
         else:
@@ -316,9 +356,12 @@ class Proxy:
         return ssl_stream, TlsEstablished("client", version, cipher, sni)
 
     async def _serve_session(
-        self, conn: Connection, session: Session, info: SessionInfo, stats: Stats
+        self, conn: Connection, session: Session, info: SessionInfo, stats: Stats,
+        slot: _LoginSlot,
     ) -> EndReason:
         cfg = self.config
+        # The login clock runs from the connection's acceptance.
+        login_by = slot.started + cfg.limits.login_timeout
         pools = self.pools or self.pools_for(cfg)
         if isinstance(session, RoutedSession):
             attempts = 0
@@ -335,7 +378,7 @@ class Proxy:
                 )
 
             relay = Relay(cfg, self.tls, self._emit, conn, None, session, info, stats, login,
-                          self.state)
+                          self.state, login_by=login_by, on_login=slot.release)
             return await relay.run(b"")
         link, events, error = await open_pool(
             cfg.upstream, pools.candidates(cfg.upstream.name), pools=pools,
@@ -356,7 +399,7 @@ class Proxy:
         self._emit(info, events)
         try:
             relay = Relay(cfg, self.tls, self._emit, conn, link.stream, session, info, stats,
-                          state=self.state)
+                          state=self.state, login_by=login_by, on_login=slot.release)
             return await relay.run(link.greeting)
         finally:
             with trio.CancelScope(shield=True):

@@ -70,6 +70,7 @@ from .session_state import (
     Pipeline,
     ReplyInProgress,
     local_status,
+    quit_owed,
 )
 from .session_state import OutputBuilder as _Out
 from .session_state import SessionLimits as SessionLimits
@@ -201,25 +202,24 @@ class Session:
             out.events.append(ProtocolAnomaly("upstream", exc.kind, str(exc)))
             out.events.append(UpstreamFailed("protocol"))
             failed = self.fail(EndReason.UPSTREAM_PROTOCOL_ERROR, now)
-            out.client.append(failed.to_client)
+            out.client.append(failed.to_client or exc.cut)
             out.events.extend(failed.events)
             out.close = failed.close
 
     def client_closed(self, now: float) -> Output:
         """The client sent EOF.
 
-        A client may half-close right after its last command (``printf ... |
-        nc``): what it sent is carried out and answered, then the session
-        ends.  With nothing owed it ends at once; so it does when the client
-        stopped in the middle of a message (it is not reading: the message is
-        recorded as cut short) or of an AUTH exchange (nothing can go on).
+        A client may half-close right after its QUIT (``printf ... | nc
+        -N``): what it sent is carried out and answered, then the session
+        ends.  Without a QUIT awaiting its reply the client has left, and
+        the session ends at once, not when a hanging upstream times out; so
+        it does in the middle of a message (the client is not reading: the
+        message is recorded as cut short).
         """
         out = _Out()
         if self._closed:
             return out.done()
-        barrier = self._pipeline.barrier
-        if self.mid_reply or self._login.sasl_expected or (
-                barrier is not None and starts_sasl(barrier.command)):
+        if self.mid_reply or not quit_owed(self._pipeline, self._input.queue):
             return self.close(EndReason.CLIENT_CLOSED)
         self._client_eof = True
         self._progress(out, now)
@@ -551,7 +551,7 @@ class Session:
     def _on_chunk(self, chunk: BodyChunk, out: _Out, now: float) -> None:
         progress = self._reply
         assert progress is not None
-        data = progress.take(chunk.data, self.limits.capa_octets)
+        data = progress.take(chunk.data, self.limits)
         if data:
             out.client.append(data)
         if not chunk.end:

@@ -36,6 +36,7 @@ from .pop3 import (
     MalformedLine,
     MessageFacts,
     PipelineOverflow,
+    ReplyTooLong,
     Sink,
     Status,
     UpstreamProtocolError,
@@ -63,6 +64,7 @@ __all__ = [
     "ReplyInProgress",
     "SessionLimits",
     "local_status",
+    "quit_owed",
 ]
 
 
@@ -99,6 +101,9 @@ class SessionLimits:
     # Commands the proxy itself refuses before login (unknown verbs, verbs
     # out of state, policy, malformed lines); one more closes the session.
     max_refused_before_login: int = 10
+    # Longest multi-line reply other than RETR/TOP: a hostile upstream's
+    # endless LIST or UIDL must not stream without bound.
+    max_listing: int = 64 << 20
 
 
 @dataclass(slots=True)
@@ -309,6 +314,12 @@ class Pipeline:
         return None
 
 
+def quit_owed(pipeline: Pipeline, queue: deque[Command | MalformedLine]) -> bool:
+    """A QUIT waits for its reply, dispatched or queued: a client that
+    half-closed after it still reads what it asked for."""
+    return any(p.command.verb == "QUIT" for p in pipeline.entries) or any(
+        isinstance(c, Command) and c.verb == "QUIT" for c in queue)
+
 
 class ReplyInProgress:
     """A multi-line reply between its status line and its terminator.
@@ -320,11 +331,13 @@ class ReplyInProgress:
     (``listing``) are collected on the way.
     """
 
-    __slots__ = ("capa", "listing", "message", "octets", "pending", "status", "swallowed",
-                 "visible")
+    __slots__ = ("bounded", "capa", "listing", "message", "octets", "pending", "status",
+                 "swallowed", "visible")
 
     def __init__(self, pending: Pending, status: Status, raw: bytes) -> None:
         self.pending = pending
+        # A message may be any size; every other reply has max_listing.
+        self.bounded = pending.command.verb not in RETRIEVE
         self.status = status
         self.octets = len(raw)  # the reply as the client gets it
         self.visible = True
@@ -356,12 +369,16 @@ class ReplyInProgress:
             return self.listing.add
         return None
 
-    def take(self, data: bytes, capa_octets: int) -> bytes:
+    def take(self, data: bytes, limits: SessionLimits) -> bytes:
         """A raw chunk of the body: what of it goes to the client now."""
         self.octets += len(data)
+        # One comparison per chunk: the octets are counted anyway.
+        if self.bounded and self.octets > limits.max_listing:
+            raise ReplyTooLong(f"{self.pending.command.verb} reply longer than "
+                               f"{limits.max_listing} octets")
         if self.capa is not None:
             self.capa += data
-            if len(self.capa) > capa_octets:
+            if len(self.capa) > limits.capa_octets:
                 raise UpstreamProtocolError("CAPA reply too long")
             return b""
         return b"" if self.swallowed else data

@@ -155,6 +155,19 @@ async def time_limit(bench: Bench) -> None:
     assert (await drain(client)).endswith(b"-ERR [SYS/TEMP] session time limit\r\n")
 
 
+async def login_timeout(bench: Bench) -> None:
+    client = bench.connect()  # never logs in: the login timeout (60 s) comes first
+    assert (await drain(client)).endswith(b"-ERR [SYS/TEMP] login timeout\r\n")
+
+
+async def unauthenticated_share(bench: Bench) -> None:
+    first = bench.connect()
+    await receive_until(first, b"\r\n")  # greeted, not logged in: the share is full
+    second = bench.connect()
+    assert await drain(second) == (
+        b"-ERR [SYS/TEMP] too many sessions not logged in, try again later\r\n")
+
+
 async def per_ip_cap(bench: Bench) -> None:
     first = bench.connect()
     await receive_until(first, b"\r\n")  # greeted: it holds the one slot
@@ -204,6 +217,8 @@ CASES: list[tuple[str, Scenario, str, str]] = [
     ("client gone", client_gone, "client_closed", "client gone"),
     ("idle timeout", idle_timeout, "timeout", "idle timeout"),
     ("session time limit", time_limit, "timeout", "time limit"),
+    ("login timeout", login_timeout, "timeout", "login timeout"),
+    ("unauthenticated share", unauthenticated_share, "refused", "refused"),
     ("per-IP cap", per_ip_cap, "refused", "refused"),
     ("per-user cap", per_user_cap, "refused", "refused"),
     ("upstream down", upstream_down, "upstream_error", "upstream error"),
@@ -224,7 +239,8 @@ def config_for(name: str, cert: CertFiles) -> Config:
     return Config(
         listeners=(listener,),
         upstream=UpstreamConfig(HostPort("192.0.2.1", 110)),
-        limits=LimitsConfig(idle_timeout=600.0),
+        limits=LimitsConfig(idle_timeout=600.0, max_sessions=2 if name == "unauthenticated share"
+                            else 1000),
         policy=PolicyConfig(protections=protections),
     )
 

@@ -232,7 +232,8 @@ class TestScriptedUpstream:
             await trio.sleep_forever()
 
         config = Config(
-            upstream=UpstreamConfig(HostPort("u", 110)), limits=LimitsConfig(idle_timeout=600)
+            upstream=UpstreamConfig(HostPort("u", 110)),
+            limits=LimitsConfig(idle_timeout=600, login_timeout=3600),  # idleness comes first
         )
         client, _ = await run_session(nursery, script, config)
         with trio.fail_after(700):

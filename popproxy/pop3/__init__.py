@@ -32,6 +32,7 @@ from ._errors import LineTooLong as LineTooLong
 from ._errors import MalformedLine as MalformedLine
 from ._errors import PipelineOverflow as PipelineOverflow
 from ._errors import ProtocolError as ProtocolError
+from ._errors import ReplyTooLong as ReplyTooLong
 from ._errors import UpstreamProtocolError as UpstreamProtocolError
 from ._reader import NEED_DATA as NEED_DATA
 from ._reader import BodyChunk as BodyChunk
@@ -97,6 +98,7 @@ __all__ = [
     "PipelineOverflow",
     "ProtocolError",
     "Reply",
+    "ReplyTooLong",
     "ResponseReader",
     "Sink",
     "State",

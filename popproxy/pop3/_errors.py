@@ -13,6 +13,7 @@ __all__ = [
     "MalformedLine",
     "PipelineOverflow",
     "ProtocolError",
+    "ReplyTooLong",
     "UpstreamProtocolError",
 ]
 
@@ -68,3 +69,20 @@ class UpstreamProtocolError(ProtocolError):
 
     reply = b"-ERR [SYS/TEMP] upstream server protocol error\r\n"
     kind = "upstream-protocol-error"
+
+    #: What the client gets when the error cuts short a reply it is already
+    #: reading (no -ERR line goes into a body unless a subclass says so).
+    cut: bytes = b""
+
+
+class ReplyTooLong(UpstreamProtocolError):
+    """A multi-line reply other than RETR/TOP passed ``limits.max_listing``.
+
+    The listing is cut where it stands: the line in progress is ended and an
+    ``-ERR`` line follows, with no terminator, so the client cannot take the
+    listing for a whole one.
+    """
+
+    reply = b"-ERR [SYS/TEMP] upstream reply too long\r\n"
+    kind = "reply-too-long"
+    cut = b"\r\n" + reply
