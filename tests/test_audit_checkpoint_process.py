@@ -134,6 +134,9 @@ async def test_kill_9_mid_session_leaves_a_trail_signed_up_to_its_last_checkpoin
         await trio.to_thread.run_sync(first)
         await logs.wait_for("session.close", 1)
         checkpoint = await logs.wait_for("audit.checkpoint", 1)
+        # Its copy goes to checkpoint_path after the line, from a worker
+        # thread: killed before it, the copy would be missing.
+        await logs.wait_for("audit.checkpoint_copied", 1)
 
         def second() -> None:  # three records after the checkpoint
             p = poplib.POP3("127.0.0.1", port, timeout=20)

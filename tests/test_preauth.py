@@ -16,7 +16,7 @@ import pytest
 from popproxy.config import ConfigError, parse_config
 from popproxy.events import EndReason, Outcome, ProtocolAnomaly, Response
 from popproxy.metrics import ANOMALY_KINDS
-from popproxy.pop3 import ProtocolError
+from popproxy.pop3 import ProtocolError, UpstreamProtocolError
 from popproxy.routed import RoutedSession
 from popproxy.server import session_limits
 from popproxy.session import SessionLimits
@@ -181,7 +181,7 @@ def emitted_kinds() -> set[tuple[str, str]]:
         return [cls, *(c for sub in cls.__subclasses__() for c in subclasses(sub))]
 
     for cls in subclasses(ProtocolError):
-        where = "upstream" if cls.__name__.startswith("Upstream") else "client"
+        where = "upstream" if issubclass(cls, UpstreamProtocolError) else "client"
         if cls.__name__ not in ("ProtocolError", "ClientProtocolError"):
             found.add((where, cls.kind))
     return found

@@ -199,6 +199,7 @@ class CheckpointCopies:
             if self.failed:
                 logger.warning("audit.checkpoint_copy_recovered", path=path)
                 self.failed = False
+            logger.debug("audit.checkpoint_copied", path=path, checkpoints=len(job.lines))
             return False
         if not self.failed:
             logger.error("audit.checkpoint_copy_failed", path=path, error=str(job.error))
