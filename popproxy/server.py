@@ -33,6 +33,7 @@ from .events import (
     TlsEstablished,
     TlsFailed,
 )
+from .exits import CannotListen
 from .front import Credentials
 from .observe import Dispatcher, Observer, SessionInfo
 from .policy import Policy, allow_all
@@ -465,7 +466,12 @@ def _local_name(stream: Stream) -> str:
 async def open_listeners(addresses: Sequence[HostPort]) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for addr in addresses:
-        listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+        try:
+            listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+        except OSError as exc:
+            for lst in listeners:
+                lst.socket.close()
+            raise CannotListen("listen", addr, exc) from None
     return listeners
 
 
