@@ -226,6 +226,7 @@ async def run(
         # (logs, metrics) report it closed.
         app.proxy.observers.insert(0, trail.observe)
         app.proxy.admission.append(lambda peer: trail.refusal())
+        app.proxy.refusals.append(lambda: trail.refusing)
     # Everything built so far lives as long as the process: keep it out of
     # the cyclic garbage collector's scans, which otherwise grow with it and
     # run every few hundred allocations on the per-command path.

@@ -100,6 +100,9 @@ class Proxy:
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
+    # Why every new session would be refused now (the audit's fail_closed),
+    # for /readyz: asked from the HTTP thread, so they only look.
+    refusals: list[Callable[[], str | None]] = field(default_factory=list)
     policy: Policy = allow_all
     state: StateClient | None = None
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())

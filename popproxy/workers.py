@@ -511,9 +511,10 @@ class Supervisor:
                 continue
             alive = bool(answer.get("alive"))
             why = "ok" if alive else f"worker {n} (pid {process.pid}): {answer.get('why')}"
-            degraded = answer.get("degraded")
+            degraded, refusing = answer.get("degraded"), answer.get("refusing")
             out.append(WorkerHealth(n, alive, bool(answer.get("listening")), why,
-                                    str(degraded) if degraded else None))
+                                    str(degraded) if degraded else None,
+                                    str(refusing) if refusing else None))
         return out
 
 

@@ -343,7 +343,8 @@ class AuditTrail:
         """write_behind's task that writes a failed sink's queue once it
         works again, even while no record and no session comes."""
         while True:
-            await self._retry_due.wait()
+            if not self._queued:  # else it failed before this task ran
+                await self._retry_due.wait()
             self._retry_due = trio.Event()
             while self._queued and not self.retry():
                 with trio.move_on_after(SINK_RETRY):
