@@ -29,6 +29,7 @@ from popproxy.audit import AuditConfig, AuditTrail, open_audit, previous_run
 from popproxy.audit._note import Signer
 from popproxy.audit._recovery import look_back
 from popproxy.audit.cli import main as audit_main
+from popproxy.config import HostPort
 from popproxy.demo import DEMO_USERS, MailStore, serve_demo
 from popproxy.demo.store import Mailbox, Message
 from popproxy.events import (
@@ -161,7 +162,7 @@ async def test_kill_9_leaves_a_trace_of_every_open_session(
     before, after = written[:second], written[second:]
     assert before[-1]["event"] != "proxy.stop"
     assert [r["event"] for r in before if r["event"].startswith("proxy.")] == ["proxy.start"]
-    starts = [r for r in before if r["event"] == "message.retrieve.start"]
+    starts = [r for r in before if r["event"] == "message.retrieving"]
     assert [(r["user"], r["msg"], r["uidl"], r["announced"]) for r in starts] == [
         ("carol", 3, "big-1", big_message().size)]
     last_seq = before[-1]["seq"]
@@ -371,7 +372,7 @@ def test_a_retrieve_start_is_dropped_when_its_completion_joins_the_batch(
     t.observe(info, MessageComplete(retr, 1, 10, "0" * 64, None, False))
     t.flush()
     assert [r["event"] for r in read(path)] == [
-        "session.open", "message.retrieve", "message.retrieve.start", "message.retrieve"]
+        "session.open", "message.retrieve", "message.retrieving", "message.retrieve"]
 
 
 @pytest.mark.parametrize("size", [0, 1, 100])
@@ -382,3 +383,40 @@ def test_look_back_of_odd_files(tmp_path: Path, size: int) -> None:
     found = look_back(path)
     assert found.sessions == []
     assert not found.records
+
+
+async def test_a_worker_killed_leaves_its_trace_in_its_own_file(
+    tmp_path: Path, demo_upstream: HostPort
+) -> None:
+    """With workers, the worker the supervisor restarts after ``kill -9``
+    closes, in its own file, the session it had open."""
+    text = (
+        '[listen]\naddress = "127.0.0.1:0"\n'
+        f'[upstream]\naddress = "{demo_upstream}"\n'
+        "[server]\nworkers = 2\n"
+        '[log]\nformat = "json"\nlevel = "debug"\n'
+        # "always": each record is written before the next event is seen,
+        # so the NOOP's log line says the DELE's mark is on file.
+        f'[audit]\nsink = "file"\npath = "{tmp_path / "audit.jsonl"}"\nfsync = "always"\n'
+    )
+    async with running_popproxy(text, tmp_path) as proxy:
+        with trio.fail_after(30):
+            stream, reader = await login(proxy.port, "alice", DEMO_USERS["alice"])
+            async with stream:
+                assert (await ask(stream, reader, "DELE 2")).startswith(b"+OK")
+                assert (await ask(stream, reader, "NOOP")).startswith(b"+OK")
+                n = (await proxy.wait_for("auth", user="alice"))["worker"]
+                await proxy.wait_for("command", verb="NOOP", worker=n)
+                pid = proxy.worker_pids()[n]
+                mark = len(proxy.records)
+                os.kill(pid, signal.SIGKILL)
+                # The supervisor starts another; it recovers its file first.
+                await proxy.wait_for("worker.ready", worker=n, since=mark)
+    written = read(tmp_path / f"audit.w{n}.jsonl")
+    starts = [r for r in written if r["event"] == "proxy.start"]
+    assert [(r["unclean"], r["worker"]) for r in starts] == [(False, n), (True, n)]
+    recovered = [(r["event"], r.get("user"), r.get("msg"), r.get("reason"))
+                 for r in written if r.get("recovered")]
+    assert recovered == [("message.delete.uncommitted", "alice", 2, None),
+                         ("session.close", "alice", None, "proxy crashed")]
+    assert written[-1]["event"] == "proxy.stop"  # the restarted worker stopped cleanly

@@ -265,7 +265,7 @@ class RecordBuilder:
                          event: MessageStarted) -> list[Record]:
         # Only for the crash trace (``_recovery``): the trail drops this
         # record unwritten when the message.retrieve joins it in time.
-        rec = self._base("message.retrieve.start", info, st)
+        rec = self._base("message.retrieving", info, st)
         verb = event.command.verb
         rec["command"] = verb
         rec["msg"] = event.msg

@@ -22,7 +22,7 @@ records, so the trail says how every session ended:
   open at the crash.  Its marks (``message.delete.marked`` not followed by
   a reset, commit or uncommit) become ``message.delete.uncommitted``: the
   server discards marks when a connection drops without QUIT (RFC 1939
-  §6).  A ``message.retrieve.start`` with no ``message.retrieve`` after it
+  §6).  A ``message.retrieving`` with no ``message.retrieve`` after it
   becomes a ``message.retrieve`` with ``complete: false`` and unknown
   ``octets`` and ``sha256`` (null): bytes of it may have reached the client.
 
@@ -60,7 +60,7 @@ _BARRIERS = frozenset({"proxy.start", "proxy.stop"})
 # A session's records that matter to its crash trace.
 _KEPT = frozenset({
     "session.open", "auth", "message.delete.marked", "message.delete.reset",
-    "message.delete.committed", "message.delete.uncommitted", "message.retrieve.start",
+    "message.delete.committed", "message.delete.uncommitted", "message.retrieving",
     "message.retrieve",
 })
 
@@ -239,7 +239,7 @@ def recovery_records(previous: LookBack, stamp: Callable[[], str]) -> list[Recor
             elif event in ("message.delete.reset", "message.delete.committed",
                            "message.delete.uncommitted"):
                 marks.clear()  # RSET unmarks all; commit and uncommit end them all
-            elif event == "message.retrieve.start":
+            elif event == "message.retrieving":
                 retrieving[(r.get("command"), r.get("msg"))] = r
             elif event == "message.retrieve":
                 retrieving.pop((r.get("command"), r.get("msg")), None)

@@ -197,7 +197,7 @@ class AuditTrail:
         self._dropped_since: str | None = None
         self._closed = False
         self._started = False  # start() wrote proxy.start: close() writes proxy.stop
-        # message.retrieve.start records still in the batch, by (session,
+        # message.retrieving records still in the batch, by (session,
         # command, msg): dropped unwritten when their message.retrieve comes.
         self._starts: dict[tuple[object, ...], Record] = {}
         self._retry_due = trio.Event()  # a sink failed (for write_behind)
@@ -249,7 +249,7 @@ class AuditTrail:
         ``write_behind`` runs, within ``BATCH_WAIT``."""
         batch = self._batch
         event = record["event"]
-        if event == "message.retrieve.start":
+        if event == "message.retrieving":
             self._starts[(record["session"], record["command"], record["msg"])] = record
         elif event == "message.retrieve" and self._starts:
             start = self._starts.pop((record["session"], record["command"], record["msg"]), None)
