@@ -1,7 +1,8 @@
 """The command line's endings that are not popproxy's bugs (``popproxy.exits``).
 
 * ``popproxy run`` with a listen or metrics address it cannot bind (in use,
-  or not an address of this host), single process and with workers: exit
+  port 1 without the right to bind it, not an address of this host),
+  single process and with workers: exit
   status 1 and one line on stderr naming the address and the reason.
 * ``popproxy audit search|verify`` writing to a pipe whose reader has gone
   (``| head``): exit status 141, nothing on stderr about it, no traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +61,26 @@ def test_an_address_in_use_ends_run_with_one_line(
     assert done.stderr.splitlines() == [
         f"popproxy: cannot {what} on 127.0.0.1:{taken}: Address already in use"]
     assert "Traceback" not in done.stdout
+
+
+def test_a_privileged_port_without_the_right_ends_run_with_one_line(tmp_path: Path) -> None:
+    """Port 1 without CAP_NET_BIND_SERVICE (dropped with setpriv, so this
+    runs as root too): EACCES, named."""
+    setpriv = shutil.which("setpriv")  # util-linux: on every Debian
+    if setpriv is None:
+        message = "setpriv (util-linux) is missing: the privileged-port case is NOT tested"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    config = tmp_path / "popproxy.toml"
+    config.write_text('[listen]\naddress = "127.0.0.1:1"\n[upstream]\naddress = "127.0.0.1:9"\n')
+    done = subprocess.run([setpriv, "--bounding-set", "-net_bind_service", sys.executable,
+                           "-m", "popproxy", "run", "-c", str(config)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "popproxy: cannot listen on 127.0.0.1:1: Permission denied"]
 
 
 def test_an_address_this_host_lacks_ends_run_with_one_line(tmp_path: Path) -> None:
