@@ -420,3 +420,11 @@ async def test_a_worker_killed_leaves_its_trace_in_its_own_file(
     assert recovered == [("message.delete.uncommitted", "alice", 2, None),
                          ("session.close", "alice", None, "proxy crashed")]
     assert written[-1]["event"] == "proxy.stop"  # the restarted worker stopped cleanly
+
+
+def test_look_back_of_a_fifo_or_device_reads_nothing(tmp_path: Path) -> None:
+    """A trail path that is a FIFO (opening it would block) or /dev/null."""
+    fifo = tmp_path / "audit.jsonl"
+    os.mkfifo(fifo)
+    assert look_back(fifo).records is False
+    assert look_back(Path("/dev/null")).records is False

@@ -107,6 +107,8 @@ class _Budget:
 def _lines_backwards(path: Path, budget: _Budget) -> Iterator[bytes]:
     """Complete lines of ``path``, last first, reading at most ``budget``
     bytes; a torn last line (a write cut by the crash) is skipped."""
+    if not path.is_file():  # missing, or a device or FIFO (opening one may block)
+        return
     try:
         f = open(path, "rb")  # noqa: SIM115 (a generator holds it)
     except FileNotFoundError:
