@@ -267,6 +267,7 @@ class WorkerHealth:
     listening: bool
     why: str  # "ok", or what is wrong, naming the worker
     degraded: str | None = None  # "degraded: ..." while its shared state fails
+    refusing: str | None = None  # "refusing new sessions: ..." (health.refusing)
 
 
 class WorkersHealth(Health):
@@ -275,7 +276,8 @@ class WorkersHealth(Health):
     ``/healthz``: the supervisor's own event loop beats, and every worker
     runs and answers, with an event loop that beats (a worker that died
     and waits for its restart, or is stuck, fails it).  ``/readyz``: not
-    draining, every worker accepts on the listeners, the upstream accepts a
+    draining, every worker accepts on the listeners and none refuses every
+    new session (its share of the clients would be refused), the upstream accepts a
     connection (probed once, by the supervisor, not by every worker); and
     "degraded: ..." (still 200) while a worker's shared state fails.
     """
@@ -310,6 +312,8 @@ class WorkersHealth(Health):
                 return False, w.why
             if not w.listening:
                 return False, f"worker {w.worker} is not listening yet"
+            if w.refusing is not None:
+                return False, f"worker {w.worker}: {w.refusing}"
         error = self.upstream_error()
         if error is not None:
             return False, error

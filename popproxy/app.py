@@ -21,7 +21,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from .addr import HostPort
-from .audit import AuditConfig, open_audit, worker_path
+from .audit import AuditConfig, open_audit, previous_run, worker_path
 from .config import Config, ConfigError, load_config
 from .endpoint import serve_metrics
 from .events import Event, SessionClosed
@@ -216,12 +216,17 @@ async def run(
     audit file, and the supervisor, not this process, serves ``[metrics]``.
     """
     app = app or build(config, registry)
-    trail = open_audit(_worker_audit(config.audit, worker), app.metrics, worker=worker)
+    audit_config = _worker_audit(config.audit, worker)
+    trail = open_audit(audit_config, app.metrics, worker=worker)
     if trail is not None:
+        # proxy.start, and the crash trace of a previous run that ended
+        # uncleanly, before the first session.
+        trail.start(previous_run(audit_config))
         # First: a session's records are written before the other observers
         # (logs, metrics) report it closed.
         app.proxy.observers.insert(0, trail.observe)
         app.proxy.admission.append(lambda peer: trail.refusal())
+        app.proxy.refusals.append(lambda: trail.refusing)
     # Everything built so far lives as long as the process: keep it out of
     # the cyclic garbage collector's scans, which otherwise grow with it and
     # run every few hundred allocations on the per-command path.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
@@ -14,6 +14,7 @@ from .addr import HostPort
 from .audit import AuditConfig
 from .audit import cli as audit_cli
 from .config import Config, ConfigError, ListenConfig, MetricsConfig, UpstreamConfig
+from .exits import CannotListen, cannot_listen, quiet_on_closed_pipe
 from .logs import configure_logging
 from .policy.config import parse_policy
 
@@ -62,7 +63,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``popproxy ...``: the exit status (see ``popproxy.exits`` for the
+    endings that are not errors of popproxy's own)."""
     args = parser().parse_args(argv)
+    return quiet_on_closed_pipe(partial(_main, args))
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "audit":
         return audit_cli.run(args)
     if args.command == "check-config":
@@ -84,12 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.log.level, config.log.format)
         if config.server.worker_count() > 1:
             return workers.run(args.config)
-        try:
-            trio.run(partial(app.run, config, config_path=args.config))
-        except OSError as exc:
-            print(f"popproxy: cannot listen: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _run_trio(partial(app.run, config, config_path=args.config))
     if args.command == "demo":
         from .config import parse_address
 
@@ -100,14 +102,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         configure_logging("info", "console")
         try:
-            trio.run(_demo, listen)
-        except OSError as exc:
-            print(f"popproxy: cannot listen: {exc}", file=sys.stderr)
-            return 1
+            return _run_trio(partial(_demo, listen))
         except KeyboardInterrupt:
-            pass
-        return 0
+            return 0
     raise AssertionError(args.command)  # argparse rejects anything else
+
+
+def _run_trio(main: Callable[[], Awaitable[object]]) -> int:
+    """``trio.run(main)``: 0, or 1 with one line when an address cannot be
+    bound (trio raises that inside exception groups)."""
+    failure: CannotListen | None = None
+    try:
+        trio.run(main)
+    except* CannotListen as group:
+        failure = cannot_listen(group)
+    if failure is not None:
+        print(f"popproxy: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _demo(listen: HostPort) -> None:

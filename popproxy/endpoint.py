@@ -24,6 +24,7 @@ from prometheus_client import make_wsgi_app as _make_metrics_app
 
 from .addr import HostPort
 from .config import MetricsConfig
+from .exits import CannotListen
 from .health import Health, ProxyStatus
 from .metrics import Metrics
 
@@ -92,11 +93,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 def _bind(address: HostPort, app: WSGIApplication) -> _Server:
     """Bind the HTTP server (blocking: name resolution).  Run in a thread."""
-    family = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0][0]
-    server_class = _Server6 if family == socket.AF_INET6 else _Server
-    server = make_server(address.host, address.port, app, server_class, _QuietHandler)
+    try:
+        family = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][0]
+        server_class = _Server6 if family == socket.AF_INET6 else _Server
+        server = make_server(address.host, address.port, app, server_class, _QuietHandler)
+    except OSError as exc:
+        raise CannotListen("serve metrics", address, exc) from None
     assert isinstance(server, _Server)
     return server
 

@@ -33,6 +33,7 @@ __all__ = [
     "Event",
     "Greeting",
     "MessageComplete",
+    "MessageStarted",
     "Outcome",
     "PolicyDecision",
     "ProtocolAnomaly",
@@ -105,6 +106,9 @@ class EndReason(enum.StrEnum):
     LOGIN_REFUSED = "policy refused the login"  # per-user cap, after the upstream said yes
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal error"
+    # Written by the next start, from the trail, for a session the previous
+    # process left open (killed, crashed, power lost): never a live ending.
+    PROXY_CRASHED = "proxy crashed"
 
     @property
     def outcome(self) -> str:
@@ -141,6 +145,9 @@ _ENDINGS: Final[dict[EndReason, tuple[str, str, str]]] = {
     EndReason.LOGIN_REFUSED: ("refused", "refused", ""),
     EndReason.SHUTDOWN: ("shutdown", "shutdown", "proxy shutting down"),
     EndReason.INTERNAL_ERROR: ("error", "other", ""),
+    # The proxy failed the session, whatever killed it: "error", like an
+    # internal error; the audit's reason tells the two apart.
+    EndReason.PROXY_CRASHED: ("error", "proxy crashed", ""),
 }
 
 #: ``Deletions.phase``: ``marked`` (DELE got +OK), ``reset`` (RSET got +OK
@@ -194,6 +201,21 @@ class Response(Event):
     @property
     def latency(self) -> float | None:
         return None if self.local else self.finished - self.started
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStarted(Event):
+    """A RETR/TOP got ``+OK``: its body starts to flow to the client.
+
+    ``announced`` is the size the status line gives (``+OK 1234 octets``),
+    None when it gives none.  The audit notes the transfer, so that one cut
+    short by a crash of the proxy is still on record (``MessageComplete``
+    follows whenever the proxy lives to see the end).
+    """
+
+    command: Command
+    msg: int | None
+    announced: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ and a heartbeat older than ``stale_after`` means the loop is stuck (a
 blocking call, a deadlock), which a restart would cure.
 
 ``/readyz`` (readiness) says the proxy can take sessions: its listeners
-accept (``Proxy.listening``, false while draining) and the upstream (in
+accept (``Proxy.listening``, false while draining), it does not refuse
+every new session (``refusing``: the audit's ``fail_closed`` while the
+trail fails, or ``limits.max_sessions`` reached), and the upstream (in
 routed mode: ``routing.default``'s, else the first named one) has an address
 that accepts a TCP connection.  While the shared state (``[state] backend =
 "redis"``) fails, it answers 200 with a body starting "degraded:".
@@ -30,7 +32,7 @@ from typing import Final, Protocol
 from .addr import HostPort
 from .config import Config
 
-__all__ = ["Health", "ProxyStatus", "degraded", "tcp_probe"]
+__all__ = ["Health", "ProxyStatus", "degraded", "refusing", "tcp_probe"]
 
 PROBE_TIMEOUT: Final = 1.0
 CACHE_SECONDS: Final = 5.0
@@ -141,6 +143,9 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         if not self.proxy.listening:
             return False, "not listening"
+        why_refusing = refusing(self.proxy)
+        if why_refusing is not None:
+            return False, why_refusing
         error = self.upstream_error()
         if error is not None:
             return False, error
@@ -154,6 +159,21 @@ class Health:
             # of the load balancer would help no client.
             return True, why_degraded
         return True, "ready"
+
+
+def refusing(proxy: ProxyStatus) -> str | None:
+    """``"refusing new sessions: ..."`` while every new session would be
+    refused (``Proxy.refusals`` say why, or ``max_sessions`` are open), else
+    None.  Only looks: safe from the HTTP thread."""
+    for why in getattr(proxy, "refusals", ()):
+        reason = why()
+        if reason is not None:
+            return f"refusing new sessions: {reason}"
+    active = getattr(proxy, "active", 0)
+    limit = proxy.config.limits.max_sessions
+    if active >= limit:
+        return f"refusing new sessions: {active} open, limits.max_sessions is {limit}"
+    return None
 
 
 def degraded(proxy: object) -> str | None:

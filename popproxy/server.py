@@ -33,6 +33,7 @@ from .events import (
     TlsEstablished,
     TlsFailed,
 )
+from .exits import CannotListen
 from .front import Credentials
 from .observe import Dispatcher, Observer, SessionInfo
 from .policy import Policy, allow_all
@@ -125,6 +126,9 @@ class Proxy:
     connect_upstream: ConnectUpstream | None = None
     admission: list[Admission] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
+    # Why every new session would be refused now (the audit's fail_closed),
+    # for /readyz: asked from the HTTP thread, so they only look.
+    refusals: list[Callable[[], str | None]] = field(default_factory=list)
     policy: Policy = allow_all
     state: StateClient | None = None
     tls: TLSContexts = field(default_factory=lambda: TLSContexts())
@@ -509,7 +513,12 @@ def _local_name(stream: Stream) -> str:
 async def open_listeners(addresses: Sequence[HostPort]) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for addr in addresses:
-        listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+        try:
+            listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+        except OSError as exc:
+            for lst in listeners:
+                lst.socket.close()
+            raise CannotListen("listen", addr, exc) from None
     return listeners
 
 

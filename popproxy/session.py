@@ -25,6 +25,7 @@ from .events import (
     CommandSent,
     EndReason,
     Greeting,
+    MessageStarted,
     Outcome,
     ProtocolAnomaly,
     Response,
@@ -53,6 +54,7 @@ from .pop3 import (
     has_apop_timestamp,
     is_multiline,
     local_reply,
+    message_number,
     names_login,
     parse_status,
     starts_sasl,
@@ -76,6 +78,14 @@ from .session_state import OutputBuilder as _Out
 from .session_state import SessionLimits as SessionLimits
 
 __all__ = ["INVALID", "Output", "Session", "SessionLimits"]
+
+
+def _started(cmd: Command, text: bytes) -> MessageStarted:
+    """A RETR/TOP body begins; the size is the status line's first word
+    when it is a number (``+OK 1234 octets``)."""
+    first = text.split(b" ", 1)[0]
+    return MessageStarted(cmd, message_number(cmd.args[0]) if cmd.args else None,
+                          int(first) if first.isdigit() and len(first) < 19 else None)
 
 # Stands for a line that could not be parsed, in events and the FIFO.
 INVALID = Command("INVALID")
@@ -540,6 +550,8 @@ class Session:
             else:
                 out.client.append(raw)
                 self._reader.sink = progress.collect(cmd, self._listed.sizes)
+                if cmd.verb in ("RETR", "TOP"):
+                    out.events.append(_started(cmd, status.text))
             return
         if status.ok and head.login and self._admit_login(head, status, raw, out, now):
             return

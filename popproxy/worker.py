@@ -51,7 +51,7 @@ from prometheus_client.metrics_core import Metric
 from . import app
 from .config import Config, ConfigError, parse_config
 from .endpoint import HEARTBEAT_SECONDS
-from .health import Health, degraded
+from .health import Health, degraded, refusing
 from .server import ListenerGroup
 from .tls import check_files
 
@@ -321,6 +321,7 @@ def _answer(channel: Channel, registry: CollectorRegistry, health: Health,
             answer |= {"alive": alive, "why": why, "lag": round(health.lag(), 3),
                        "listening": proxy_app.proxy.listening,
                        "degraded": degraded(proxy_app.proxy),
+                       "refusing": refusing(proxy_app.proxy),
                        "sessions": proxy_app.proxy.active}
         else:
             answer["error"] = f"unknown op {op!r}"

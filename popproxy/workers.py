@@ -74,6 +74,7 @@ from .aggregate import (
 )
 from .config import Config, ConfigError
 from .endpoint import make_app, serve_http
+from .exits import cannot_listen
 from .metrics import Metrics
 from .server import open_listeners
 from .worker import Channel, WorkerSpec, from_wire, parse_text
@@ -510,9 +511,10 @@ class Supervisor:
                 continue
             alive = bool(answer.get("alive"))
             why = "ok" if alive else f"worker {n} (pid {process.pid}): {answer.get('why')}"
-            degraded = answer.get("degraded")
+            degraded, refusing = answer.get("degraded"), answer.get("refusing")
             out.append(WorkerHealth(n, alive, bool(answer.get("listening")), why,
-                                    str(degraded) if degraded else None))
+                                    str(degraded) if degraded else None,
+                                    str(refusing) if refusing else None))
         return out
 
 
@@ -574,12 +576,20 @@ def run(config_path: str) -> int:
     except ConfigError as exc:
         print(f"popproxy: {exc}", file=sys.stderr)
         return 2
-    failure: BaseException | None = None
+    failure: str | None = None
     try:
         trio.run(partial(supervise, config, Path(config_path), text))
     except* OSError as group:
-        failure = group.exceptions[0]
+        found = cannot_listen(group)
+        failure = str(found) if found is not None else f"cannot listen: {_leaf(group)}"
     if failure is not None:
-        print(f"popproxy: cannot listen: {failure}", file=sys.stderr)
+        print(f"popproxy: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception in ``exc`` that is not a group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

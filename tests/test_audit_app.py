@@ -48,5 +48,6 @@ async def test_a_session_is_on_file_before_it_is_logged_closed(
         await logged.wait()
     (records,) = on_file
     assert [(r["event"], r.get("verb")) for r in records] == [
-        ("session.open", None), ("command", "USER"), ("command", "PASS"), ("auth", None),
-        ("command", "STAT"), ("command", "QUIT"), ("session.close", None)]
+        ("proxy.start", None), ("session.open", None), ("command", "USER"),
+        ("command", "PASS"), ("auth", None), ("command", "STAT"), ("command", "QUIT"),
+        ("session.close", None)]

@@ -187,7 +187,7 @@ async def test_retr_top_dele_rset_quit_gives_exactly_the_expected_records(
         command("DELE", "2"), deletion("marked", 2),
         command("QUIT"), deletion("committed", 2),
         {"event": "session.close", **base, "reason": "quit", "outcome": "ok", "detail": "quit",
-         "commands": 11},
+         "commands": 11, "sessions_open": 0},
     ]
     for rec in expected:
         if rec.get("user", "") is None:
@@ -300,7 +300,8 @@ async def test_session_killed_before_quit_is_uncommitted(
         {"event": "message.delete.uncommitted", "user": user, "msg": 1, "uidl": None},
         {"event": "message.delete.uncommitted", "user": user, "msg": 3, "uidl": None},
         {"event": "session.close", "user": user, "reason": "client gone",
-         "outcome": "client_closed", "detail": "client closed", "commands": 4},
+         "outcome": "client_closed", "detail": "client closed", "commands": 4,
+         "sessions_open": 0},
     ]
     assert dovecot.message_count(user) == len(messages)
 

@@ -14,10 +14,11 @@ from ._chain import ChainHead as ChainHead
 from ._chain import verify_files as verify_files
 from ._note import Signer as Signer
 from ._note import Verifier as Verifier
+from ._open import open_audit as open_audit
+from ._open import previous_run as previous_run
+from ._open import worker_path as worker_path
 from ._records import RecordBuilder as RecordBuilder
 from ._trail import AuditTrail as AuditTrail
-from ._trail import open_audit as open_audit
-from ._trail import worker_path as worker_path
 from ._verify import verify_trail as verify_trail
 from .config import AuditConfig as AuditConfig
 from .config import parse_audit as parse_audit
@@ -31,6 +32,7 @@ __all__ = [
     "Verifier",
     "open_audit",
     "parse_audit",
+    "previous_run",
     "verify_files",
     "verify_trail",
     "worker_path",

@@ -25,6 +25,7 @@ from ..events import (
     Deletions,
     Event,
     MessageComplete,
+    MessageStarted,
     Outcome,
     PolicyDecision,
     Response,
@@ -157,6 +158,7 @@ class RecordBuilder:
             AuthResult: self._auth,
             Response: self._response,
             MessageComplete: self._message,
+            MessageStarted: self._message_started,
             Deletions: self._deletions,
             UidsLearned: self._uids,
             UpstreamConnected: self._connected,
@@ -320,6 +322,21 @@ class RecordBuilder:
             st.message_ids[event.msg] = event.message_id
         return [rec]
 
+    def _message_started(self, info: SessionRef, st: _Session,
+                         event: MessageStarted) -> list[Record]:
+        # Only for the crash trace (``_recovery``): the trail drops this
+        # record unwritten when the message.retrieve joins it in time.
+        rec = self._base("message.retrieving", info, st)
+        verb = event.command.verb
+        rec["command"] = verb
+        rec["msg"] = event.msg
+        lines = message_number(event.command.args[1]) if len(event.command.args) > 1 else None
+        if verb == "TOP" and lines is not None:
+            rec["lines"] = lines
+        rec["uidl"] = st.uids.get(event.msg) if event.msg is not None else None
+        rec["announced"] = event.announced
+        return [rec]
+
     def _uids(self, info: SessionRef, st: _Session, event: UidsLearned) -> list[Record]:
         st.uids.update(event.uids)
         return []
@@ -345,6 +362,9 @@ class RecordBuilder:
         if st.tls_error is not None:
             rec["tls_error"] = st.tls_error
         self._sessions.pop(info.id, None)
+        # Sessions still open: 0 marks a point of the trail before which no
+        # session can be open, where a crash trace's look back may stop.
+        rec["sessions_open"] = len(self._sessions)
         return [rec]
 
     def _policy(self, info: SessionRef, st: _Session, event: PolicyDecision) -> list[Record]:

@@ -51,21 +51,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 
 import structlog
 import trio
 from structlog.typing import EventDict, WrappedLogger
 
 from ..events import Event
-from ._chain import ChainHead, read_head
+from ._chain import ChainHead
 from ._chain import line as unchained_line
 from ._checkpoint import CheckpointCopies, CopyJob, checkpoint_record
 from ._records import Record, RecordBuilder, SessionRef, rfc3339, utcnow
-from ._sinks import FileSink, Sink, StreamSink, Writer
+from ._recovery import LookBack, start_records
+from ._sinks import FileSink, Sink, Writer
 from .config import AuditConfig, default_origin
 
-__all__ = ["AuditTrail", "open_audit", "worker_path"]
+__all__ = ["AuditTrail"]
 
 
 logger = structlog.get_logger("popproxy.audit")
@@ -80,6 +80,9 @@ def _noop(*args: object) -> None:
 _CHECKPOINT: Record = {"event": "audit.checkpoint"}
 # How soon a checkpoint that failed (signature, copy) is tried again.
 CHECKPOINT_RETRY = 1.0
+# How often write_behind tries a failing sink again while nothing else
+# does (no session comes: /readyz sends them elsewhere while it fails).
+SINK_RETRY = 1.0
 
 
 class _SinkLogger:
@@ -194,8 +197,14 @@ class AuditTrail:
         self._dropped = 0
         self._dropped_since: str | None = None
         self._closed = False
+        self._started = False  # start() wrote proxy.start: close() writes proxy.stop
+        # message.retrieving records still in the batch, by (session,
+        # command, msg): dropped unwritten when their message.retrieve comes.
+        self._starts: dict[tuple[object, ...], Record] = {}
+        self._retry_due = trio.Event()  # a sink failed (for write_behind)
         # Signed checkpoints (None: off).
         self.signer = config.signer if self.head is not None else None
+        self.worker = worker
         origin = config.origin or default_origin()
         self.origin = origin if worker is None else f"{origin}/w{worker}"
         self._checkpoint_every = config.checkpoint_records
@@ -240,8 +249,16 @@ class AuditTrail:
         """Add one record; it is written (in the order given) now, or, while
         ``write_behind`` runs, within ``BATCH_WAIT``."""
         batch = self._batch
+        event = record["event"]
+        if event == "message.retrieving":
+            self._starts[(record["session"], record["command"], record["msg"])] = record
+        elif event == "message.retrieve" and self._starts:
+            start = self._starts.pop((record["session"], record["command"], record["msg"]), None)
+            if start is not None:
+                # Both would go out in the same write: the start adds nothing.
+                batch.remove(start)
         batch.append(record)
-        if record["event"] == "session.close":
+        if event == "session.close":
             # A session's records are written before the session is reported
             # closed (the trail observes first; logs and metrics follow).
             self._sync_due |= self._fsync_session
@@ -266,6 +283,7 @@ class AuditTrail:
         if not batch:
             return
         self._batch = []
+        self._starts.clear()
         if self._queued:
             self.retry()  # make room in the queues before judging these records
         if self._dropped and not self._queued:
@@ -307,6 +325,7 @@ class AuditTrail:
                 if self.signer is not None:
                     self._checkpoint_task = True
                     nursery.start_soon(self._checkpointer)
+                nursery.start_soon(self._retrier)
                 task_status.started()
                 while True:
                     await self._due.wait()
@@ -320,6 +339,18 @@ class AuditTrail:
             self._deferred = False
             self._checkpoint_task = False
             self.flush()
+
+    async def _retrier(self) -> None:
+        """write_behind's task that writes a failed sink's queue once it
+        works again, even while no record and no session comes."""
+        while True:
+            if not self._queued:  # else it failed before this task ran
+                await self._retry_due.wait()
+            self._retry_due = trio.Event()
+            while self._queued and not self.retry():
+                with trio.move_on_after(SINK_RETRY):
+                    await self._retry_due.wait()  # a new failure: try at once
+                self._retry_due = trio.Event()
 
     async def _checkpointer(self) -> None:
         """write_behind's second task: checkpoints, and their copies."""
@@ -429,6 +460,8 @@ class AuditTrail:
         if queued:
             self._queued = True
             self._count_error()
+            if self._deferred:
+                self._retry_due.set()
         self._count_written()
         if (self.signer is not None and not self._sealing and not self._rotation_wanted
                 and self._rotation_due(retry=False)):
@@ -488,6 +521,18 @@ class AuditTrail:
         self._queued = self.failing
         return not self._queued
 
+    @property
+    def refusing(self) -> str | None:
+        """Why new sessions are refused now (``fail_closed``), else None.
+
+        For ``/readyz``, from any thread: it only looks (``refusal``, on
+        the event loop, also tries the sink again)."""
+        if not self.config.fail_closed:
+            return None
+        if self._sign_failed or self._copy_failing or self.failing:
+            return "audit trail unavailable"
+        return None
+
     def refusal(self) -> str | None:
         """For ``Proxy.admission``: a reason to refuse new sessions, or None.
 
@@ -502,16 +547,37 @@ class AuditTrail:
             return None
         return "audit trail unavailable"
 
+    def start(self, previous: LookBack | None) -> None:
+        """Begin a run of the proxy: ``proxy.start`` and, after an unclean end
+        of the previous run, the records closing what it left open, from
+        ``previous`` (``_recovery.start_records``); written and synced now."""
+        if self._closed:
+            return
+        self._started = True
+        for record in start_records(previous, lambda: rfc3339(self.now()), self.worker,
+                                    self.head.seq if self.head is not None else None):
+            self.record(record)
+        self.flush()
+        if self.config.fsync != "never":
+            self._sync(now=True)
+
     def close(self) -> None:
-        """Write what is left (sessions still open, queued lines) and, with
-        ``sign_key``, a last checkpoint over it; sync, close."""
+        """Write what is left (sessions still open, queued lines), after
+        ``start`` a ``proxy.stop`` record, and, with ``sign_key``, a last
+        checkpoint over it; sync, close."""
         if self._closed:
             return
         try:
             self._deferred = False
             self._checkpoint_task = False
-            for record in self.builder.close_all():
+            left = self.builder.close_all()
+            for record in left:
                 self.record(record)
+            if self._started:
+                # The run's last record: the next start reads that it ended
+                # cleanly, every session closed above.
+                self.record({"ts": rfc3339(self.now()), "event": "proxy.stop",
+                             "sessions": sum(r["event"] == "session.close" for r in left)})
             self.flush()
             self.checkpoint()  # the last one: signs all written
             self.retry()
@@ -530,63 +596,3 @@ class AuditTrail:
                     logger.error("audit.unwritten_at_close", sink=w.sink.name,
                                  records=len(w.pending))
                 w.sink.close()
-
-
-def open_audit(config: AuditConfig, metrics: object = None, *,
-               now: Callable[[], datetime] = utcnow,
-               worker: int | None = None) -> AuditTrail | None:
-    """The trail ``config`` asks for; None when the audit is off.
-
-    ``worker`` (a number) is added to the checkpoints' origin as ``/w<N>``
-    when several processes each write a trail of their own (each in files
-    of its own: ``worker_path``).
-
-    A file that cannot be opened yet is not an error here: the trail starts
-    failing (logged, counted, and refusing sessions with ``fail_closed``)
-    and recovers when the file can be written.
-    """
-    if not config.enabled:
-        return None
-    sinks: list[Sink] = []
-    head: ChainHead | None = ChainHead() if config.hash_chain else None
-    trail: AuditTrail | None = None
-
-    def on_error(sink: Sink, exc: OSError) -> None:
-        if trail is not None:
-            trail._count_error()
-
-    if config.to_file:
-        assert config.path is not None
-        if head is not None:
-            try:
-                head = read_head(config.path)
-            except OSError as exc:
-                # Cannot read where the chain ended: start a new chain rather
-                # than fork the old one silently; verify shows the restart.
-                logger.error("audit.chain_head_unreadable", path=str(config.path),
-                             error=str(exc))
-        signed = config.signer is not None and config.hash_chain
-        # With checkpoints the trail rotates (a file ends with a checkpoint),
-        # and always syncs the file it rotates away: a copy of its checkpoint
-        # in checkpoint_path must not be ahead of it on disk.
-        sinks.append(FileSink(config.path, rotate_size=config.rotate_size,
-                              fsync_on_rotate=config.fsync != "never" or signed, now=now,
-                              on_error=on_error, auto_rotate=not signed))
-    if config.to_stdout:
-        sinks.append(StreamSink())
-    trail = AuditTrail(config, sinks, head=head, metrics=metrics, now=now, worker=worker)
-    if head is not None and head.seq:
-        logger.info("audit.chain_resumed", seq=head.seq, path=str(config.path))
-    return trail
-
-
-def worker_path(path: Path, worker: int) -> Path:
-    """Worker ``worker``'s audit file: ``audit.jsonl`` -> ``audit.w2.jsonl``.
-
-    Each worker process keeps its own hash chain (two processes cannot
-    append to one chain without coordinating on every record); rotated
-    files are named after the worker's file as usual.
-    """
-    stem, dot, suffix = path.name.rpartition(".")
-    name = f"{stem}.w{worker}.{suffix}" if dot and stem else f"{path.name}.w{worker}"
-    return path.with_name(name)

@@ -37,9 +37,10 @@ _BASE_FIELDS = ("ts", "event", "session", "user", "client")
 # The order of the other fields in the table's DETAILS column.
 _DETAIL_ORDER = {key: i for i, key in enumerate((
     "mechanism", "verb", "args", "outcome", "code", "latency", "command", "msg", "lines",
-    "msgs", "uidl", "octets", "sha256", "message_id", "complete", "headers",
+    "msgs", "uidl", "octets", "sha256", "message_id", "complete", "announced", "headers",
     "possibly_partial", "rule", "action", "enforced", "reason", "detail", "duration",
     "bytes_in", "bytes_out", "commands", "upstream", "records", "since",
+    "unclean", "resumed", "sessions", "look_back", "last_seen", "recovered",
 ))}
 
 
