@@ -304,14 +304,7 @@ class RecordBuilder:
         return rec
 
     def _message(self, info: SessionRef, st: _Session, event: MessageComplete) -> list[Record]:
-        rec = self._base("message.retrieve", info, st)
-        verb = event.command.verb
-        rec["command"] = verb
-        rec["msg"] = event.msg
-        lines = message_number(event.command.args[1]) if len(event.command.args) > 1 else None
-        if verb == "TOP" and lines is not None:
-            rec["lines"] = lines
-        rec["uidl"] = st.uids.get(event.msg) if event.msg is not None else None
+        rec = self._retrieval("message.retrieve", info, st, event.command, event.msg)
         rec["octets"] = event.octets
         rec["sha256"] = event.sha256
         rec["message_id"] = event.message_id
@@ -326,16 +319,22 @@ class RecordBuilder:
                          event: MessageStarted) -> list[Record]:
         # Only for the crash trace (``_recovery``): the trail drops this
         # record unwritten when the message.retrieve joins it in time.
-        rec = self._base("message.retrieving", info, st)
-        verb = event.command.verb
-        rec["command"] = verb
-        rec["msg"] = event.msg
-        lines = message_number(event.command.args[1]) if len(event.command.args) > 1 else None
-        if verb == "TOP" and lines is not None:
-            rec["lines"] = lines
-        rec["uidl"] = st.uids.get(event.msg) if event.msg is not None else None
+        rec = self._retrieval("message.retrieving", info, st, event.command, event.msg)
         rec["announced"] = event.announced
         return [rec]
+
+    def _retrieval(self, name: str, info: SessionRef, st: _Session, command: Command,
+                   msg: int | None) -> Record:
+        """What a RETR's or TOP's records say of the message asked for."""
+        rec = self._base(name, info, st)
+        verb = command.verb
+        rec["command"] = verb
+        rec["msg"] = msg
+        lines = message_number(command.args[1]) if len(command.args) > 1 else None
+        if verb == "TOP" and lines is not None:
+            rec["lines"] = lines
+        rec["uidl"] = st.uids.get(msg) if msg is not None else None
+        return rec
 
     def _uids(self, info: SessionRef, st: _Session, event: UidsLearned) -> list[Record]:
         st.uids.update(event.uids)
