@@ -26,30 +26,10 @@ from popproxy.config import Config, HostPort, LimitsConfig, ListenConfig, Upstre
 from popproxy.events import SESSION_OUTCOMES, Event, SessionClosed
 from popproxy.observe import SessionInfo
 from popproxy.policy.config import PolicyConfig, Protections
+from tests.scripted import logged_in_upstream, read_all
 from tests.tls_fixtures import CertFiles
 
 Client = trio.abc.Stream
-
-
-async def mailbox(stream: trio.abc.Stream) -> None:
-    """A scripted upstream: greets, accepts any login, +OK to everything."""
-    await stream.send_all(b"+OK scripted\r\n")
-    buf = b""
-    try:
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                if line.upper().startswith(b"QUIT"):
-                    await stream.send_all(b"+OK bye\r\n")
-                    await stream.aclose()
-                    return
-                await stream.send_all(b"+OK\r\n")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
 
 
 async def receive_until(stream: Client, marker: bytes) -> bytes:
@@ -59,16 +39,6 @@ async def receive_until(stream: Client, marker: bytes) -> bytes:
         if not chunk:
             break
         data += chunk
-    return data
-
-
-async def drain(stream: Client) -> bytes:
-    data = b""
-    try:
-        while chunk := await stream.receive_some(4096):
-            data += chunk
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
     return data
 
 
@@ -103,7 +73,7 @@ class Bench:
         if self.upstream_down:
             raise ConnectionRefusedError(111, "Connection refused")
         ours, theirs = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(mailbox, theirs)
+        self.nursery.start_soon(logged_in_upstream, theirs, {b"QUIT": b"+OK bye\r\n"})
         return ours
 
     def connect(self, scope: trio.CancelScope | None = None) -> Client:
@@ -133,7 +103,7 @@ Scenario = Callable[[Bench], Awaitable[None]]
 async def quit_(bench: Bench) -> None:
     client = bench.connect()
     await client.send_all(b"USER u\r\nPASS p\r\nQUIT\r\n")
-    await drain(client)
+    await read_all(client)
 
 
 async def client_gone(bench: Bench) -> None:
@@ -146,25 +116,25 @@ async def client_gone(bench: Bench) -> None:
 async def idle_timeout(bench: Bench) -> None:
     client = bench.connect()
     await client.send_all(b"USER u\r\nPASS p\r\n")
-    assert (await drain(client)).endswith(b"-ERR [SYS/TEMP] disconnected for inactivity\r\n")
+    assert (await read_all(client)).endswith(b"-ERR [SYS/TEMP] disconnected for inactivity\r\n")
 
 
 async def time_limit(bench: Bench) -> None:
     client = bench.connect()  # the session's age limit (300 s) comes before idleness (600 s)
     await client.send_all(b"USER u\r\nPASS p\r\n")
-    assert (await drain(client)).endswith(b"-ERR [SYS/TEMP] session time limit\r\n")
+    assert (await read_all(client)).endswith(b"-ERR [SYS/TEMP] session time limit\r\n")
 
 
 async def login_timeout(bench: Bench) -> None:
     client = bench.connect()  # never logs in: the login timeout (60 s) comes first
-    assert (await drain(client)).endswith(b"-ERR [SYS/TEMP] login timeout\r\n")
+    assert (await read_all(client)).endswith(b"-ERR [SYS/TEMP] login timeout\r\n")
 
 
 async def unauthenticated_share(bench: Bench) -> None:
     first = bench.connect()
     await receive_until(first, b"\r\n")  # greeted, not logged in: the share is full
     second = bench.connect()
-    assert await drain(second) == (
+    assert await read_all(second) == (
         b"-ERR [SYS/TEMP] too many sessions not logged in, try again later\r\n")
 
 
@@ -172,7 +142,7 @@ async def per_ip_cap(bench: Bench) -> None:
     first = bench.connect()
     await receive_until(first, b"\r\n")  # greeted: it holds the one slot
     second = bench.connect()
-    assert await drain(second) == b"-ERR [SYS/TEMP] too many sessions from your address\r\n"
+    assert await read_all(second) == b"-ERR [SYS/TEMP] too many sessions from your address\r\n"
 
 
 async def per_user_cap(bench: Bench) -> None:
@@ -181,25 +151,25 @@ async def per_user_cap(bench: Bench) -> None:
     await receive_until(first, b"+OK\r\n+OK\r\n")
     second = bench.connect()
     await second.send_all(b"USER u\r\nPASS p\r\n")
-    assert (await drain(second)).endswith(b"-ERR [IN-USE] too many sessions for this user\r\n")
+    assert (await read_all(second)).endswith(b"-ERR [IN-USE] too many sessions for this user\r\n")
 
 
 async def upstream_down(bench: Bench) -> None:
     bench.upstream_down = True
     client = bench.connect()
-    assert await drain(client) == b"-ERR [SYS/TEMP] upstream unavailable\r\n"
+    assert await read_all(client) == b"-ERR [SYS/TEMP] upstream unavailable\r\n"
 
 
 async def tls_failure(bench: Bench) -> None:
     client = bench.connect()
     await client.send_all(b"USER u\r\n")  # plaintext where a TLS ClientHello is due
-    await drain(client)
+    await read_all(client)
 
 
 async def protocol_error(bench: Bench) -> None:
     client = bench.connect()
     await client.send_all(b"NOOP " + b"x" * 2000 + b"\r\n")
-    assert (await drain(client)).endswith(b"-ERR line too long\r\n")
+    assert (await read_all(client)).endswith(b"-ERR line too long\r\n")
 
 
 async def shutdown(bench: Bench) -> None:
@@ -208,7 +178,7 @@ async def shutdown(bench: Bench) -> None:
     await client.send_all(b"USER u\r\nPASS p\r\nSTAT\r\n")
     await receive_until(client, b"+OK\r\n+OK\r\n+OK\r\n")
     scope.cancel()  # what the drain deadline and SIGINT do to a session
-    await drain(client)
+    await read_all(client)
 
 
 CASES: list[tuple[str, Scenario, str, str]] = [

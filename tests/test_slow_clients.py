@@ -47,57 +47,11 @@ from popproxy.observe import SessionInfo
 from popproxy.server import UNAUTHENTICATED_FULL, serve
 from popproxy.session import Session
 from tests.proxy_fixtures import start_proxy, start_proxy_config
+from tests.scripted import logged_in_upstream, read_all, read_until
 
 Script = Callable[[trio.abc.Stream], Awaitable[None]]
 E = TypeVar("E", bound=Event)
 LOGIN = b"USER u\r\nPASS p\r\n"
-
-
-async def read_until(stream: trio.abc.Stream, end: bytes, limit: int = 1 << 24) -> bytes:
-    data = b""
-    while not data.endswith(end):
-        chunk = await stream.receive_some(65536)
-        assert chunk, data[-200:]
-        data += chunk
-        assert len(data) < limit
-    return data
-
-
-async def read_all(stream: trio.abc.Stream, limit: int = 1 << 24) -> bytes:
-    data = b""
-    try:
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-            assert len(data) < limit
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    return data
-
-
-async def logged_in_upstream(stream: trio.abc.Stream, answers: dict[bytes, bytes]) -> None:
-    """Greets, accepts any login, answers the commands in ``answers`` (a
-    verb to its whole reply), +OK to other commands, and never answers the
-    verbs mapped to b"" (it hangs)."""
-    await stream.send_all(b"+OK scripted\r\n")
-    buf = b""
-    try:
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                verb = line.split(b" ", 1)[0].upper()
-                reply = answers.get(verb, b"+OK\r\n")
-                if reply == b"":
-                    await trio.sleep_forever()
-                await stream.send_all(reply)
-                if verb == b"QUIT":
-                    await stream.aclose()
-                    return
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
 
 
 @dataclass
