@@ -40,8 +40,8 @@ from pathlib import Path
 import trio
 
 from benchmarks._procs import ProxyProcess, free_port, proc_cpu_clock
+from tests.flood import Flood, flood
 
-JUNK = b"XJUNK " + b"A" * 1000 + b"\r\n"
 CLIENTS = 4
 
 DEMO = (
@@ -49,36 +49,6 @@ DEMO = (
     "from popproxy.demo import MailStore, serve_demo\n"
     "trio.run(serve_demo, MailStore.load_samples(), '127.0.0.1', int(sys.argv[1]))\n"
 )
-
-
-async def flood(port: int, seconds: float) -> tuple[int, float, bool]:
-    """(lines sent, seconds connected, closed by the proxy) for one connection."""
-    start = time.perf_counter()
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    sent = 0
-    closed = trio.Event()
-
-    async def reader() -> None:
-        try:
-            while await stream.receive_some(65536):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        closed.set()
-
-    async with trio.open_nursery() as n:
-        n.start_soon(reader)
-        with trio.move_on_after(seconds):
-            while not closed.is_set():
-                try:
-                    await stream.send_all(JUNK * 8)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                sent += 8
-            await closed.wait()
-        n.cancel_scope.cancel()
-    await stream.aclose()
-    return sent, time.perf_counter() - start, closed.is_set()
 
 
 async def quit_only(port: int) -> None:
@@ -105,12 +75,12 @@ def settle(path: Path, expected: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-async def run_floods(port: int, connections: int, seconds: float) -> list[tuple[int, float, bool]]:
-    results: list[tuple[int, float, bool]] = []
+async def run_floods(port: int, connections: int, seconds: float) -> list[Flood]:
+    results: list[Flood] = []
 
     async def client(count: int) -> None:
         for _ in range(count):
-            results.append(await flood(port, seconds))
+            results.append(await flood(port, seconds=seconds))
 
     async with trio.open_nursery() as n:
         for i in range(CLIENTS):
@@ -154,14 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             quits = 40
             cpu_q, bytes_q = measure(proxy, audit, done, quits, lambda: _quits(proxy.port, quits))
             done += quits
-            first: list[tuple[int, float, bool]] = []
+            first: list[Flood] = []
 
             async def four() -> None:
                 first.extend(await run_floods(proxy.port, CLIENTS, args.seconds))
 
             cpu_4, bytes_4 = measure(proxy, audit, done, CLIENTS, four)
             done += CLIENTS
-            rest: list[tuple[int, float, bool]] = []
+            rest: list[Flood] = []
             more = max(args.connections - CLIENTS, 0)
 
             async def many() -> None:
@@ -184,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "connections": more,
             "audit_bytes_per_connection": bytes_n / more if more else None,
             "cpu_ms_per_connection": 1e3 * cpu_n / more if more else None},
-        "all_closed_by_the_proxy": all(closed for _, _, closed in floods),
-        "lines_sent_median": statistics.median(s for s, _, _ in floods),
-        "connected_ms_median": 1e3 * statistics.median(t for _, t, _ in floods),
+        "all_closed_by_the_proxy": all(f.closed for f in floods),
+        "lines_sent_median": statistics.median(f.sent for f in floods),
+        "connected_ms_median": 1e3 * statistics.median(f.seconds for f in floods),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -25,10 +25,10 @@ from popproxy.events import SessionClosed
 from popproxy.session_state import TOO_MANY_REFUSED
 from tests.dovecot import Dovecot
 from tests.dovecot_fixtures import Mailbox
+from tests.flood import Flood, flood
 from tests.log_capture import captured_log
 from tests.proxy_fixtures import RunningProxy, start_proxy
 
-JUNK = b"XJUNK " + b"A" * 1000 + b"\r\n"
 SECRET = "Zebra-Staple-9!"
 
 
@@ -68,42 +68,11 @@ async def demo_audited(
     audited.trail.close()
 
 
-async def flood(port: int, *, seconds: float = 5.0, most: int = 5000) -> tuple[bytes, int]:
-    """Send ``JUNK`` until the proxy closes (or ``seconds``, or ``most`` lines);
-    return what came back and how many lines went out."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = bytearray()
-    sent = 0
-    closed = trio.Event()
-
-    async def reader() -> None:
-        try:
-            while chunk := await stream.receive_some(65536):
-                received.extend(chunk)
-        except trio.BrokenResourceError:
-            pass  # a reset: the proxy closed with our junk unread (what was sent is read)
-        closed.set()
-
-    async with trio.open_nursery() as inner:
-        inner.start_soon(reader)
-        with trio.move_on_after(seconds):
-            while sent < most and not closed.is_set():
-                try:
-                    await stream.send_all(JUNK * 8)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                sent += 8
-            await closed.wait()
-        inner.cancel_scope.cancel()
-    await stream.aclose()
-    return bytes(received), sent
-
-
 async def test_four_flooding_connections_are_closed_at_a_bounded_audit_cost(
     demo_audited: Audited,
 ) -> None:
     before = demo_audited.path.stat().st_size if demo_audited.path.exists() else 0
-    results: list[tuple[bytes, int]] = []
+    results: list[Flood] = []
 
     async def one() -> None:
         results.append(await flood(demo_audited.running.port))
@@ -113,8 +82,8 @@ async def test_four_flooding_connections_are_closed_at_a_bounded_audit_cost(
             for _ in range(4):
                 n.start_soon(one)
         await demo_audited.settle(4)
-    for received, _sent in results:
-        replies = received.splitlines()[1:]  # after the greeting
+    for result in results:
+        replies = result.received.splitlines()[1:]  # after the greeting
         assert replies[-1] == TOO_MANY_REFUSED.rstrip()  # closed by the proxy, told why
         assert len(replies) == 11
     growth = demo_audited.path.stat().st_size - before
@@ -141,7 +110,7 @@ async def test_reconnecting_to_flood_is_bounded_per_client_address(
     async def reconnecting() -> None:
         nonlocal sessions
         for _ in range(40):
-            received, _sent = await flood(demo_audited.running.port)
+            received = (await flood(demo_audited.running.port)).received
             assert received.endswith(TOO_MANY_REFUSED)
             sessions += 1
 
