@@ -18,9 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.dovecot import Dovecot
 
 __all__ = [
     "APP_RUN_LAUNCHER",
@@ -30,6 +34,7 @@ __all__ = [
     "ProxyProcess",
     "RssSampler",
     "dovecot_extra_config",
+    "dovecot_with_mail",
     "free_port",
     "proc_cpu_clock",
     "proc_cpu_seconds",
@@ -115,6 +120,21 @@ def dovecot_extra_config(processes: int, *, performance: bool = True) -> str:
             f"  client_limit = {processes * 3}\n"
         )
     return text + "}\n"
+
+
+def dovecot_with_mail(stack: contextlib.ExitStack, users: Mapping[str, str], processes: int,
+                      *, performance: bool = True) -> Dovecot:
+    """A private Dovecot for ``users`` (name to password), each with the
+    first sample message, stopped when ``stack`` closes."""
+    from tests.dovecot import SAMPLE_MESSAGES, Dovecot
+
+    dovecot = Dovecot(dict(users), max_userip_connections=200,
+                      extra_config=dovecot_extra_config(processes, performance=performance))
+    stack.callback(dovecot.stop)
+    dovecot.start()
+    for user in users:
+        dovecot.deliver(user, SAMPLE_MESSAGES[0])
+    return dovecot
 
 
 def proc_status_kib(pid: int, field: str = "VmRSS") -> int:

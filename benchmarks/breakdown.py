@@ -94,7 +94,7 @@ from benchmarks._client import ClientErrors, Conn, full_session
 from benchmarks._procs import (
     CpuMeter,
     ProxyProcess,
-    dovecot_extra_config,
+    dovecot_with_mail,
     free_port,
     raise_fd_limit,
 )
@@ -108,7 +108,7 @@ from benchmarks._stacks import (
     parse_folded,
     shares,
 )
-from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
+from tests.dovecot import ensure_dovecot
 
 WORKLOADS = ("noop", "sessions")
 UNIT = {"noop": "NOOP", "sessions": "session"}
@@ -341,12 +341,7 @@ def measure(settings: Settings, keep: Path | None) -> dict[str, Any]:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="breakdown-")))
         stacks_dir = keep if keep is not None else workdir / "stacks"
         stacks_dir.mkdir(parents=True, exist_ok=True)
-        dovecot = Dovecot(users, max_userip_connections=200,
-                          extra_config=dovecot_extra_config(400, performance=True))
-        stack.callback(dovecot.stop)
-        dovecot.start()
-        for user in users:
-            dovecot.deliver(user, SAMPLE_MESSAGES[0])
+        dovecot = dovecot_with_mail(stack, users, 400)
         metrics_port = free_port()
         proxy = ProxyProcess(dovecot.port, workdir, log_level="info",
                              extra_config=production_config(workdir, metrics_port))

@@ -46,11 +46,11 @@ from benchmarks._client import full_session, session_round
 from benchmarks._procs import (
     CpuMeter,
     ProxyProcess,
-    dovecot_extra_config,
+    dovecot_with_mail,
     free_port,
     raise_fd_limit,
 )
-from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
+from tests.dovecot import ensure_dovecot
 
 MODES = ("transparent", "rule", "map", "hook")
 BARS = {"rule": 0.9, "map": 0.9, "hook": 0.7}
@@ -149,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     users = {f"c{i:03d}": f"c{i:03d}-pw" for i in range(clients)}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="routing-bench-")))
-        dovecot = Dovecot(users, max_userip_connections=200,
-                          extra_config=dovecot_extra_config(600, performance=True))
-        stack.callback(dovecot.stop)
-        dovecot.start()
-        for user in users:
-            dovecot.deliver(user, SAMPLE_MESSAGES[0])
+        dovecot = dovecot_with_mail(stack, users, 600)
         hook_port = free_port()
         hook = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.routing_bench", "--hook", str(hook_port),

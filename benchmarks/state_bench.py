@@ -49,9 +49,9 @@ from pathlib import Path
 import trio
 
 from benchmarks._client import Conn, full_session, session_round
-from benchmarks._procs import CpuMeter, ProxyProcess, dovecot_extra_config, raise_fd_limit
+from benchmarks._procs import CpuMeter, ProxyProcess, dovecot_with_mail, raise_fd_limit
 from benchmarks._profile import record, summarize
-from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
+from tests.dovecot import ensure_dovecot
 from tests.redis_server import RedisServer, ensure_redis
 
 MODES = ("memory", "redis")
@@ -174,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     users["noop"] = "noop-pw"
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="state-bench-")))
-        dovecot = Dovecot(users, max_userip_connections=200,
-                          extra_config=dovecot_extra_config(600, performance=True))
-        stack.callback(dovecot.stop)
-        dovecot.start()
-        for user in users:
-            dovecot.deliver(user, SAMPLE_MESSAGES[0])
+        dovecot = dovecot_with_mail(stack, users, 600)
         redis = RedisServer()
         stack.callback(redis.stop)
         redis.start()

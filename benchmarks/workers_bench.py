@@ -59,7 +59,7 @@ from benchmarks._procs import (
     REPO_ROOT,
     CpuMeter,
     ProxyProcess,
-    dovecot_extra_config,
+    dovecot_with_mail,
     free_port,
     raise_fd_limit,
 )
@@ -290,7 +290,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 def run(settings: Settings) -> dict[str, Any]:
-    from tests.dovecot import SAMPLE_MESSAGES, Dovecot, ensure_dovecot
+    from tests.dovecot import ensure_dovecot
 
     reason = ensure_dovecot()
     if reason is not None:
@@ -300,12 +300,7 @@ def run(settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "clients": CLIENTS}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="popproxy-w-")))
-        dovecot = Dovecot(users, max_userip_connections=200,
-                          extra_config=dovecot_extra_config(400))
-        stack.callback(dovecot.stop)
-        dovecot.start()
-        for user in users:
-            dovecot.deliver(user, SAMPLE_MESSAGES[0])
+        dovecot = dovecot_with_mail(stack, users, 400)
         targets = []
         for name, workers in (("workers=1", 1), ("workers=2", 2)):
             target = _start(name, workers, dovecot.port, workdir)
