@@ -20,7 +20,7 @@ from .config import Config, ListenConfig
 from .events import EndReason, Event, MessageComplete, TlsEstablished, TlsFailed, UpstreamFailed
 from .front import Credentials
 from .observe import SessionInfo
-from .pop3 import State
+from .pop3 import LOGGED_IN
 from .routed import RoutedSession
 from .session import Output, Session
 from .state.client import StateClient
@@ -28,9 +28,6 @@ from .tls import TLSContexts, TLSHandshakeError, handshake
 from .upstream import LoginOutcome
 
 __all__ = ["RECEIVE_SIZE", "Connection", "Emit", "Relay", "RouteLogin", "Stats", "send_quietly"]
-
-#: The states of a session whose client has logged in.
-LOGGED_IN = frozenset({State.TRANSACTION, State.UPDATE})
 
 logger = structlog.get_logger("popproxy.relay")
 

@@ -47,6 +47,7 @@ from ._response import parse_status as parse_status
 from ._response import stuff as stuff
 from ._sasl import is_sasl_line as is_sasl_line
 from ._sasl import sasl_user as sasl_user
+from ._state import LOGGED_IN as LOGGED_IN
 from ._state import STLS_OK as STLS_OK
 from ._state import State as State
 from ._state import Trigger as Trigger
@@ -75,6 +76,7 @@ __all__ = [
     "BARRIERS",
     "HEADER_OCTETS",
     "KNOWN_VERBS",
+    "LOGGED_IN",
     "MESSAGE_VERBS",
     "NAMES_A_MESSAGE",
     "NEED_DATA",

@@ -14,7 +14,7 @@ from typing import Final
 from ._command import Command
 from ._verbs import AUTH_ONLY, NEVER_FORWARDED, PRE_AUTH, starts_sasl
 
-__all__ = ["STLS_OK", "State", "Trigger", "local_reply", "transition"]
+__all__ = ["LOGGED_IN", "STLS_OK", "State", "Trigger", "local_reply", "transition"]
 
 #: The proxy's own answer to an STLS it accepts (RFC 2595 §4).
 STLS_OK: Final = b"+OK Begin TLS negotiation\r\n"
@@ -28,6 +28,10 @@ class State(enum.Enum):
     TRANSACTION = "transaction"
     UPDATE = "update"
     CLOSED = "closed"
+
+
+#: The states of a session whose client has logged in.
+LOGGED_IN: Final = frozenset({State.TRANSACTION, State.UPDATE})
 
 
 class Trigger(enum.Enum):
