@@ -38,6 +38,7 @@ from .pop3 import (
     BARRIERS,
     NAMES_A_MESSAGE,
     NEED_DATA,
+    RETRIEVE,
     STLS_OK,
     BodyChunk,
     ClientProtocolError,
@@ -50,6 +51,7 @@ from .pop3 import (
     Status,
     Trigger,
     UpstreamProtocolError,
+    announced_size,
     completes_login,
     has_apop_timestamp,
     is_multiline,
@@ -81,11 +83,9 @@ __all__ = ["INVALID", "Output", "Session", "SessionLimits"]
 
 
 def _started(cmd: Command, text: bytes) -> MessageStarted:
-    """A RETR/TOP body begins; the size is the status line's first word
-    when it is a number (``+OK 1234 octets``)."""
-    first = text.split(b" ", 1)[0]
+    """A RETR/TOP body begins (with the size its status line announces)."""
     return MessageStarted(cmd, message_number(cmd.args[0]) if cmd.args else None,
-                          int(first) if first.isdigit() and len(first) < 19 else None)
+                          announced_size(text))
 
 # Stands for a line that could not be parsed, in events and the FIFO.
 INVALID = Command("INVALID")
@@ -550,7 +550,7 @@ class Session:
             else:
                 out.client.append(raw)
                 self._reader.sink = progress.collect(cmd, self._listed.sizes)
-                if cmd.verb in ("RETR", "TOP"):
+                if cmd.verb in RETRIEVE:
                     out.events.append(_started(cmd, status.text))
             return
         if status.ok and head.login and self._admit_login(head, status, raw, out, now):
@@ -587,8 +587,8 @@ class Session:
 
     def _refuse_size(self, cmd: Command, text: bytes, out: _Out, now: float) -> bool:
         """Refuse a RETR whose announced size policy forbids; swallow its body."""
-        first = text.split(b" ", 1)[0]
-        refusal = self.policy.admit_size(self.facts(), cmd, int(first)) if first.isdigit() else None
+        size = announced_size(text)
+        refusal = self.policy.admit_size(self.facts(), cmd, size) if size is not None else None
         if refusal is None:
             return False
         self._refused(refusal, cmd, out)

@@ -42,6 +42,7 @@ from ._reader import ResponseReader as ResponseReader
 from ._response import BodyReader as BodyReader
 from ._response import Sink as Sink
 from ._response import Status as Status
+from ._response import announced_size as announced_size
 from ._response import has_apop_timestamp as has_apop_timestamp
 from ._response import parse_status as parse_status
 from ._response import stuff as stuff
@@ -107,6 +108,7 @@ __all__ = [
     "Status",
     "Trigger",
     "UpstreamProtocolError",
+    "announced_size",
     "arg_octets",
     "completes_login",
     "has_apop_timestamp",

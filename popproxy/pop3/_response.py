@@ -17,6 +17,7 @@ __all__ = [
     "BodyReader",
     "Sink",
     "Status",
+    "announced_size",
     "has_apop_timestamp",
     "parse_status",
     "stuff",
@@ -39,6 +40,13 @@ class Status:
 def has_apop_timestamp(greeting: bytes) -> bool:
     """Whether a greeting carries an APOP timestamp (RFC 1939 §7)."""
     return _APOP_STAMP.search(greeting) is not None
+
+
+def announced_size(text: bytes) -> int | None:
+    """The size a RETR reply announces (``+OK 1234 octets``: its first word,
+    when that is a number of at most 18 digits), else None."""
+    first = text.split(b" ", 1)[0]
+    return int(first) if first.isdigit() and len(first) < 19 else None
 
 
 def parse_status(line: bytes) -> Status | None:
