@@ -15,6 +15,7 @@ from popproxy.events import (
     EndReason,
     Event,
     MessageComplete,
+    MessageStarted,
     ProtocolAnomaly,
     Response,
     State,
@@ -132,6 +133,18 @@ class TestMessages:
             "<folded@example.org>", True,
             b"Message-ID:\r\n <folded@example.org>\r\nSubject: s\r\n\r\n",
         )
+
+    def test_an_absurd_announced_size_is_passed_through_not_parsed(self) -> None:
+        """int() refuses numbers of over 4,300 digits: an upstream announcing
+        one must not break the session (the size is then unknown)."""
+        s = logged_in()
+        s.receive_client(b"RETR 1\r\n", 0)
+        status = b"+OK " + b"9" * 5000 + b" octets\r\n"
+        out = s.receive_upstream(status + stuff(b"x\r\n"), 1)
+        assert out.to_client == status + stuff(b"x\r\n")
+        (started,) = kinds(out.events, MessageStarted)
+        assert started.announced is None
+        assert kinds(out.events, MessageComplete)
 
     def test_err_to_retr_is_single_line(self) -> None:
         s = logged_in()
